@@ -1,0 +1,334 @@
+"""Typed configuration: frozen dataclasses loaded from YAML, with `a.b=c` overrides.
+
+A config file may name a `base:` file (relative to itself) that it extends; a
+profile (e.g. `configs/profiles/cpu.yaml`) is merged on top, then `--set`
+overrides. Unknown keys and wrong types are errors that name the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key or file."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are split and loaded."""
+
+    root: str | None = None  # None: $FLOWERS_DATA, else the download cache
+    format: str = "vgg"  # vgg (Flowers-102 release) | folder (one subfolder per class)
+    split: str = "random"  # official | random (seeded, stratified 80/10/10)
+    seed: int = 0
+    classes: int | None = None  # keep only the first N classes (quick runs)
+    image_size: int = 224
+    resize_size: int | None = None  # eval resize before centre crop; None: image_size * 256 / 224
+    augment: str = "light"  # none | light | strong
+    cutout_frac: float = 0.25  # side of the cutout square as a fraction of image_size (strong)
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    workers: int = 2
+    max_train_batches: int | None = None  # cap per epoch (smoke tests)
+    max_eval_batches: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network: a registered backbone, optionally with attention pooling."""
+
+    arch: str = "resnet50"
+    attention: bool = False
+    pretrained: Union[str, bool, None] = "IMAGENET1K_V2"
+    dropout: float = 0.2
+
+    @property
+    def name(self) -> str:
+        return f"attention_{self.arch}" if self.attention else self.arch
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW, loss and learning-rate schedule."""
+
+    lr: float = 3e-4
+    backbone_lr_mult: float = 1.0  # backbone lr = lr * this (heads learn faster)
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    schedule: str = "constant"  # constant | cosine
+    warmup_epochs: float = 0.0
+    grad_clip: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Loop settings that do not change the model."""
+
+    epochs: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # torch intra-op threads; None: this process's CPU share
+    deterministic: bool = False
+    out_dir: str = "runs"
+    run_name: str | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """L5 knowledge distillation (used when task == distill)."""
+
+    teacher: str | None = None  # model URI of the teacher (ensemble or level)
+    temperature: float = 4.0
+    alpha: float = 0.7  # weight of the KD term; (1 - alpha) weights cross-entropy
+    cache_teacher: bool = True  # precompute teacher probabilities once per image
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run: one level, one trial."""
+
+    level: str = "l1"
+    task: str = "classification"  # classification | distill
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "data.format": ("vgg", "folder"),
+    "data.split": ("official", "random"),
+    "data.augment": ("none", "light", "strong"),
+    "optim.schedule": ("constant", "cosine"),
+    "task": ("classification", "distill"),
+}
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; allow int→float and YAML-ish strings."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        # bool before str so "true" from --set becomes a bool where a bool is allowed
+        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is str):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - programming error
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' (valid keys under "
+            f"'{prefix.rstrip('.') or 'top level'}': {', '.join(sorted(names))})"
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def build(cls: type, values: dict) -> Any:
+    """Build a (nested) config dataclass from a plain dict, checking keys, types and choices."""
+    obj = _build(cls, values)
+    if cls is Config:
+        validate(obj)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types cannot express."""
+    flat = to_flat_dict(cfg)
+    for key, allowed in CHOICES.items():
+        if flat.get(key) not in allowed:
+            raise ConfigError(f"{key}: must be one of {', '.join(allowed)}, got {flat.get(key)!r}")
+    positive = ["data.image_size", "data.batch_size", "data.eval_batch_size", "train.epochs", "optim.lr"]
+    for key in positive:
+        if not flat[key] > 0:
+            raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
+    if not 0.0 <= cfg.optim.label_smoothing < 1.0:
+        raise ConfigError(f"optim.label_smoothing: must be in [0, 1), got {cfg.optim.label_smoothing}")
+    if not 0.0 <= cfg.distill.alpha <= 1.0:
+        raise ConfigError(f"distill.alpha: must be in [0, 1], got {cfg.distill.alpha}")
+    if cfg.distill.temperature <= 0:
+        raise ConfigError(f"distill.temperature: must be > 0, got {cfg.distill.temperature}")
+    if cfg.data.workers < 0:
+        raise ConfigError(f"data.workers: must be >= 0, got {cfg.data.workers}")
+    if cfg.task == "distill" and not cfg.distill.teacher:
+        raise ConfigError("distill.teacher: a teacher model URI is required when task is 'distill'")
+
+
+# ----------------------------------------------------------------------------- YAML and overrides
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """Recursive dict merge; `extra` wins."""
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, following `base:` links; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base:
+        data = deep_merge(read_yaml(path.parent / base), data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` → (['a', 'b'], value parsed as YAML so numbers/bools/null work)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected KEY=VALUE, e.g. optim.lr=1e-4")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads 1e-4 as a string; numbers like that are common in overrides
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def set_dotted(data: dict, keys: list[str], value: Any) -> None:
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"'{'.'.join(keys)}': '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        set_dotted(data, *parse_override(text))
+    return data
+
+
+def profile_path(profile: str, config_dir: Path | None = None) -> Path:
+    """A profile is a path or a name under configs/profiles/."""
+    p = Path(profile)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    base = config_dir or Path("configs")
+    return base / "profiles" / f"{profile}.yaml"
+
+
+def load_config(
+    path: str | Path | None = None,
+    profile: str | None = None,
+    overrides: list[str] | None = None,
+    cls: type = Config,
+) -> Any:
+    """Load YAML (or defaults), merge a profile, apply `a.b=c` overrides, build and check."""
+    data: dict = read_yaml(path) if path else {}
+    if profile:
+        config_dir = Path(path).parent if path else None
+        data = deep_merge(data, read_yaml(profile_path(profile, config_dir)))
+    data = apply_overrides(data, overrides or [])
+    return build(cls, data)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_flat_dict(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """`{'data.image_size': 224, ...}`: the form MLflow params and reports use."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(to_flat_dict(v, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = v
+    return out
+
+
+def dump_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def replace(cfg: Any, changes: dict[str, Any]) -> Any:
+    """A copy with dotted keys changed, e.g. `{'optim.lr': 1e-4}`; re-validated."""
+    data = to_dict(cfg)
+    for key, value in changes.items():
+        set_dotted(data, key.split("."), value)
+    return build(type(cfg), data)
