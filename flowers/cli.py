@@ -1,0 +1,92 @@
+"""`flowers` command line: train, evaluate and manage data; later stages add their commands.
+
+Every subcommand lives in `flowers/commands/<name>.py` with `register(subparsers)`.
+Errors a user can fix print one line and exit 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from flowers.commands import COMMAND_MODULES
+
+DESCRIPTION = """\
+flowers: fine-grained Oxford Flowers-102 classification, from research to production.
+
+  L1  ResNet-50 transfer baseline          flowers train --config configs/level1.yaml
+  L2  augmentation/regularization ablation flowers train --config configs/level2.yaml
+  L3  attention pooling + Grad-CAM         flowers train --config configs/level3.yaml
+  L4  soft-voting ensemble of L1-L3        (study stage)
+  L5  distilled INT8 MobileNet-V3 student  (study stage)
+
+Add `--profile cpu` to any run for the small-machine settings (offline-pretrained
+EfficientNet-Lite0, smaller images, few epochs). Data comes from --set data.root=...,
+$FLOWERS_DATA, or `flowers data download`.
+"""
+
+EPILOG = "Run `flowers COMMAND --help` for each command's options."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowers", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"flowers.commands.{name}").register(sub)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from flowers.config import ConfigError
+    from flowers.data import DataError
+    from flowers.models import ModelError
+    from flowers.predict import ModelLoadError
+
+    return (ConfigError, DataError, ModelError, ModelLoadError, FileNotFoundError, PermissionError)
+
+
+def _maybe_reexec(argv: list[str]) -> None:
+    """Restart once with the fast-allocator environment: malloc reads it only at start-up."""
+    from flowers.runtime import allocator_active, allocator_env
+
+    if os.environ.get("FLOWERS_REEXEC") or allocator_active():
+        return
+    env = {**os.environ, **allocator_env(), "FLOWERS_REEXEC": "1"}
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "flowers.cli", *argv], env)
+    except OSError:  # pragma: no cover - keep going with the default allocator
+        pass
+
+
+def main(argv: list[str] | None = None, allow_reexec: bool = False) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    if allow_reexec and getattr(args, "heavy", False):
+        _maybe_reexec(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    """Console-script entry: heavy commands restart once with the fast allocator."""
+    sys.exit(main(allow_reexec=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,462 @@
+"""One training loop for every level (L1–L3 classifiers and the L5 student).
+
+`fit(cfg, task)` builds data and model from the config, trains with AdamW,
+validates every epoch, keeps the best-val checkpoint, and evaluates it on the
+test split. Levels differ only by config; the L5 student differs by `task`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from flowers import config as C
+from flowers import data as D
+from flowers.data.transforms import Normalize, Preprocessing, eval_transform, train_transform
+from flowers.models import build_model, model_spec
+from flowers.runtime import configure_torch_threads
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "flowers.checkpoint/1"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataBundle:
+    """Datasets for one run plus what a checkpoint must remember about them."""
+
+    train: D.LabeledImages
+    val: D.LabeledImages
+    test: D.LabeledImages
+    class_names: list[str]
+    split: dict[str, list[int]]
+    preprocessing: Preprocessing
+    source: str  # human description for reports
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def eval_part(self, name: str) -> D.LabeledImages:
+        """A split with the eval transform (the train part without augmentation, for teachers and analysis)."""
+        if name == "train":
+            return D.LabeledImages(self.train.paths, self.train.labels, self.val.transform, self.val.draft_size)
+        return {"val": self.val, "test": self.test}[name]
+
+
+def build_data(cfg: C.DataConfig, pp: Preprocessing, seed: int = 0) -> DataBundle:
+    """Read the dataset named by `cfg`, split it, and wrap each part with its transform."""
+    root = D.resolve_data_root(cfg.root)
+    if cfg.format == "vgg":
+        ds = D.load_vgg(root)
+        paths, labels, names, setid = ds.paths, ds.labels, ds.class_names, ds.setid
+    else:
+        folder = D.load_image_folder(root)
+        paths, labels, names, setid = folder.paths, folder.labels, folder.class_names, None
+        if cfg.split == "official":
+            raise C.ConfigError("data.split: 'official' needs the Flowers-102 release; use 'random' for an image folder")
+    split = D.make_split(labels, cfg.split, seed=cfg.seed, setid=setid)
+    if cfg.classes is not None:
+        # keep the first N classes: quick real-data runs that still mean something
+        keep = labels < cfg.classes
+        split = {k: v[keep[v]] for k, v in split.items()}
+        names = names[: cfg.classes]
+    draft = pp.resize_size
+    train_tf = train_transform(cfg.augment, cfg.image_size, cfg.cutout_frac)
+    eval_tf = eval_transform(pp)
+
+    def part(name: str, tf) -> D.LabeledImages:
+        idx = split[name]
+        return D.LabeledImages([paths[i] for i in idx], labels[idx], tf, draft_size=draft)
+
+    return DataBundle(
+        train=part("train", train_tf),
+        val=part("val", eval_tf),
+        test=part("test", eval_tf),
+        class_names=list(names),
+        split={k: [int(i) for i in v] for k, v in split.items()},
+        preprocessing=pp,
+        source=f"{cfg.format}:{root} split={cfg.split} seed={cfg.seed}"
+        + (f" classes={cfg.classes}" if cfg.classes else ""),
+    )
+
+
+def make_loader(ds, batch_size: int, shuffle: bool, workers: int, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        drop_last=shuffle and len(ds) > batch_size,  # avoid a size-1 last batch breaking BatchNorm
+        persistent_workers=workers > 0,
+        generator=g,
+        worker_init_fn=_seed_worker,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _seed_worker(worker_id: int) -> None:
+    # each loader worker gets a distinct, reproducible augmentation stream
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+    # decode threads compete with the training process on small machines
+    torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+class Task(Protocol):
+    """Supplies the loss; `fit` supplies everything else."""
+
+    name: str
+
+    def setup(self, data: DataBundle, device: torch.device) -> None: ...
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+class ClassificationTask:
+    """Cross-entropy with optional label smoothing."""
+
+    name = "classification"
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        self.label_smoothing = label_smoothing
+
+    def setup(self, data: DataBundle, device: torch.device) -> None:
+        pass
+
+    def __call__(self, model, x, y, idx):
+        logits = model(x)
+        return {"loss": F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), "logits": logits}
+
+
+def make_task(cfg: C.Config) -> Task:
+    if cfg.task == "distill":
+        from flowers.distill import DistillationTask  # L5 only; keeps levels free of teacher code
+
+        return DistillationTask.from_config(cfg)
+    return ClassificationTask(cfg.optim.label_smoothing)
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def param_groups(model: nn.Module, cfg: C.OptimConfig) -> list[dict]:
+    """Backbone vs head learning rates; no weight decay on norms and biases."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_backbone = name.startswith("backbone.")
+        no_decay = p.ndim <= 1
+        groups.setdefault((is_backbone, no_decay), []).append(p)
+    return [
+        {
+            "params": ps,
+            "lr": cfg.lr * (cfg.backbone_lr_mult if bb else 1.0),
+            "weight_decay": 0.0 if nd else cfg.weight_decay,
+            "name": f"{'backbone' if bb else 'head'}{'_no_decay' if nd else ''}",
+        }
+        for (bb, nd), ps in sorted(groups.items())
+    ]
+
+
+def lr_lambda(cfg: C.OptimConfig, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "cosine":
+            t = (step - warmup) / max(1, total_steps - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        return 1.0
+
+    return f
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise C.ConfigError(f"train.device: '{name}' requested but CUDA is not available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def _bar(it, progress: bool, **kw):
+    # when output is not a terminal (Ray workers, CI logs) print rarely instead of redrawing
+    interactive = sys.stderr.isatty()
+    return tqdm(it, disable=not progress, mininterval=0.5 if interactive else 30, dynamic_ncols=True, leave=False, **kw)
+
+
+def train_one_epoch(model, task, loader, optimizer, scheduler, norm, device, *, max_batches=None,
+                    grad_clip=None, progress=True, desc="train") -> dict[str, float]:
+    """One pass over the training loader; returns loss, accuracy and throughput."""
+    model.train()
+    use_amp = device.type == "cuda"
+    total_loss, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    n = len(loader) if max_batches is None else min(len(loader), max_batches)
+    bar = _bar(loader, progress, total=n, desc=desc)
+    for i, (x, y, idx) in enumerate(bar):
+        if i >= n:
+            break
+        x = norm(x.to(device, non_blocking=True))
+        if use_amp:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = task(model, x, y, idx)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        # .item() is a device sync; once per batch is fine at these batch sizes
+        bs = y.shape[0]
+        total_loss += out["loss"].item() * bs
+        correct += (out["logits"].argmax(1) == y).sum().item()
+        seen += bs
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    dt = time.perf_counter() - t0
+    return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1), "images_per_s": seen / dt, "seconds": dt}
+
+
+@torch.inference_mode()
+def predict_loader(model, loader, norm, device, *, max_batches=None, progress=True, desc="eval") -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and labels over a loader."""
+    model.eval()
+    probs, labels = [], []
+    n = len(loader) if max_batches is None else min(len(loader), max_batches)
+    for i, (x, y, _) in enumerate(_bar(loader, progress, total=n, desc=desc)):
+        if i >= n:
+            break
+        x = norm(x.to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(x)
+        probs.append(torch.softmax(logits.float(), 1).cpu().numpy())
+        labels.append(y.numpy())
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+def evaluate(model, loader, norm, device, **kw) -> dict[str, float]:
+    """Loss, top-1 and top-5 on a loader (the per-epoch validation)."""
+    from flowers.evaluate import compute_metrics
+
+    probs, labels = predict_loader(model, loader, norm, device, **kw)
+    m = compute_metrics(probs, labels)
+    return {"loss": m["nll"], "acc": m["top1"], "top5": m["top5"]}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write atomically so a crash mid-save never leaves a truncated checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a flowers checkpoint (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict) -> nn.Module:
+    """Rebuild the network from a checkpoint dict (no pretrained download)."""
+    net = build_model(ckpt["model_name"], num_classes=len(ckpt["class_names"]), pretrained=False,
+                      dropout=ckpt.get("dropout", 0.0))
+    net.load_state_dict(ckpt["model"])
+    return net.eval()
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    best_checkpoint: Path
+    best_epoch: int
+    best_val_acc: float
+    test_metrics: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+    artifacts: dict[str, Path] = field(default_factory=dict)
+
+
+EpochCallback = Callable[[dict[str, float], Path], None]
+
+
+def fit(
+    cfg: C.Config,
+    task: Task | None = None,
+    callback: EpochCallback | None = None,
+    run_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    evaluate_test: bool = True,
+) -> FitResult:
+    """Train per `cfg`; return the best-val checkpoint and its test metrics.
+
+    `callback(metrics, run_dir)` runs after every epoch, once `last.pt` (and
+    `best.pt` if improved) are on disk: Tune and MLflow plug in there.
+    `resume_from` is a `last.pt` from an interrupted run of the same config.
+    """
+    from flowers import evaluate as E
+
+    t_start = time.perf_counter()
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    device = resolve_device(cfg.train.device)
+    threads = configure_torch_threads(cfg.train.threads)
+    run_dir = Path(run_dir or Path(cfg.train.out_dir) / (cfg.train.run_name or f"{cfg.level}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    spec = model_spec(cfg.model.name)
+    pp = Preprocessing.for_size(cfg.data.image_size, spec.mean, spec.std, cfg.data.resize_size)
+    data = build_data(cfg.data, pp, seed=cfg.train.seed)
+    log.info("data %s: train %d, val %d, test %d images, %d classes", data.source,
+             len(data.train), len(data.val), len(data.test), data.num_classes)
+    (run_dir / "split.json").write_text(json.dumps(data.split))
+    C.dump_yaml(cfg, run_dir / "config.yaml")
+
+    model = build_model(cfg.model.name, num_classes=data.num_classes, pretrained=cfg.model.pretrained,
+                        dropout=cfg.model.dropout).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    norm = Normalize(pp.mean, pp.std).to(device)
+    task = task or make_task(cfg)
+    task.setup(data, device)
+
+    dc = cfg.data
+    train_loader = make_loader(data.train, dc.batch_size, True, dc.workers, cfg.train.seed)
+    val_loader = make_loader(data.val, dc.eval_batch_size, False, dc.workers)
+    steps_per_epoch = len(train_loader) if dc.max_train_batches is None else min(len(train_loader), dc.max_train_batches)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.optim, steps_per_epoch * cfg.train.epochs, steps_per_epoch))
+
+    base = {
+        "format": CHECKPOINT_FORMAT,
+        "model_name": cfg.model.name,
+        "dropout": cfg.model.dropout,
+        "class_names": data.class_names,
+        "preprocessing": pp.to_dict(),
+        "config": C.to_dict(cfg),
+        "task": task.name,
+    }
+    history: list[dict[str, float]] = []
+    start_epoch, best_val, best_epoch = 0, -1.0, -1
+    if resume_from:
+        state = load_checkpoint(resume_from, device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        best_val, best_epoch = state["best_val_acc"], state["best_epoch"]
+        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
+
+    best_path = run_dir / "best.pt"
+    epochs = _bar(range(start_epoch, cfg.train.epochs), cfg.train.progress, desc=f"{cfg.level} epochs",
+                  initial=start_epoch, total=cfg.train.epochs)
+    for epoch in epochs:
+        tr = train_one_epoch(model, task, train_loader, optimizer, scheduler, norm, device,
+                             max_batches=dc.max_train_batches, grad_clip=cfg.optim.grad_clip,
+                             progress=cfg.train.progress, desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
+        t_val = time.perf_counter()
+        va = evaluate(model, val_loader, norm, device, max_batches=dc.max_eval_batches,
+                      progress=cfg.train.progress, desc="val")
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": tr["loss"],
+            "train_acc": tr["acc"],
+            "val_loss": va["loss"],
+            "val_acc": va["acc"],
+            "val_top5": va["top5"],
+            "lr": optimizer.param_groups[-1]["lr"],
+            "epoch_seconds": tr["seconds"] + (time.perf_counter() - t_val),
+            "images_per_s": tr["images_per_s"],
+            "threads": threads,
+        }
+        history.append(metrics)
+        improved = va["acc"] > best_val
+        if improved:
+            best_val, best_epoch = va["acc"], epoch + 1
+        state = {**base, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                 "best_val_acc": best_val, "best_epoch": best_epoch}
+        if improved:
+            save_checkpoint(best_path, state)
+        # last.pt is what an interrupted run resumes from
+        save_checkpoint(run_dir / "last.pt", state)
+        metrics["best_val_acc"] = best_val
+        log.info("epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f (%.1fs, %.1f img/s)",
+                 epoch + 1, cfg.train.epochs, tr["loss"], tr["acc"], va["loss"], va["acc"],
+                 metrics["epoch_seconds"], tr["images_per_s"])
+        epochs.set_postfix(val_acc=f"{va['acc']:.3f}", best=f"{best_val:.3f}")
+        if callback:
+            callback(dict(metrics), run_dir)
+
+    artifacts = {"curves": E.plot_curves(history, run_dir / "curves.png")}
+    test_metrics: dict[str, Any] = {}
+    if evaluate_test:
+        best = load_checkpoint(best_path, device)
+        model.load_state_dict(best["model"])
+        test_loader = make_loader(data.test, dc.eval_batch_size, False, dc.workers)
+        probs, labels = predict_loader(model, test_loader, norm, device, max_batches=dc.max_eval_batches,
+                                       progress=cfg.train.progress, desc="test")
+        test_metrics, files = E.write_eval_artifacts(probs, labels, data.class_names, run_dir, prefix="test")
+        artifacts.update(files)
+        # record the test result inside the checkpoint so a model file carries its own accuracy
+        best["test_metrics"] = {k: v for k, v in test_metrics.items() if isinstance(v, (int, float))}
+        save_checkpoint(best_path, best)
+    summary = {
+        "level": cfg.level,
+        "model": cfg.model.name,
+        "data": data.source,
+        "best_epoch": best_epoch,
+        "best_val_acc": best_val,
+        "test": {k: v for k, v in test_metrics.items() if isinstance(v, (int, float))},
+        "wall_seconds": time.perf_counter() - t_start,
+        "device": str(device),
+        "threads": threads,
+        "history": history,
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    return FitResult(run_dir, best_path, best_epoch, best_val, test_metrics, history, artifacts)
