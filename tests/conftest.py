@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny synthetic data, a smoke-trained checkpoint, one Ray per session, an MLflow server."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """5 learnable classes x 12 images at 96 px in the VGG layout."""
+    from flowers.data import write_synthetic
+
+    root = tmp_path_factory.mktemp("synth") / "flowers"
+    write_synthetic(root, num_classes=5, per_class=12, size=96, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def smoke_overrides(synth_root) -> list[str]:
+    return [f"data.root={synth_root}", "data.split=official"]
+
+
+@pytest.fixture(scope="session")
+def smoke_config(smoke_overrides):
+    from flowers.config import load_config
+
+    return load_config(REPO / "configs/level1.yaml", str(REPO / "configs/profiles/smoke.yaml"), smoke_overrides)
+
+
+@pytest.fixture(scope="session")
+def trained_run(smoke_config, tmp_path_factory):
+    """A 2-epoch smoke run on synthetic data: a real checkpoint for predictor/serve/score tests."""
+    from flowers.train import fit
+
+    return fit(smoke_config, run_dir=tmp_path_factory.mktemp("run") / "l1")
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(trained_run) -> Path:
+    return trained_run.best_checkpoint
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (2 CPUs, no dashboard)."""
+    ray = pytest.importorskip("ray")
+    from flowers.runtime import worker_runtime_env
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env=worker_runtime_env(),
+                 log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on loopback, SQLite-backed; yields its URI."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"),
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError((root / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("MLflow server did not start: " + (root / "server.log").read_text()[-2000:])
+    yield uri
+    proc.terminate()
+    proc.wait(10)
+
+
+def real_data_root() -> Path | None:
+    root = os.environ.get("FLOWERS_DATA")
+    return Path(root) if root and Path(root, "imagelabels.mat").is_file() else None
+
+
+requires_real_data = pytest.mark.skipif(real_data_root() is None, reason="FLOWERS_DATA not set to a Flowers-102 copy")
