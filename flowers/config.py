@@ -46,7 +46,7 @@ class ModelConfig:
 
     arch: str = "resnet50"
     attention: bool = False
-    pretrained: Union[str, bool, None] = "IMAGENET1K_V2"
+    pretrained: Union[str, bool, None] = "DEFAULT"
     dropout: float = 0.2
 
     @property
