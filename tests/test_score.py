@@ -1,0 +1,218 @@
+"""Batch scoring: folders → Parquet through Ray Data, checked row by row against the Predictor."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from flowers.config import ConfigError
+from flowers.data import DataError
+from flowers.scoring import SCHEMA, Scorer, plan_scoring, score_folders
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _img(path: Path, size=(80, 60), color=(200, 40, 90), fmt: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
+    arr = (rng.random((size[1], size[0], 3)) * 60 + np.array(color) * 0.7).clip(0, 255).astype(np.uint8)
+    Image.fromarray(arr).save(path, format=fmt)
+    return path
+
+
+def _jpeg_bytes(size=(64, 48)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size[1], size[0], 3), 120, np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> dict[str, Path]:
+    """Good images in several formats, nested, upper-case extensions, and three bad files."""
+    root = tmp_path_factory.mktemp("score_in")
+    good = {
+        "a.jpg": _img(root / "a.jpg", (80, 60)),
+        "B.JPG": _img(root / "B.JPG", (64, 96), (20, 200, 40)),
+        "c.png": _img(root / "nested" / "c.png", (50, 50), (10, 10, 220)),
+        "d.JPEG": _img(root / "nested" / "deeper" / "d.JPEG", (120, 70), fmt="JPEG"),
+        "e.webp": _img(root / "nested" / "e.webp", (40, 72), (250, 250, 0)),
+        "f.BMP": _img(root / "f.BMP", (33, 47), (90, 90, 90), fmt="BMP"),
+    }
+    bad = {
+        "corrupt.jpg": root / "corrupt.jpg",      # a real JPEG cut in half
+        "text.jpg": root / "nested" / "text.jpg",  # text named .jpg
+        "empty.png": root / "empty.png",           # 0 bytes
+    }
+    bad["corrupt.jpg"].write_bytes(_jpeg_bytes((200, 200))[:300])
+    bad["text.jpg"].write_text("this is not an image\n")
+    bad["empty.png"].write_bytes(b"")
+    (root / "notes.txt").write_text("not listed: wrong extension")
+    (root / ".hidden.jpg").write_bytes(_jpeg_bytes())  # hidden files are skipped
+    return {"root": root, **{k: v.absolute() for k, v in good.items()},
+            **{f"bad:{k}": v.absolute() for k, v in bad.items()}}
+
+
+@pytest.fixture(scope="module")
+def scored(folder, trained_checkpoint, ray_session, tmp_path_factory):
+    out = tmp_path_factory.mktemp("score_out") / "scores.parquet"
+    summary = score_folders([folder["root"]], str(trained_checkpoint), out, batch_size=3, workers=2,
+                            cpus_per_worker=1, top_k=3, progress=False)
+    return summary, out
+
+
+def _good(folder) -> dict[str, Path]:
+    return {k: v for k, v in folder.items() if k != "root" and not k.startswith("bad:")}
+
+
+def test_every_row_read_back_with_pyarrow(folder, scored):
+    summary, out = scored
+    table = pq.read_table(out)
+    assert table.schema.remove_metadata().equals(SCHEMA), table.schema
+    rows = {r["path"]: r for r in table.to_pylist()}
+    good, bad = _good(folder), {k: v for k, v in folder.items() if k.startswith("bad:")}
+    assert set(rows) == {str(p) for p in [*good.values(), *bad.values()]}  # no .txt, no hidden file
+    assert (summary.scored, summary.errors, summary.rows) == (9, 3, 9)
+    assert summary.images_per_s > 0 and not list(out.parent.glob(".*tmp*"))  # temp file renamed away
+
+    for key, p in good.items():
+        r = rows[str(p)]
+        assert r["error"] is None
+        assert (r["width"], r["height"]) == Image.open(p).size
+        assert 0 <= r["label"] < 5 and r["name"]
+        assert len(r["top_k_labels"]) == len(r["top_k_probs"]) == 3
+        assert r["top_k_labels"][0] == r["label"] and r["top_k_probs"][0] == pytest.approx(r["confidence"])
+        assert r["top_k_probs"] == sorted(r["top_k_probs"], reverse=True)
+        assert 0.0 <= r["entropy"] <= 1.0 and isinstance(r["uncertain"], bool)
+        assert r["model_name"] and r["scored_at"] is not None
+
+    for key, p in bad.items():
+        r = rows[str(p)]
+        assert r["error"] and str(p) in r["error"], r["error"]
+        for col in ("width", "height", "label", "name", "confidence", "top_k_labels", "top_k_probs",
+                    "entropy", "uncertain"):
+            assert r[col] is None, (key, col)
+        assert r["model_name"] and r["scored_at"] is not None
+    assert "truncated or corrupt" in rows[str(bad["bad:corrupt.jpg"])]["error"]
+    assert "not a recognised image" in rows[str(bad["bad:text.jpg"])]["error"]
+    assert "empty" in rows[str(bad["bad:empty.png"])]["error"]
+
+
+def test_parity_with_predictor(folder, scored, trained_checkpoint):
+    """Same Predictor as the Serve endpoint: same labels and probabilities for the same files."""
+    from flowers.predict import Predictor
+
+    _, out = scored
+    rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
+    pred = Predictor.from_uri(trained_checkpoint)
+    paths = list(_good(folder).values())
+    probs = pred.predict_proba(torch.stack([pred.load_image(p) for p in paths]))
+    for p, res, row_probs in zip(paths, pred.predict(paths, top_k=3), probs):
+        r = rows[str(p)]
+        assert r["label"] == res["label"] and r["name"] == res["name"]
+        assert r["top_k_labels"] == [t["label"] for t in res["top_k"]]
+        np.testing.assert_allclose(r["top_k_probs"], [t["probability"] for t in res["top_k"]], atol=1e-5)
+        np.testing.assert_allclose(r["top_k_probs"], np.sort(row_probs)[::-1][:3], atol=1e-5)
+        assert r["entropy"] == pytest.approx(res["entropy"], abs=1e-5)
+        assert r["uncertain"] == res["uncertain"]
+        assert r["model_name"] == pred.model.name
+
+
+def test_scorer_bytes_rows_without_ray(folder, trained_checkpoint):
+    """The actor class on its own: bytes rows, a bytes error names the path, one row out per row in."""
+    scorer = Scorer(str(trained_checkpoint), top_k=2, threads=1)
+    table = scorer({"path": np.array(["x/one.jpg", "x/bad.jpg", "x/gone.png"], dtype=object),
+                    "bytes": np.array([folder["a.jpg"].read_bytes(), b"garbage", None], dtype=object)})
+    rows = table.to_pylist()
+    assert table.schema.equals(SCHEMA) and [r["path"] for r in rows] == ["x/one.jpg", "x/bad.jpg", "x/gone.png"]
+    assert rows[0]["error"] is None and len(rows[0]["top_k_labels"]) == 2 and rows[0]["width"] == 80
+    assert "x/bad.jpg" in rows[1]["error"] and rows[1]["label"] is None
+    assert "x/gone.png" in rows[2]["error"]  # no bytes and no file: read error row
+
+
+@pytest.mark.slow
+def test_resume_overwrite_and_refusal(folder, trained_checkpoint, ray_session, tmp_path):
+    src = tmp_path / "imgs"
+    first = [_img(src / f"{i}.jpg", (40 + i, 40)) for i in range(3)]
+    out = tmp_path / "out" / "s.parquet"
+    s1 = score_folders([src], str(trained_checkpoint), out, batch_size=2, workers=1, progress=False)
+    assert s1.scored == 3 and s1.errors == 0
+    before = {r["path"]: r for r in pq.read_table(out).to_pylist()}
+
+    # an existing output is never replaced silently
+    with pytest.raises(ConfigError, match="already exists.*--resume.*--overwrite"):
+        score_folders([src], str(trained_checkpoint), out, progress=False)
+    # a different top-k would mix list lengths in one file
+    with pytest.raises(ConfigError, match="top-5"):
+        plan_scoring([src], str(trained_checkpoint), out, top_k=2, resume=True)
+
+    new = [_img(src / "sub" / f"n{i}.PNG", (30, 30 + i)) for i in range(2)]
+    s2 = score_folders([src], str(trained_checkpoint), out, batch_size=2, workers=1, resume=True, progress=False)
+    assert (s2.scored, s2.skipped, s2.rows) == (2, 3, 5)
+    after = {r["path"]: r for r in pq.read_table(out).to_pylist()}
+    assert set(after) == {str(p.absolute()) for p in first + new}
+    for p in first:  # kept as they were, not rescored
+        assert after[str(p.absolute())]["scored_at"] == before[str(p.absolute())]["scored_at"]
+
+    s3 = score_folders([src], str(trained_checkpoint), out, resume=True, progress=False)
+    assert s3.scored == 0 and s3.rows == 5  # nothing left to do; output untouched
+
+    s4 = score_folders([src / "sub"], str(trained_checkpoint), out, batch_size=8, workers=1, overwrite=True,
+                       progress=False)
+    assert s4.scored == 2 and pq.read_table(out).num_rows == 2
+
+
+@pytest.mark.parametrize("make", ["empty", "missing", "only_text"])
+def test_empty_or_missing_folder_is_a_clear_error_and_no_output(make, trained_checkpoint, tmp_path):
+    d = tmp_path / "in"
+    if make != "missing":
+        d.mkdir()
+    if make == "only_text":
+        (d / "readme.txt").write_text("x")
+    out = tmp_path / "o.parquet"
+    with pytest.raises(DataError, match="no images|folder not found"):
+        score_folders([d], str(trained_checkpoint), out)
+    assert not out.exists() and list(tmp_path.iterdir()) == ([d] if make != "missing" else [])
+
+
+def test_cli_errors_are_one_line(folder, trained_checkpoint, tmp_path, capsys):
+    from flowers.cli import main
+
+    existing = tmp_path / "exists.parquet"
+    existing.write_bytes(b"old")
+    cases = [
+        ([str(tmp_path / "nope"), "--model", str(trained_checkpoint), "--out", str(tmp_path / "a.parquet")],
+         "folder not found"),
+        ([str(folder["root"]), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "a.parquet")],
+         "model not found"),
+        ([str(folder["root"]), "--model", str(trained_checkpoint), "--out", str(existing)], "already exists"),
+        ([str(folder["root"]), "--model", str(trained_checkpoint), "--out", str(existing), "--resume"],
+         "cannot read existing output"),
+        ([str(folder["root"]), "--model", str(trained_checkpoint), "--out", str(tmp_path), "--overwrite"],
+         "is a folder"),
+        ([str(folder["root"]), "--model", str(trained_checkpoint), "--out", str(tmp_path / "a.parquet"),
+          "--top-k", "0"], "--top-k must be"),
+    ]
+    for argv, msg in cases:
+        assert main(["score", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and msg in err and "\n" not in err, err
+    assert existing.read_bytes() == b"old" and not (tmp_path / "a.parquet").exists()
+
+
+def test_jobs_entry_point_error_exit(tmp_path):
+    from flowers.runtime import worker_runtime_env
+
+    env = {**os.environ, **worker_runtime_env()["env_vars"]}
+    proc = subprocess.run([sys.executable, "-m", "jobs.score", str(tmp_path / "missing"), "--model", "x",
+                           "--out", str(tmp_path / "o.parquet")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: folder not found: {tmp_path / 'missing'}"], proc.stderr
