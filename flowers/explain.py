@@ -1,0 +1,161 @@
+"""Interpretability: Grad-CAM (pytorch-grad-cam) and L3's own attention map, as PNG grids.
+
+Grad-CAM targets `FlowerNet.gradcam_layer()` (the backbone's last conv block) of any
+checkpoint model (L1–L3, the student's best.pt) or of each member of an ensemble. Attention
+models also show their learned spatial attention map. The exported ONNX student has no
+gradients: explain its source checkpoint instead (`source_checkpoint` in its manifest).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from flowers.predict import LoadedModel, ModelLoadError, Predictor, load_model
+
+log = logging.getLogger(__name__)
+
+
+def explainable_modules(model: LoadedModel) -> list[tuple[str, torch.nn.Module]]:
+    """(name, uint8→logits module with `.net.gradcam_layer()`) for a checkpoint model or each ensemble member."""
+    mod = model.module
+    if mod is not None and hasattr(mod, "net") and hasattr(mod.net, "gradcam_layer"):
+        return [(model.name, mod)]
+    if mod is not None and hasattr(mod, "members"):
+        names = [m.get("name", str(i)) for i, m in enumerate(model.meta.get("members", []))] or \
+                [str(i) for i in range(len(mod.members))]
+        return [(n, m) for n, m in zip(names, mod.members) if hasattr(m, "net") and hasattr(m.net, "gradcam_layer")]
+    hint = model.meta.get("source_checkpoint")
+    raise ModelLoadError(
+        f"model '{model.source or model.name}' ({model.meta.get('kind', 'unknown kind')}) has no PyTorch network to "
+        "take gradients from; Grad-CAM needs a checkpoint model" + (f", e.g. {hint}" if hint else " (best.pt)"))
+
+
+def gradcam_maps(module: torch.nn.Module, images: torch.Tensor, targets: Sequence[int] | None = None) -> np.ndarray:
+    """Grad-CAM heatmaps (N, H, W) in [0, 1] for uint8 NCHW `images`; targets default to the predicted class."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    module = module.eval()
+    x = images.float()  # the module normalizes 0..255 floats itself
+    tg = None if targets is None else [ClassifierOutputTarget(int(t)) for t in targets]
+    with torch.enable_grad(), GradCAM(model=module, target_layers=[module.net.gradcam_layer()]) as cam:
+        maps = cam(input_tensor=x, targets=tg)
+    return np.clip(np.nan_to_num(maps.astype(np.float32)), 0.0, 1.0)
+
+
+@torch.inference_mode()
+def attention_maps(module: torch.nn.Module, images: torch.Tensor) -> np.ndarray | None:
+    """The attention head's own map (N, H, W) in [0, 1] upsampled to the image; None if the model has none."""
+    net = getattr(module, "net", None)
+    if net is None or not getattr(getattr(net, "spec", None), "attention", False):
+        return None
+    _, attn = net(module.norm(images), return_attention=True)
+    up = F.interpolate(attn.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    # min-max per image: the raw sigmoid map often sits in a narrow band; the shape is what matters
+    lo = up.amin(dim=(1, 2), keepdim=True)
+    hi = up.amax(dim=(1, 2), keepdim=True)
+    return ((up - lo) / (hi - lo).clamp_min(1e-6)).cpu().numpy()
+
+
+def overlay(image: torch.Tensor, heat: np.ndarray) -> np.ndarray:
+    """uint8 CHW image + [0, 1] map → RGB uint8 HWC with a jet overlay."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    rgb = image.permute(1, 2, 0).numpy().astype(np.float32) / 255.0
+    return show_cam_on_image(rgb, heat, use_rgb=True)
+
+
+def save_grid(images: torch.Tensor, panels: dict[str, np.ndarray | None], titles: Sequence[str], path: Path,
+              title: str = "") -> Path:
+    """One row per image: the image, then one overlay per named map."""
+    from flowers.evaluate import _plt
+
+    plt = _plt()
+    cols = ["image"] + [k for k, v in panels.items() if v is not None]
+    n = len(images)
+    fig, axes = plt.subplots(n, len(cols), figsize=(2.4 * len(cols), 2.4 * n + (0.4 if title else 0)), squeeze=False)
+    for i in range(n):
+        for j, col in enumerate(cols):
+            ax = axes[i, j]
+            ax.imshow(images[i].permute(1, 2, 0).numpy() if col == "image" else overlay(images[i], panels[col][i]))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(col, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(titles[i], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def explain_batch(model: LoadedModel, images: torch.Tensor, targets: Sequence[int] | None = None) -> dict[str, np.ndarray | None]:
+    """Every map for a batch: `gradcam` (or `gradcam <member>` for ensembles) and `attention` maps."""
+    panels: dict[str, np.ndarray | None] = {}
+    mods = explainable_modules(model)
+    for name, mod in mods:
+        suffix = f" {name}" if len(mods) > 1 else ""
+        panels["gradcam" + suffix] = gradcam_maps(mod, images, targets)
+        att = attention_maps(mod, images)
+        if att is not None:
+            panels["attention" + suffix] = att
+    return panels
+
+
+def explain_images(uri: str | Path, images: Sequence[str | Path], out_dir: Path, top_k: int = 3) -> list[Path]:
+    """`flowers explain`: one PNG grid per image plus `explanations.json` with the predictions."""
+    model = load_model(uri)
+    explainable_modules(model)  # fail before decoding anything if there is nothing to explain
+    pred = Predictor(model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    records: list[dict[str, Any]] = []
+    for path in images:
+        x = pred.load_image(path)[None]  # ImageDecodeError → one-line CLI error
+        res = pred.format(pred.predict_proba(x), top_k)[0]
+        panels = explain_batch(model, x, [res["label"]])
+        title = f"{Path(path).name}: {res['name']} ({res['confidence']:.2f}){' uncertain' if res['uncertain'] else ''}"
+        files.append(save_grid(x, panels, [res["name"]], out_dir / f"{Path(path).stem}_explain.png", title))
+        records.append({"image": str(path), "explanation": str(files[-1]), **res})
+    (out_dir / "explanations.json").write_text(json.dumps(records, indent=2))
+    return files + [out_dir / "explanations.json"]
+
+
+def explain_dataset(model: LoadedModel, dataset, probs: np.ndarray, labels: np.ndarray, out_dir: Path,
+                    n: int = 8, pairs: int = 3, seed: int = 0) -> list[Path]:
+    """Grids for a seeded sample of `dataset` and for the most-confused class pairs (images of the
+    true class that were predicted as the other), maps computed for the predicted class."""
+    from flowers.evaluate import confusion_matrix, most_confused
+
+    names = model.class_names
+    preds = probs.argmax(1)
+    rng = np.random.default_rng(seed)
+    out_dir = Path(out_dir)
+    files = []
+
+    def grid(idx: Sequence[int], path: Path, title: str) -> None:
+        if not len(idx):
+            return
+        x = torch.stack([dataset[int(i)][0] for i in idx])
+        titles = [f"true {names[labels[i]]}\npred {names[preds[i]]}" for i in idx]
+        files.append(save_grid(x, explain_batch(model, x, [int(preds[i]) for i in idx]), titles, path, title))
+
+    sample = rng.choice(len(dataset), size=min(n, len(dataset)), replace=False)
+    grid(sample, out_dir / "sample_explain.png", f"{model.name}: Grad-CAM on a sample of test images")
+    cm = confusion_matrix(labels, preds, len(names))
+    for k, pair in enumerate(most_confused(cm, names, pairs)):
+        idx = np.where((labels == pair["true_label"]) & (preds == pair["predicted_label"]))[0][:4]
+        grid(idx, out_dir / f"confused_{k}_explain.png", f"{pair['true']} → {pair['predicted']} ({pair['count']}x)")
+    return files
