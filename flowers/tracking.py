@@ -1,0 +1,237 @@
+"""MLflow tracking for the study: one experiment per study, a parent run, nested child runs.
+
+Nothing here touches MLflow at import. Entry points call `configure(...)` once:
+with no URI it uses the embedded store (`sqlite:///<abs>/mlflow.db` plus a local
+artifact folder next to it); a `--tracking-uri` / `MLFLOW_TRACKING_URI` points at
+a server instead. All writes for a study come from one process (the Tune driver),
+so parallel trials never contend for the SQLite file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOME = ".flowers"  # embedded store lives under the repo/working folder
+MANIFEST = "flowers_model.json"
+CHAMPION = "champion"
+STUDY_TAG = "flowers.study"
+ROLE_TAG = "flowers.role"  # study | trial | stage
+KEY_TAG = "flowers.key"  # stable trial/stage name: finds the same child run after a restore
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where runs go: a tracking URI and (embedded store only) the artifact folder."""
+
+    tracking_uri: str
+    artifact_root: str | None = None  # None: the server decides (mlflow-artifacts:/)
+
+    @property
+    def embedded(self) -> bool:
+        return self.tracking_uri.startswith("sqlite:")
+
+
+def embedded_target(home: str | Path = DEFAULT_HOME) -> TrackingTarget:
+    """`sqlite:///<abs home>/mlflow.db` with artifacts in `<home>/mlartifacts`."""
+    home = Path(home).expanduser().resolve()
+    return TrackingTarget(f"sqlite:///{home / 'mlflow.db'}", (home / "mlartifacts").as_uri())
+
+
+def resolve_target(tracking_uri: str | None = None, home: str | Path = DEFAULT_HOME) -> TrackingTarget:
+    """Explicit URI, else $MLFLOW_TRACKING_URI, else the embedded store under `home`."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return embedded_target(home)
+    if uri.startswith("sqlite:"):
+        # a sqlite store needs a local artifact folder beside it, not ./mlruns in whatever cwd
+        db = Path(uri.split("sqlite:///", 1)[-1])
+        return TrackingTarget(uri, (db.parent / "mlartifacts").resolve().as_uri())
+    return TrackingTarget(uri)
+
+
+def configure(target: TrackingTarget) -> TrackingTarget:
+    """Point this process's MLflow at `target` (creates the embedded folder). Call from entry points."""
+    import mlflow
+
+    if target.embedded:
+        Path(target.tracking_uri.split("sqlite:///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(target.tracking_uri)
+    mlflow.set_registry_uri(target.tracking_uri)
+    # child processes (stages, loaders in the same job) resolve models:/ URIs against the same store
+    os.environ["MLFLOW_TRACKING_URI"] = target.tracking_uri
+    return target
+
+
+def experiment_id(name: str, target: TrackingTarget) -> str:
+    """The study's experiment, created with the embedded artifact folder when needed."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    loc = f"{target.artifact_root}/{name}" if target.artifact_root else None
+    return client.create_experiment(name, artifact_location=loc)
+
+
+def _param_value(v: Any) -> str:
+    s = "null" if v is None else str(v)
+    return s[:6000]  # MLflow's param value limit
+
+
+def clean_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Finite numbers only (MLflow rejects NaN-like junk and lists)."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if math.isfinite(float(v)):
+            out[k] = float(v)
+    return out
+
+
+class StudyTracker:
+    """The study's parent run and its children, found again by tag after a restart."""
+
+    def __init__(self, study: str, target: TrackingTarget, tags: dict[str, str] | None = None) -> None:
+        from mlflow import MlflowClient
+
+        self.study = study
+        self.target = target
+        self.client = MlflowClient()
+        self.experiment_id = experiment_id(study, target)
+        self.parent_id = self._find_or_create(None, "study", study, tags or {})
+        self._children: dict[str, str] = {}
+
+    def _find(self, key: str, role: str) -> str | None:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{KEY_TAG}` = '{key}' and tags.`{ROLE_TAG}` = '{role}'",
+            max_results=1, order_by=["attributes.start_time DESC"])
+        return runs[0].info.run_id if runs else None
+
+    def _find_or_create(self, parent: str | None, role: str, key: str, tags: dict[str, str]) -> str:
+        found = self._find(key, role)
+        if found:
+            if self.client.get_run(found).info.status != "RUNNING":
+                self.client.update_run(found, status="RUNNING")
+            return found
+        all_tags = {STUDY_TAG: self.study, ROLE_TAG: role, KEY_TAG: key, **tags}
+        if parent:
+            all_tags["mlflow.parentRunId"] = parent
+        run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=key)
+        return run.info.run_id
+
+    def child(self, key: str, role: str = "trial", tags: dict[str, str] | None = None) -> str:
+        """Run id of the nested run `key` (created on first use, reused after a restore)."""
+        if key not in self._children:
+            self._children[key] = self._find_or_create(self.parent_id, role, key, tags or {})
+        return self._children[key]
+
+    # --------------------------------------------------------------------- logging
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        todo = [Param(k, _param_value(v)) for k, v in params.items() if k not in existing]
+        for i in range(0, len(todo), 100):  # MLflow batch limit
+            self.client.log_batch(run_id, params=todo[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        ms = [Metric(k, v, ts, step or 0) for k, v in clean_metrics(metrics).items()]
+        for i in range(0, len(ms), 500):
+            self.client.log_batch(run_id, metrics=ms[i:i + 500])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
+
+    def log_artifacts(self, run_id: str, paths: Iterable[Path], artifact_path: str | None = None) -> None:
+        for p in paths:
+            p = Path(p)
+            if p.is_dir():
+                self.client.log_artifacts(run_id, str(p), f"{artifact_path}/{p.name}" if artifact_path else p.name)
+            elif p.is_file():
+                self.client.log_artifact(run_id, str(p), artifact_path)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def finish_study(self, status: str = "FINISHED") -> None:
+        self.finish(self.parent_id, status)
+
+    # --------------------------------------------------------------------- models
+
+    def log_model_dir(self, run_id: str, model_dir: Path, artifact_path: str = "model",
+                      registered_name: str | None = None, alias: str | None = CHAMPION,
+                      tags: dict[str, str] | None = None, description: str | None = None) -> str | None:
+        """Log a model folder and optionally register it; returns the new version.
+
+        `model_dir` holds `flowers_model.json` (ensemble, exported student) or a
+        `best.pt`; for a bare checkpoint a manifest is written next to it so
+        `flowers.predict.load_model('models:/NAME@champion')` resolves it.
+        """
+        model_dir = Path(model_dir)
+        with tempfile.TemporaryDirectory() as tmp:
+            src = model_dir
+            if not (model_dir / MANIFEST).is_file():
+                if not (model_dir / "best.pt").is_file():
+                    raise FileNotFoundError(f"{model_dir}: no {MANIFEST} or best.pt to log as a model")
+                src = Path(tmp) / "model"
+                src.mkdir()
+                _link_or_copy(model_dir / "best.pt", src / "best.pt")
+                (src / MANIFEST).write_text(json.dumps({"kind": "checkpoint", "file": "best.pt"}))
+            self.client.log_artifacts(run_id, str(src), artifact_path)
+        if not registered_name:
+            return None
+        return register(self.client, registered_name, run_id, artifact_path, alias,
+                        {STUDY_TAG: self.study, **(tags or {})}, description)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def register(client, name: str, run_id: str, artifact_path: str = "model", alias: str | None = CHAMPION,
+             tags: dict[str, str] | None = None, description: str | None = None) -> str:
+    """Register `runs:/<run_id>/<artifact_path>` as a new version of `name` and set `alias` on it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, tags={k: v for k, v in (tags or {}).items()}, description=description)
+    except MlflowException as e:
+        if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags or {}, description=description)
+    if alias:
+        client.set_registered_model_alias(name, alias, mv.version)
+    for k, v in (tags or {}).items():
+        client.set_registered_model_tag(name, k, v)
+    log.info("registered %s version %s%s", name, mv.version, f" @{alias}" if alias else "")
+    return str(mv.version)
+
+
+def log_run_dir(tracker: StudyTracker, run_id: str, run_dir: Path) -> None:
+    """Artifacts a `fit` run folder holds: curves, confusion PNG/CSV, per-class CSV, split, config, summary."""
+    run_dir = Path(run_dir)
+    keep = [p for p in sorted(run_dir.iterdir()) if p.is_file() and p.suffix in (".png", ".csv", ".json", ".yaml")]
+    tracker.log_artifacts(run_id, keep)
