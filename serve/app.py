@@ -419,6 +419,17 @@ class ServeSpec:
     route_prefix: str
     http_options: dict[str, Any]
     args: AppArgs
+    deployment_options: dict[str, dict[str, Any]]
+
+    def required_cpus(self) -> float:
+        """CPUs the minimum replica counts ask for (a local Ray must offer at least this)."""
+        total = 0.0
+        for name, default in DEFAULT_ACTOR_OPTIONS.items():
+            o = self.deployment_options.get(name, {})
+            auto = o.get("autoscaling_config") or {}
+            n = o.get("num_replicas", auto.get("min_replicas", 1))
+            total += float((o.get("ray_actor_options") or default).get("num_cpus", default["num_cpus"])) * max(1, int(n))
+        return total
 
 
 def load_serve_config(path: str | Path = DEFAULT_CONFIG) -> dict[str, Any]:
@@ -449,4 +460,32 @@ def app_from_config(path: str | Path = DEFAULT_CONFIG, overrides: dict[str, Any]
             o.pop("autoscaling_config")
     app = build_app(args, dep_opts)
     return ServeSpec(app, app_cfg.get("name", "flowers"), app_cfg.get("route_prefix", "/"),
-                     dict(cfg.get("http_options") or {}), AppArgs.from_dict(args))
+                     dict(cfg.get("http_options") or {}), AppArgs.from_dict(args), dep_opts)
+
+
+def pin_alias(uri: str) -> str:
+    """models:/name@alias → models:/name/<version>, so moving the alias and redeploying changes
+    the deployment's arguments and Serve rolls the replicas onto the new model."""
+    if not (uri.startswith("models:/") and "@" in uri):
+        return uri
+    from mlflow import MlflowClient
+
+    from flowers.predict import ModelLoadError
+
+    name, alias = uri[len("models:/"):].split("@", 1)
+    try:
+        version = MlflowClient().get_model_version_by_alias(name, alias).version
+    except Exception as e:  # MLflow raises several types; one clear line for the user
+        raise ModelLoadError(f"cannot resolve '{uri}': {str(e).splitlines()[0]}; check the alias in MLflow "
+                             "or set MLFLOW_TRACKING_URI") from None
+    return f"models:/{name}/{version}"
+
+
+def curl_examples(base_url: str) -> str:
+    return "\n".join([
+        f"  curl -s -H 'Content-Type: image/jpeg' --data-binary @flower.jpg '{base_url}/v1/predict/ensemble?top_k=3'",
+        f"  curl -s -F file=@flower.jpg {base_url}/v1/predict/student",
+        f"  curl -s -H 'Content-Type: image/jpeg' --data-binary @flower.jpg {base_url}/v1/compare",
+        f"  curl -s {base_url}/v1/models",
+        f"  curl -s {base_url}/healthz",
+    ])

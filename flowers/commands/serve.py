@@ -1,0 +1,125 @@
+"""`flowers serve`: the ensemble and student endpoints on a local Ray Serve (see docs/serving.md).
+
+A thin adapter: it reads serve/config.yaml, starts (or joins) Ray and Serve, runs the app
+from serve/app.py, prints the URLs and a curl example, and blocks until Ctrl-C.
+`python -m jobs.deploy` shares these options but deploys and exits.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]  # serve/ lives next to the flowers package
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by `flowers serve` and `python -m jobs.deploy`."""
+    p.add_argument("--config", default=str(REPO / "serve" / "config.yaml"),
+                   help="Serve config YAML (default serve/config.yaml)")
+    p.add_argument("--ensemble", help="ensemble model URI (default from the config: models:/flowers-ensemble@champion)")
+    p.add_argument("--student", help="student model URI (default from the config: models:/flowers-student@champion)")
+    p.add_argument("--host", help="HTTP host (default from the config: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default from the config: 8000)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs (default: MLFLOW_TRACKING_URI)")
+    p.add_argument("--address", default=None,
+                   help="Ray address (default: RAY_ADDRESS, else a new embedded local Ray)")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=False,
+                   help="resolve models:/name@alias to its version before deploying, so a redeploy "
+                        "after an alias move rolls the replicas onto the new model")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve the ensemble and student over HTTP (local Ray Serve; Ctrl-C stops)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run, heavy=True)
+
+
+def _import_serve_app():
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    try:
+        import serve.app as app_mod
+    except ModuleNotFoundError as e:
+        raise FileNotFoundError(f"cannot import serve/app.py from {REPO} ({e}); run from a source checkout") from None
+    return app_mod
+
+
+def deploy(args: argparse.Namespace, block: bool) -> int:
+    """Build the app from the config, start Ray + Serve, run it; block until Ctrl-C if asked."""
+    from flowers.config import ConfigError
+    from flowers.predict import resolve_uri
+    from flowers.runtime import worker_runtime_env
+
+    app_mod = _import_serve_app()
+    if args.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri  # driver-side checks and pinning
+    try:
+        raw = app_mod.load_serve_config(args.config)["applications"][0].get("args") or {}
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    uris = {"ensemble_uri": args.ensemble or raw.get("ensemble_uri"), "student_uri": args.student or raw.get("student_uri")}
+    if args.pin:
+        uris = {k: app_mod.pin_alias(v) for k, v in uris.items()}
+    for uri in uris.values():  # fail here with one line, not in a replica constructor retry loop
+        resolve_uri(uri)
+    overrides = {**uris, "tracking_uri": args.tracking_uri or raw.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")}
+    try:
+        spec = app_mod.app_from_config(args.config, overrides)
+    except ValueError as e:
+        raise ConfigError(f"{args.config}: {e}") from None
+    http = {**spec.http_options, **{k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}}
+    http.setdefault("host", "127.0.0.1")
+    http.setdefault("port", 8000)
+
+    import ray
+    from ray import serve
+
+    renv = worker_runtime_env()
+    # workers import serve.app by module path; the driver's cwd may not be the checkout
+    renv["env_vars"]["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    init_kw: dict = {"runtime_env": renv, "configure_logging": False}
+    if not address:
+        # embedded Ray: offer at least what the minimum replicas ask for, even on a 2-core laptop
+        # (torch threads follow each replica's num_cpus, so this oversubscribes nothing)
+        init_kw.update(num_cpus=max(os.cpu_count() or 1, math.ceil(spec.required_cpus())), include_dashboard=False)
+    if not block and not address:
+        print("note: no --address/RAY_ADDRESS: deploying on a temporary local Ray that stops when this "
+              "process exits (use `flowers serve` to serve locally)", file=sys.stderr)
+    ray.init(address=address, **init_kw)
+    serve.start(http_options={"host": http["host"], "port": int(http["port"])})
+    try:
+        serve.run(spec.app, name=spec.name, route_prefix=spec.route_prefix)
+    except Exception as e:  # Serve reports replica failures as RuntimeError with a long log
+        print(f"error: deploying '{spec.name}' failed: {str(e).strip().splitlines()[-1][:500]}", file=sys.stderr)
+        if block:
+            serve.shutdown()
+            ray.shutdown()
+        return 1
+    base = f"http://{http['host']}:{http['port']}{spec.route_prefix.rstrip('/')}"
+    print(f"flowers serving '{spec.name}' at {base}")
+    print(f"  ensemble: {spec.args.ensemble_uri}\n  student:  {spec.args.student_uri}")
+    print(f"  POST {base}/v1/predict/ensemble   POST {base}/v1/predict/student   POST {base}/v1/compare")
+    print(f"  GET  {base}/v1/models   GET  {base}/healthz")
+    print("try:\n" + app_mod.curl_examples(base))
+    if not block:
+        return 0
+    print("Ctrl-C to stop.", flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("stopping...", file=sys.stderr)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return deploy(args, block=True)
