@@ -249,7 +249,7 @@ def train_one_epoch(model, task, loader, optimizer, scheduler, norm, device, *, 
         total_loss += out["loss"].item() * bs
         correct += (out["logits"].argmax(1) == y).sum().item()
         seen += bs
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
     dt = time.perf_counter() - t0
     return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1), "images_per_s": seen / dt, "seconds": dt}
 
@@ -429,7 +429,7 @@ def fit(
         log.info("epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f (%.1fs, %.1f img/s)",
                  epoch + 1, cfg.train.epochs, tr["loss"], tr["acc"], va["loss"], va["acc"],
                  metrics["epoch_seconds"], tr["images_per_s"])
-        epochs.set_postfix(val_acc=f"{va['acc']:.3f}", best=f"{best_val:.3f}")
+        epochs.set_postfix(val_acc=f"{va['acc']:.3f}", best=f"{best_val:.3f}", refresh=False)
         if callback:
             callback(dict(metrics), run_dir)
 
