@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -110,6 +111,12 @@ def deploy(args: argparse.Namespace, block: bool) -> int:
     if not block:
         return 0
     print("Ctrl-C to stop.", flush=True)
+
+    def _stop(signum, frame):  # SIGTERM (systemd, kill) and SIGINT even when started with `&`
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop)
     try:
         while True:
             time.sleep(1)
