@@ -64,8 +64,7 @@ def configure(target: TrackingTarget) -> TrackingTarget:
 
     if target.embedded:
         Path(target.tracking_uri.split("sqlite:///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(target.tracking_uri)
-    mlflow.set_registry_uri(target.tracking_uri)
+    mlflow.set_tracking_uri(target.tracking_uri)  # the registry follows the tracking URI
     # child processes (stages, loaders in the same job) resolve models:/ URIs against the same store
     os.environ["MLFLOW_TRACKING_URI"] = target.tracking_uri
     return target

@@ -103,3 +103,47 @@ def real_data_root() -> Path | None:
 
 
 requires_real_data = pytest.mark.skipif(real_data_root() is None, reason="FLOWERS_DATA not set to a Flowers-102 copy")
+
+
+# ----------------------------------------------------------------------------- study (issue 3)
+
+
+def write_small_study(tmp: Path, synth_root: Path, name: str, **study: object) -> Path:
+    """A study YAML in `tmp`: levels l1+l3 and a 2x2 grid (augment x schedule) whose light/constant point is L1."""
+    import yaml
+
+    (tmp / "ablation.yaml").write_text(yaml.safe_dump({
+        "config": str(REPO / "configs/level1.yaml"),
+        "axes": {"augment": {"light": {"data.augment": "light"}, "strong": {"data.augment": "strong"}},
+                 "schedule": {"constant": {"optim.schedule": "constant"}, "cosine": {"optim.schedule": "cosine"}}}}))
+    data = {"name": name, "levels": {"l1": str(REPO / "configs/level1.yaml"), "l3": str(REPO / "configs/level3.yaml")},
+            "ablation": "ablation.yaml", "profile": str(REPO / "configs/profiles/smoke.yaml"),
+            "overrides": [f"data.root={synth_root}", "data.split=official", "train.epochs=1"],
+            "stages": ["tune", "ensemble"], "ensemble_members": ["l1", "l3"],
+            "resources": {"cpus_per_trial": 0.5, "max_concurrent": 4}, "max_failures": 0, "home": str(tmp / "home")}
+    data.update(study)
+    path = tmp / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_study(ray_session, synth_root, tmp_path_factory):
+    """A real 5-trial study (4 concurrent trials at 0.5 CPU) on the embedded SQLite store."""
+    import mlflow
+
+    from flowers.study import load_study, run_study
+
+    tmp = tmp_path_factory.mktemp("study")
+    study, config_dir = load_study(write_small_study(tmp, synth_root, "small"))
+    old_env, old_uri = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
+    try:
+        outcome = run_study(study, config_dir)
+    finally:
+        # keep the rest of the session on its own MLflow settings
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
+        mlflow.set_tracking_uri(old_uri)
+    return study, outcome

@@ -1,0 +1,163 @@
+"""The study: grid config, concurrent trials logged to MLflow, registry, resume after killing the driver."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, write_small_study
+from flowers import config as C
+from flowers.study import build_trials, load_study
+
+
+def test_study_grid_shares_l1_and_l2_and_keeps_the_comparison_controlled():
+    study, d = load_study(REPO / "configs/study.yaml", "study-cpu")
+    trials = build_trials(study, d)
+    keys = [t.key for t in trials]
+    assert len(trials) == 9 and len(set(keys)) == 9  # 8 grid points + L3; L1 and L2 train once
+    by_key = {t.key: t for t in trials}
+    assert by_key["l1"].roles == ["l1", "ablation"]
+    assert by_key["l1"].axes == {"augment": "light", "regularization": "none", "schedule": "constant"}
+    assert by_key["l2"].axes == {"augment": "strong", "regularization": "ls_wd", "schedule": "cosine"}
+    grid = [t for t in trials if "ablation" in t.roles]
+    assert len(grid) == 8
+    assert {tuple(sorted(t.axes.items())) for t in grid}.__len__() == 8
+    # same split, seed, epochs and backbone everywhere: only the axes differ
+    for field in ("data.split", "data.seed", "train.seed", "train.epochs", "model.arch", "data.image_size"):
+        assert len({C.to_flat_dict(t.cfg)[field] for t in trials}) == 1, field
+    assert {t.cfg.model.attention for t in trials} == {False, True}
+
+
+def test_study_overrides_split_between_study_and_trials(tmp_path):
+    study, _ = load_study(REPO / "configs/study.yaml", None, ["study.name=x", "study.resources.max_concurrent=3",
+                                                                "train.epochs=1"])
+    assert (study.name, study.resources.max_concurrent, study.overrides) == ("x", 3, ["train.epochs=1"])
+    with pytest.raises(C.ConfigError, match="stages"):
+        load_study(REPO / "configs/study.yaml", None, ["study.stages=[tune,bogus]"])
+    with pytest.raises(C.ConfigError, match="unknown config key"):
+        load_study(REPO / "configs/study.yaml", None, ["study.nope=1"])
+
+
+@pytest.mark.slow
+def test_concurrent_trials_log_to_sqlite_and_register_levels(small_study):
+    from mlflow import MlflowClient
+
+    study, outcome = small_study
+    assert outcome.failed_trials == []
+    client = MlflowClient(outcome.tracking_uri)
+    runs = client.search_runs([outcome.experiment_id], max_results=100)
+    trials = [r for r in runs if r.data.tags.get("flowers.role") == "trial"]
+    # 4 grid points (L1 shared) + L3, all ran 4-at-a-time and all landed, finished, with per-epoch metrics
+    assert sorted(r.data.tags["flowers.key"] for r in trials) == sorted(
+        ["l1", "l3", "abl-light-cosine", "abl-strong-constant", "abl-strong-cosine"])
+    for r in trials:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
+        assert {"val_acc", "train_loss", "test_top1", "best_val_acc", "images_per_s"} <= set(r.data.metrics)
+        assert r.data.params["data.split"] == "official"
+        arts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"curves.png", "test_confusion.png", "test_per_class.csv", "split.json", "config.yaml", "model"} <= arts
+    mv = client.get_model_version_by_alias("flowers-l1", "champion")
+    assert client.get_run(mv.run_id).data.tags["flowers.key"] == "l1"
+    assert client.get_registered_model("flowers-l1").tags["flowers.study"] == "small"
+    assert set(outcome.registered) >= {"l1", "l3"}
+
+
+@pytest.mark.slow
+def test_registered_level_loads_in_fresh_process_and_reproduces_test_accuracy(small_study):
+    from mlflow import MlflowClient
+
+    _, outcome = small_study
+    client = MlflowClient(outcome.tracking_uri)
+    mv = client.get_model_version_by_alias("flowers-l1", "champion")
+    logged = client.get_run(mv.run_id).data.metrics["test_top1"]
+    code = REPRO
+    env = {**os.environ, "MLFLOW_TRACKING_URI": outcome.tracking_uri}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["top1"] == pytest.approx(logged, abs=1e-9)
+    assert got["name"] == "flowers-l1"
+
+
+# evaluate a registered model on its own test split (config inside the checkpoint) in a fresh interpreter
+REPRO = """
+import json, torch
+from flowers.predict import load_model
+from flowers.train import build_data, make_loader, predict_loader
+from flowers.config import build, DataConfig
+from flowers.evaluate import compute_metrics
+m = load_model('models:/flowers-l1@champion')
+dc = build(DataConfig, m.meta['config']['data'])
+data = build_data(dc, m.preprocessing)
+probs, labels = [], []
+for x, y, _ in make_loader(data.test, dc.eval_batch_size, False, 0):
+    probs.append(m.predict_proba(x)); labels.append(y.numpy())
+import numpy as np
+met = compute_metrics(np.concatenate(probs), np.concatenate(labels))
+print(json.dumps({'top1': met['top1'], 'name': m.name}))
+"""
+
+
+def _run_study_proc(path: Path, log: Path, resume: bool = False) -> subprocess.Popen:
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "jobs.study", "--config", str(path)] + (["--resume"] if resume else [])
+    # own session: killing the group takes the driver and the local Ray it started, nothing else
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+def test_resume_after_killing_the_driver(synth_root, tmp_path):
+    from mlflow import MlflowClient
+
+    path = write_small_study(tmp_path, synth_root, "resume", ablation=None, stages=["tune"],
+                             levels={"l1": str(REPO / "configs/level1.yaml"), "l3": str(REPO / "configs/level3.yaml")},
+                             overrides=[f"data.root={synth_root}", "data.split=official", "train.epochs=12"],
+                             resources={"cpus_per_trial": 1, "max_concurrent": 1, "num_cpus": 1})
+    runs = tmp_path / "home/tune/resume-runs"
+    proc = _run_study_proc(path, tmp_path / "first.log")
+    try:
+        deadline = time.time() + 150
+        # wait until l1 is done and l3 has checkpointed at least one epoch, then kill the driver mid-run
+        while time.time() < deadline:
+            if (runs / "l1/metrics.json").is_file() and (runs / "l3/last.pt").is_file():
+                break
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.2)
+        else:
+            pytest.fail("study did not reach l3 in time: " + (tmp_path / "first.log").read_text()[-3000:])
+        time.sleep(2.5)  # let Tune persist the experiment state that names l3's checkpoint
+        l1_done = (runs / "l1/metrics.json").stat().st_mtime_ns
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    assert not (runs / "l3/metrics.json").exists(), "l3 finished before the kill; the test needs it mid-run"
+
+    proc = _run_study_proc(path, tmp_path / "second.log", resume=True)
+    try:
+        rc = proc.wait(240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (tmp_path / "second.log").read_text()
+    assert rc == 0, log[-3000:]
+    # the finished trial was not rerun; the unfinished one continued from its checkpoint, not epoch 1
+    assert (runs / "l1/metrics.json").stat().st_mtime_ns == l1_done
+    hist = json.loads((runs / "l3/metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in hist] == list(range(1, 13))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'home/mlflow.db'}")
+    exp = client.get_experiment_by_name("resume")
+    l3 = client.search_runs([exp.experiment_id], "tags.`flowers.key` = 'l3'")
+    assert len(l3) == 1 and l3[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(l3[0].info.run_id, "train_loss")]
+    assert sorted(set(steps)) == list(range(1, 13)) and steps.count(1) == 1, steps
+    assert client.get_model_version_by_alias("flowers-l3", "champion").run_id == l3[0].info.run_id

@@ -1,0 +1,81 @@
+"""MLflow tracking: embedded default, parent/child runs found again, model logging + registry + fresh-process load."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from flowers import tracking as T
+
+
+def test_import_has_no_side_effects():
+    code = ("import os, flowers.tracking, flowers.study, flowers.report, flowers.jobs_client;"
+            "assert 'MLFLOW_TRACKING_URI' not in os.environ; assert not os.path.exists('.flowers'); print('ok')")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO / "tests", env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr[-1500:]
+
+
+def test_resolve_target(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    t = T.resolve_target(None, tmp_path / "h")
+    assert t.tracking_uri == f"sqlite:///{tmp_path / 'h' / 'mlflow.db'}" and t.embedded
+    assert t.artifact_root == (tmp_path / "h" / "mlartifacts").as_uri()
+    assert not (tmp_path / "h").exists()  # resolving creates nothing
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert T.resolve_target(None, tmp_path).tracking_uri == "http://127.0.0.1:9"
+    assert T.resolve_target("http://x:1").artifact_root is None
+    assert T.clean_metrics({"a": 1, "b": float("nan"), "c": [1], "d": True, "e": 2.5}) == {"a": 1.0, "e": 2.5}
+
+
+def _log_and_load(uri: str, target: T.TrackingTarget, run, study: str) -> None:
+    """Log a real checkpoint in a child run, register it, load it in a fresh process."""
+    import mlflow
+
+    old = mlflow.get_tracking_uri()
+    try:
+        T.configure(target)
+        tr = T.StudyTracker(study, target)
+        child = tr.child("l1", "trial")
+        assert tr.child("l1", "trial") == child
+        # a new tracker (a restarted driver) finds the same parent and child
+        again = T.StudyTracker(study, target)
+        assert again.parent_id == tr.parent_id and again.child("l1", "trial") == child
+        tr.log_params(child, {"data.image_size": 64, "model.arch": "mobilenet_v3_small"})
+        tr.log_params(child, {"data.image_size": 64})  # idempotent
+        for e, h in enumerate(run.history, 1):
+            tr.log_metrics(child, h, step=e)
+        tr.log_metrics(child, {f"test_{k}": v for k, v in run.test_metrics.items()})
+        T.log_run_dir(tr, child, run.run_dir)
+        version = tr.log_model_dir(child, run.run_dir, "model", "flowers-l1", tags={"trial": "l1"})
+        tr.finish(child)
+        tr.finish_study()
+        assert version == "1"
+        client = tr.client
+        assert str(client.get_model_version_by_alias("flowers-l1", "champion").version) == "1"
+        assert client.get_registered_model("flowers-l1").tags[T.STUDY_TAG] == study
+        assert len(client.get_metric_history(child, "val_acc")) == len(run.history)
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        mlflow.set_tracking_uri(old)
+    code = ("import json; from flowers.predict import load_model; m = load_model('models:/flowers-l1@champion');"
+            "print(json.dumps({'acc': m.meta['test_accuracy'], 'name': m.name, 'classes': len(m.class_names)}))")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"acc": pytest.approx(run.test_metrics["top1"]), "name": "flowers-l1", "classes": 5}
+
+
+def test_log_register_and_load_embedded_sqlite(trained_run, tmp_path):
+    target = T.embedded_target(tmp_path / "store")
+    _log_and_load(target.tracking_uri, target, trained_run, "embedded")
+    assert (tmp_path / "store" / "mlartifacts").is_dir()  # artifacts beside the db, not ./mlruns
+
+
+def test_log_register_and_load_server(trained_run, mlflow_server):
+    _log_and_load(mlflow_server, T.resolve_target(mlflow_server), trained_run, "server")
