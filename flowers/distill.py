@@ -169,7 +169,8 @@ def _probs(model, paths, labels, pp, batch_size: int, workers: int) -> tuple[np.
 
 def run_distill_stage(cfg: C.Config, out_dir: Path, callback: Callable | None = None,
                       threshold_policy: str = "coverage", threshold_target: float = 0.9,
-                      latency_iters: int = 50, explain_images: int = 0, export_kwargs: dict | None = None) -> StageResult:
+                      latency_iters: int = 50, explain_images: int = 0, export_kwargs: dict | None = None,
+                      ood_images: int = 32) -> StageResult:
     """Distil (fit with DistillationTask) → export fp32/INT8 ONNX + TorchScript → threshold on val →
     evaluate fp32, INT8, dynamic INT8 and the teacher on test → batch-1 latency. Returns the
     exported student folder (manifest kind `onnx`, file = static INT8) with flat metrics."""
@@ -227,7 +228,7 @@ def run_distill_stage(cfg: C.Config, out_dir: Path, callback: Callable | None = 
               "teacher": U.risk_coverage(probs["teacher"], labels)}
     artifacts = list(files.values())
     artifacts.append(U.plot_risk_coverage(curves, out_dir / "test_risk_coverage.png", metrics["coverage_at_threshold"]))
-    metrics.update(U.ood_report(variants["int8"].predict_proba, probs["int8"], pp.image_size, threshold=thr))
+    metrics.update(U.ood_report(variants["int8"].predict_proba, probs["int8"], pp.image_size, n=ood_images, threshold=thr))
 
     # batch-1 latency, one process, same machine (contention from other processes shows in p95)
     x1 = torch.randint(0, 256, (1, 3, pp.image_size, pp.image_size), dtype=torch.uint8)
@@ -246,7 +247,7 @@ def run_distill_stage(cfg: C.Config, out_dir: Path, callback: Callable | None = 
         from flowers.explain import explain_dataset
 
         artifacts += explain_dataset(student, data.eval_part("test"), probs["fp32"], labels, out_dir / "explain",
-                                     n=explain_images)
+                                     n=explain_images, pairs=min(3, explain_images))
     update_manifest(model_dir, uncertainty_threshold=thr, test_accuracy=metrics["int8_test_top1"],
                     uncertainty_policy={"policy": threshold_policy, "target": threshold_target},
                     data=data.source, metrics={k: v for k, v in metrics.items() if np.isfinite(v)})

@@ -346,7 +346,7 @@ def plot_diversity(report: dict[str, Any], path: Path) -> Path:
 def run_ensemble_stage(member_uris: dict[str, str], data_cfg: DataConfig, out_dir: Path,
                        weights: dict[str, float] | None = None, threshold_policy: str = "coverage",
                        threshold_target: float = 0.9, workers: int | None = None,
-                       explain_images: int = 0) -> StageResult:
+                       explain_images: int = 0, ood_images: int = 32) -> StageResult:
     """Build the ensemble, evaluate members and ensemble on val/test, write diversity tables and plots.
 
     `member_uris` maps a member key (e.g. 'l1') to its URI; members' probabilities are computed
@@ -410,7 +410,7 @@ def run_ensemble_stage(member_uris: dict[str, str], data_cfg: DataConfig, out_di
     artifacts.append(U.plot_risk_coverage(curves, out_dir / "test_risk_coverage.png", metrics["coverage_at_threshold"]))
     ens_model = load_ensemble(model_dir, manifest, "cpu")
     with torch.inference_mode():
-        metrics.update(U.ood_report(ens_model.predict_proba, ens["test"], pp.image_size, threshold=thr))
+        metrics.update(U.ood_report(ens_model.predict_proba, ens["test"], pp.image_size, n=ood_images, threshold=thr))
 
     if explain_images:
         from flowers.explain import explain_dataset
@@ -418,7 +418,7 @@ def run_ensemble_stage(member_uris: dict[str, str], data_cfg: DataConfig, out_di
         for k, loaded, _ in members:
             if loaded.module is not None:
                 artifacts += explain_dataset(loaded, data.eval_part("test"), probs["test"][k], labels["test"],
-                                             out_dir / "explain" / k, n=explain_images)
+                                             out_dir / "explain" / k, n=explain_images, pairs=min(3, explain_images))
 
     manifest.update({
         "uncertainty_threshold": thr,

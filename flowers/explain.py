@@ -156,6 +156,6 @@ def explain_dataset(model: LoadedModel, dataset, probs: np.ndarray, labels: np.n
     grid(sample, out_dir / "sample_explain.png", f"{model.name}: Grad-CAM on a sample of test images")
     cm = confusion_matrix(labels, preds, len(names))
     for k, pair in enumerate(most_confused(cm, names, pairs)):
-        idx = np.where((labels == pair["true_label"]) & (preds == pair["predicted_label"]))[0][:4]
+        idx = np.where((labels == pair["true_label"]) & (preds == pair["predicted_label"]))[0][:3]
         grid(idx, out_dir / f"confused_{k}_explain.png", f"{pair['true']} → {pair['predicted']} ({pair['count']}x)")
     return files

@@ -1,0 +1,41 @@
+"""`flowers export`: a checkpoint → portable ONNX (fp32, static INT8, dynamic INT8) + TorchScript folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to ONNX fp32/INT8 and TorchScript (loads without flowers)",
+                       description="Static INT8 is calibrated on training images of the checkpoint's own dataset "
+                                   "(override the location with --data).")
+    p.add_argument("--checkpoint", required=True, help="path to best.pt")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--data", help="dataset root for calibration images (default: the checkpoint's, else $FLOWERS_DATA)")
+    p.add_argument("--calibration-size", type=int, default=256, help="number of training images for calibration")
+    p.add_argument("--threshold", type=float, help="uncertainty (normalized entropy) threshold to store")
+    p.set_defaults(func=run, heavy=True)
+
+
+def run(args) -> int:
+    from flowers import config as C
+    from flowers.data.transforms import Preprocessing
+    from flowers.export import export_student
+    from flowers.train import build_data, load_checkpoint
+
+    ckpt_path = Path(args.checkpoint)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except ValueError as e:
+        raise C.ConfigError(str(e)) from None
+    data_cfg = C.build(C.Config, ckpt["config"]).data
+    if args.data:
+        data_cfg = C.replace(C.Config(data=data_cfg), {"data.root": args.data}).data
+    data = build_data(data_cfg, Preprocessing.from_dict(ckpt["preprocessing"]))
+    out = export_student(ckpt_path, Path(args.out), data.eval_part("train"), args.threshold,
+                         calibration_size=args.calibration_size)
+    manifest = json.loads((out / "flowers_model.json").read_text())
+    print(json.dumps({"out": str(out), "files": manifest["files"], "model_name": manifest["model_name"]}, indent=2))
+    return 0

@@ -1,0 +1,84 @@
+"""L4 ensemble: soft voting, diversity metrics on hand-made predictions, the stage end to end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from flowers.ensemble import build_ensemble, diversity_report, run_ensemble_stage, soft_vote
+from flowers.predict import Predictor, load_model
+
+
+def test_soft_vote_is_mean_of_member_probs():
+    rng = np.random.default_rng(0)
+    ps = [rng.dirichlet(np.ones(4), 10) for _ in range(3)]
+    np.testing.assert_allclose(soft_vote(ps), np.mean(ps, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(soft_vote(ps, [2, 1, 1]), (2 * ps[0] + ps[1] + ps[2]) / 4, rtol=1e-6)
+    with pytest.raises(ValueError, match="weights"):
+        soft_vote(ps, [1, -1, 1])
+
+
+def _onehot(preds, k=3, conf=0.9):
+    p = np.full((len(preds), k), (1 - conf) / (k - 1))
+    p[np.arange(len(preds)), preds] = conf
+    return p
+
+
+def test_diversity_metrics_hand_made():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    a = np.array([0, 0, 0, 0, 1, 1, 1, 1, 0, 0])  # wrong on 8, 9
+    b = np.array([0, 0, 0, 0, 1, 1, 1, 0, 2, 1])  # wrong on 7, 9 (another wrong class than a)
+    c = np.array([1, 0, 0, 0, 1, 1, 1, 1, 2, 2])  # wrong on 0
+    probs = {"a": _onehot(a), "b": _onehot(b), "c": _onehot(c, conf=0.95)}
+    rep = diversity_report(probs, labels, {"a": "resnet50", "b": "resnet50", "c": "attention_resnet50"})
+    pairs = {(p["a"], p["b"]): p for p in rep["pairs"]}
+    ab, ac = pairs[("a", "b")], pairs[("a", "c")]
+    assert ab["disagreement"] == pytest.approx(0.3)  # differ on 7, 8, 9
+    assert ab["double_fault"] == pytest.approx(0.1)  # both wrong on 9
+    assert ac["double_fault"] == 0.0 and ac["disagreement"] == pytest.approx(0.3)
+    ea, eb = (a != labels).astype(float), (b != labels).astype(float)
+    assert ab["error_correlation"] == pytest.approx(np.corrcoef(ea, eb)[0, 1])
+    assert ab["kind"] == "hyperparameter" and ac["kind"] == "architecture"
+    # the majority vote fixes every single-member error; nothing is introduced
+    assert rep["ensemble"]["top1"] == 1.0
+    fixes = {f["member"]: f for f in rep["fixes"]}
+    assert fixes["a"]["fixed_by_ensemble"] == 2 and fixes["a"]["introduced_by_ensemble"] == 0
+    assert set(rep["by_kind"]) == {"architecture", "hyperparameter"}
+    assert rep["by_kind"]["architecture"]["pairs"] == 2
+
+
+def test_build_ensemble_rejects_mismatched_classes(trained_checkpoint, tmp_path):
+    ckpt = torch.load(trained_checkpoint, weights_only=False)
+    ckpt["class_names"] = [f"other {i}" for i in range(len(ckpt["class_names"]))]
+    other = tmp_path / "other.pt"
+    torch.save(ckpt, other)
+    with pytest.raises(Exception, match="class"):
+        build_ensemble([str(trained_checkpoint), str(other)], tmp_path / "ens")
+
+
+def test_ensemble_stage_end_to_end(trained_checkpoint, smoke_config, synth_root, tmp_path):
+    run_dir = trained_checkpoint.parent
+    res = run_ensemble_stage({"l1": str(trained_checkpoint), "l1b": str(run_dir)}, smoke_config.data, tmp_path / "l4",
+                             explain_images=1, ood_images=4)
+    m = res.metrics
+    for key in ("val_top1", "test_top1", "test_top5", "test_nll", "test_ece", "member_l1_test_top1",
+                "member_l1b_test_top1", "uncertainty_threshold", "entropy_auroc", "pair_l1_l1b_disagreement"):
+        assert key in m and isinstance(m[key], float)
+    # identical members: the ensemble equals them
+    assert m["test_top1"] == pytest.approx(m["member_l1_test_top1"])
+    assert m["pair_l1_l1b_disagreement"] == 0.0
+    manifest = json.loads((res.model_dir / "flowers_model.json").read_text())
+    assert manifest["kind"] == "ensemble" and len(manifest["members"]) == 2
+    assert manifest["test_accuracy"] == m["test_top1"] and "uncertainty_threshold" in manifest
+    assert all((res.model_dir / mm["file"]).is_file() for mm in manifest["members"])  # self-contained
+    for name in ("test_diversity.md", "test_diversity_pairs.csv", "test_diversity_fixes.csv", "test_risk_coverage.png",
+                 "test_diversity.png", "explain/l1/sample_explain.png"):
+        assert (tmp_path / "l4" / name).is_file(), name
+    # loadable by path and usable by the shared Predictor
+    pred = Predictor(load_model(res.model_dir))
+    assert pred.threshold == pytest.approx(manifest["uncertainty_threshold"])
+    img = sorted((synth_root / "jpg").glob("*.jpg"))[0]
+    (out,) = pred.predict([img], top_k=2)
+    assert set(out) >= {"label", "name", "entropy", "uncertain"}
