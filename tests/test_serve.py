@@ -243,3 +243,11 @@ def test_config_yaml_builds_app():
     assert spec.args.max_body_bytes == 10 * 1024 * 1024
     with pytest.raises(ValueError, match="unknown app args"):
         app_from_config(DEFAULT_CONFIG, {"nonsense": 1})
+
+
+def test_serve_command_rejects_bad_uri_before_starting_ray(capsys, tmp_path):
+    from flowers.cli import main
+
+    assert main(["serve", "--ensemble", str(tmp_path / "nope"), "--student", str(tmp_path / "nope2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model not found") and len(err.splitlines()) == 1
