@@ -324,8 +324,13 @@ def connect_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     extra = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI",) if os.environ.get(k)}
-    ray.init(address=address, runtime_env=worker_runtime_env(extra), log_to_driver=False,
-             configure_logging=False, include_dashboard=False)
+    try:
+        ray.init(address=address, runtime_env=worker_runtime_env(extra), log_to_driver=False,
+                 configure_logging=False, include_dashboard=False)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        where = address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
+        raise ConfigError(f"cannot start or reach Ray at {where}: {str(e).splitlines()[0] if str(e) else e}; "
+                          "check --address (or RAY_ADDRESS) and that the cluster is running") from None
 
 
 def score_folders(dirs: Sequence[str | os.PathLike], model_uri: str, out: str | os.PathLike, *,
@@ -378,11 +383,14 @@ def score_folders(dirs: Sequence[str | os.PathLike], model_uri: str, out: str | 
     bar = Progress(len(plan.todo), progress)
     scored = errors = 0
     t_run = time.perf_counter()
+    t_first = None  # actor start-up + model load ends when the first batch arrives
     try:
         if plan.keep is not None:
             writer.write(plan.keep)
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             e = table.num_rows - table.column("error").null_count
+            if t_first is None:
+                t_first, first_rows = time.perf_counter() - t_run, table.num_rows
             writer.write(table)
             scored += table.num_rows
             errors += e
@@ -396,6 +404,7 @@ def score_folders(dirs: Sequence[str | os.PathLike], model_uri: str, out: str | 
         ctx.enable_progress_bars = bars_before
     summary = ScoreSummary(plan.out, plan.listed, scored, errors, skipped, writer.rows,
                            time.perf_counter() - t_run, workers=w, batch_size=batch_size,
-                           extra={"cpus_per_worker": cpus, "total_s": time.perf_counter() - t0})
+                           extra={"cpus_per_worker": cpus, "total_s": time.perf_counter() - t0,
+                                  "first_batch_s": t_first, "first_batch_rows": first_rows if t_first else 0})
     log.info(summary.line())
     return summary
