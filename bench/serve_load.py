@@ -53,6 +53,8 @@ async def closed_loop(url: str, images: list[bytes], concurrency: int, requests:
     import httpx
 
     lat: list[float] = []
+    server: list[float] = []  # ingress-side latency_ms
+    model: list[float] = []  # batch_ms: the forward pass (decode included) this request rode in
     errors = 0
     sent = 0
     deadline = time.perf_counter() + max_seconds
@@ -67,6 +69,9 @@ async def closed_loop(url: str, images: list[bytes], concurrency: int, requests:
                 r = await client.post(url, content=img, headers={"content-type": "image/jpeg"})
                 if r.status_code == 200:
                     lat.append((time.perf_counter() - t0) * 1e3)
+                    body = r.json()
+                    server.append(body["latency_ms"])
+                    model.append(body["batch_ms"])
                 else:
                     errors += 1
 
@@ -75,7 +80,8 @@ async def closed_loop(url: str, images: list[bytes], concurrency: int, requests:
         wall = time.perf_counter() - t0
     return {"concurrency": concurrency, "ok": len(lat), "errors": errors, "seconds": round(wall, 2),
             "rps": round(len(lat) / wall, 2) if wall else 0.0,
-            "p50": round(pct(lat, 50), 1), "p95": round(pct(lat, 95), 1), "p99": round(pct(lat, 99), 1)}
+            "p50": round(pct(lat, 50), 1), "p95": round(pct(lat, 95), 1), "p99": round(pct(lat, 99), 1),
+            "server_p50": round(pct(server, 50), 1), "model_p50": round(pct(model, 50), 1)}
 
 
 def run_level(base: str, route: str, images, c: int, args) -> dict:
@@ -183,6 +189,9 @@ def print_report(r: dict) -> None:
     http_p50 = stu[0]["p50"]
     print(f"student @ concurrency 1: HTTP p50 {http_p50} ms vs in-process {r['student_in_process_p50_ms']} ms → "
           f"overhead {http_p50 - r['student_in_process_p50_ms']:.2f} ms (target ≤ 3 ms)")
+    print(f"  where it goes (p50s): forward pass in the replica {stu[0]['model_p50']} ms; ingress→replica→ingress "
+          f"{stu[0]['server_p50']} ms (adds the batch wait and one Ray hop); client→proxy→ingress→client "
+          f"{http_p50} ms (adds HTTP and the proxy hop)")
     print(f"errors: {errs + off['errors']}")
 
 

@@ -96,9 +96,8 @@ class BatchedModel:
         s = self.predictor.model.preprocessing.image_size
         self.predictor.predict_proba(torch.zeros(1, 3, s, s, dtype=torch.uint8))  # warm-up: lazy init off the request path
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # debug: observed batch sizes
-        self.idle_wait_s = self.predict_batch._get_batch_wait_timeout_s()
-        self.max_busy_wait_s = 0.2
-        self.batch_s_ema: float | None = None  # seconds per batched forward pass
+        self._model_free = asyncio.Event()  # see predict(): requests queue here while a pass runs
+        self._model_free.set()
         self.uncertain = Counter("flowers_uncertain_predictions",
                                  description="predictions flagged uncertain (entropy above threshold)",
                                  tag_keys=("model",))
@@ -115,17 +114,14 @@ class BatchedModel:
         if "max_batch_size" in config:
             self.predict_batch.set_max_batch_size(int(config["max_batch_size"]))
         if "batch_wait_timeout_s" in config:
-            self.idle_wait_s = float(config["batch_wait_timeout_s"])
-            self.predict_batch.set_batch_wait_timeout_s(self.idle_wait_s)
-        if "max_busy_wait_s" in config:
-            self.max_busy_wait_s = float(config["max_busy_wait_s"])
+            self.predict_batch.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
         if config.get("uncertainty_threshold") is not None:
             self.predictor.threshold = float(config["uncertainty_threshold"])
         log.info("%s: batching %s", self.role, self.batching())
 
     def batching(self) -> dict[str, Any]:
         return {"max_batch_size": self.predict_batch._get_max_batch_size(),
-                "batch_wait_timeout_s": self.idle_wait_s, "max_busy_wait_s": self.max_busy_wait_s}
+                "batch_wait_timeout_s": self.predict_batch._get_batch_wait_timeout_s()}
 
     def _run(self, images: list[bytes], top_ks: list[int]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
@@ -140,21 +136,12 @@ class BatchedModel:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def predict_batch(self, images: list[bytes], top_ks: list[int]) -> list[dict[str, Any]]:
-        # Serve forms the next batch as requests arrive, not when the model is free: with a
-        # short wait, requests landing during this pass would split into many size-1 batches
-        # queued behind it. So while busy, let the next batch collect for about one pass
-        # (capped); when idle, the configured short wait keeps single-request latency low.
-        busy_wait = min(self.max_busy_wait_s, self.batch_s_ema or 0.0)
-        if busy_wait > self.idle_wait_s:
-            self.predict_batch.set_batch_wait_timeout_s(busy_wait)
-        t0 = time.perf_counter()
+        self._model_free.clear()
         try:
-            # a worker thread keeps the event loop free to queue the next batch meanwhile
+            # a worker thread keeps the event loop free to take requests meanwhile
             results = await asyncio.to_thread(self._run, images, top_ks)
         finally:
-            self.predict_batch.set_batch_wait_timeout_s(self.idle_wait_s)
-        dt = time.perf_counter() - t0
-        self.batch_s_ema = dt if self.batch_s_ema is None else 0.8 * self.batch_s_ema + 0.2 * dt
+            self._model_free.set()
         self.batch_sizes[len(images)] += 1
         self.batch_hist.observe(len(images))
         flagged = sum(1 for r in results if r.get("uncertain"))
@@ -164,6 +151,11 @@ class BatchedModel:
 
     async def predict(self, image: bytes, top_k: int = 5) -> dict[str, Any]:
         """One image → result dict, or {'error': decoder message} for that image alone."""
+        # Serve forms a batch as soon as requests arrive, not when the model is free: under
+        # load, requests landing during a pass would each become a size-1 batch queued behind
+        # it, and a closed loop of clients stays fragmented. Holding them here until the pass
+        # ends lets them enter the batch queue together and form one full batch.
+        await self._model_free.wait()
         result = await self.predict_batch(image, top_k)
         m = self.predictor.model
         return {"model": m.name, "version": m.version, **result}
