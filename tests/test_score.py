@@ -216,3 +216,34 @@ def test_jobs_entry_point_error_exit(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: folder not found: {tmp_path / 'missing'}"], proc.stderr
+
+
+@pytest.fixture(scope="module")
+def other_kinds(trained_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """The ensemble and the exported INT8 student, built from the smoke checkpoint."""
+    from flowers.ensemble import build_ensemble
+    from flowers.export import export_student
+    from flowers.train import load_checkpoint
+
+    root = tmp_path_factory.mktemp("kinds")
+    size = load_checkpoint(trained_checkpoint)["preprocessing"]["image_size"]
+    calib = [torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8) for _ in range(2)]
+    return {
+        "ensemble": build_ensemble([str(trained_checkpoint), str(trained_checkpoint)], root / "ens", weights=[1, 2]),
+        "student": export_student(trained_checkpoint, root / "student", calib, calibration_size=8, torchscript=False),
+    }
+
+
+@pytest.mark.parametrize("kind", ["ensemble", "student"])
+def test_scorer_parity_for_ensemble_and_student(kind, other_kinds, folder):
+    """The actor class gives what Predictor (and so Serve) gives, for every model kind."""
+    from flowers.predict import Predictor
+
+    uri = str(other_kinds[kind])
+    paths = [folder["a.jpg"], folder["c.png"], folder["bad:text.jpg"]]
+    rows = Scorer(uri, top_k=3, threads=1)({"path": np.array([str(p) for p in paths], dtype=object)}).to_pylist()
+    ref = Predictor.from_uri(uri).predict(paths, top_k=3)
+    assert rows[2]["error"] and "error" in ref[2]
+    for r, e in zip(rows[:2], ref[:2]):
+        assert r["label"] == e["label"] and r["top_k_labels"] == [t["label"] for t in e["top_k"]]
+        np.testing.assert_allclose(r["top_k_probs"], [t["probability"] for t in e["top_k"]], atol=1e-5)
