@@ -169,7 +169,7 @@ def _probs(model, paths, labels, pp, batch_size: int, workers: int) -> tuple[np.
 
 def run_distill_stage(cfg: C.Config, out_dir: Path, callback: Callable | None = None,
                       threshold_policy: str = "coverage", threshold_target: float = 0.9,
-                      latency_iters: int = 50, explain_images: int = 0, export_kwargs: dict | None = None,
+                      latency_iters: int = 50, explain_images: int = 8, export_kwargs: dict | None = None,
                       ood_images: int = 32) -> StageResult:
     """Distil (fit with DistillationTask) → export fp32/INT8 ONNX + TorchScript → threshold on val →
     evaluate fp32, INT8, dynamic INT8 and the teacher on test → batch-1 latency. Returns the

@@ -346,7 +346,7 @@ def plot_diversity(report: dict[str, Any], path: Path) -> Path:
 def run_ensemble_stage(member_uris: dict[str, str], data_cfg: DataConfig, out_dir: Path,
                        weights: dict[str, float] | None = None, threshold_policy: str = "coverage",
                        threshold_target: float = 0.9, workers: int | None = None,
-                       explain_images: int = 0, ood_images: int = 32) -> StageResult:
+                       explain_images: int = 8, ood_images: int = 32) -> StageResult:
     """Build the ensemble, evaluate members and ensemble on val/test, write diversity tables and plots.
 
     `member_uris` maps a member key (e.g. 'l1') to its URI; members' probabilities are computed

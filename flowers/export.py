@@ -119,7 +119,7 @@ def calibration_batches(calibration: Dataset | Sequence[torch.Tensor], limit: in
     return out
 
 
-def _preprocess_for_quantization(src: Path, dst: Path) -> Path:
+def prepare_for_quantization(src: Path, dst: Path) -> Path:
     """ORT's recommended pre-pass (shape inference + graph optimization); falls back to the raw model."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -134,17 +134,16 @@ def _preprocess_for_quantization(src: Path, dst: Path) -> Path:
 def quantize_static_int8(fp32: Path, out: Path, batches: Sequence[np.ndarray]) -> Path:
     """Post-training static INT8: QDQ format, per-channel int8 weights, uint8 activations (MinMax calibration).
 
-    The final Softmax stays in float: quantized probabilities (steps of 1/256) would spoil entropy.
+    `fp32` should have been through :func:`prepare_for_quantization`. The final Softmax stays in
+    float: quantized probabilities (steps of 1/256) would spoil the entropy.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    with tempfile.TemporaryDirectory() as tmp:
-        pre = _preprocess_for_quantization(fp32, Path(tmp) / "pre.onnx")
-        softmax = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Softmax"]
-        quantize_static(str(pre), str(out), _Calibration(batches), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=softmax)
+    softmax = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Softmax"]
+    quantize_static(str(fp32), str(out), _Calibration(batches), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=softmax)
     return out
 
 
@@ -202,9 +201,11 @@ def export_student(checkpoint: Path, out_dir: Path, calibration: Dataset | Seque
     batches = calibration_batches(calibration, calibration_size)
     if not batches:
         raise ValueError("no calibration images: pass training images (a dataset or uint8 tensors)")
-    files["int8"] = quantize_static_int8(out_dir / FILES["fp32"], out_dir / FILES["int8"], batches).name
-    if dynamic:
-        files["dynamic_int8"] = quantize_dynamic_linear(out_dir / FILES["fp32"], out_dir / FILES["dynamic_int8"]).name
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = prepare_for_quantization(out_dir / FILES["fp32"], Path(tmp) / "pre.onnx")
+        files["int8"] = quantize_static_int8(pre, out_dir / FILES["int8"], batches).name
+        if dynamic:
+            files["dynamic_int8"] = quantize_dynamic_linear(pre, out_dir / FILES["dynamic_int8"]).name
     if torchscript:
         files["torchscript"] = export_torchscript(module, out_dir / FILES["torchscript"], pp.image_size).name
     embedded = {"class_names": list(ckpt["class_names"]), "preprocessing": pp.to_dict(),

@@ -87,7 +87,7 @@ def test_smoke_distillation_stage_end_to_end(trained_checkpoint, smoke_overrides
                         smoke_overrides + [f"distill.teacher={teacher}", "train.epochs=1", "model.arch=mobilenet_v3_small",
                                            "model.pretrained=false"])
     res = run_distill_stage(cfg, tmp_path / "l5", latency_iters=5, export_kwargs={"calibration_size": 16},
-                            ood_images=4)
+                            ood_images=4, explain_images=0)
     m = res.metrics
     for key in ("test_top1", "int8_test_top1", "dynamic_int8_test_top1", "teacher_test_top1", "latency_fp32_p50_ms",
                 "latency_int8_p50_ms", "latency_dynamic_int8_p50_ms", "latency_teacher_p50_ms", "int8_agreement",

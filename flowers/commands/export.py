@@ -28,8 +28,8 @@ def run(args) -> int:
         raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
     try:
         ckpt = load_checkpoint(ckpt_path)
-    except ValueError as e:
-        raise C.ConfigError(str(e)) from None
+    except Exception as e:  # pickle/zip errors have no common base; the user needs one line
+        raise C.ConfigError(f"cannot read {ckpt_path} as a flowers checkpoint (best.pt): {str(e).splitlines()[0]}") from None
     data_cfg = C.build(C.Config, ckpt["config"]).data
     if args.data:
         data_cfg = C.replace(C.Config(data=data_cfg), {"data.root": args.data}).data
