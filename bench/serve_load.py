@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=30.0, help="time cap per level")
     p.add_argument("--cpus-per-model", type=float, default=1.0, help="num_cpus (= torch threads) per model replica")
     p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--batch-wait-s", type=float, default=0.01)
+    p.add_argument("--batch-wait-s", type=float, default=0.002)
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 

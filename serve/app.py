@@ -180,7 +180,7 @@ class BatchedModel:
 
 
 @serve.deployment(name="Ensemble", max_ongoing_requests=32, ray_actor_options={"num_cpus": 1},
-                  user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.01})
+                  user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.002})
 class Ensemble(BatchedModel):
     """Soft-voting ensemble (manifest kind 'ensemble'), or any model URI."""
 
@@ -188,7 +188,7 @@ class Ensemble(BatchedModel):
 
 
 @serve.deployment(name="Student", max_ongoing_requests=32, ray_actor_options={"num_cpus": 1},
-                  user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.005})
+                  user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.002})
 class Student(BatchedModel):
     """Distilled INT8 student (manifest kind 'onnx'), or any model URI."""
 
