@@ -96,15 +96,21 @@ def submit(kind: str, args: list[str] | None = None, address: str | None = None,
            submission_id: str | None = None, entrypoint_num_cpus: float | None = None, python: str = "python",
            extra_env: dict[str, str] | None = None) -> str:
     """Submit `python -m jobs.<kind> ...`; returns the submission id."""
+    import time
+
     c = client(address)
-    try:
-        return c.submit_job(entrypoint=entrypoint(kind, args, python), runtime_env=runtime_env(working_dir, extra_env),
-                            submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus,
-                            metadata={"flowers.job": kind})
-    except JobsError:
-        raise
-    except Exception as e:
-        raise JobsError(_explain(e, resolve_address(address))) from None
+    deadline = time.time() + 60
+    while True:
+        try:
+            return c.submit_job(entrypoint=entrypoint(kind, args, python), runtime_env=runtime_env(working_dir, extra_env),
+                                submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus,
+                                metadata={"flowers.job": kind})
+        except Exception as e:
+            # a head that just started has no job agent yet and says "try again later"
+            if "No available agent" in str(e) and time.time() < deadline:
+                time.sleep(2)
+                continue
+            raise JobsError(_explain(e, resolve_address(address))) from None
 
 
 def _call(address: str | None, fn: str, *a):

@@ -166,7 +166,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     # inside a Ray job the entrypoint gets RAY_ADDRESS: join that cluster instead of starting one
     address = address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"runtime_env": worker_runtime_env(), "log_to_driver": True, "configure_logging": False}
+    # a Ray job already carries these in its runtime env, and Ray refuses a conflicting duplicate
+    env = {k: v for k, v in worker_runtime_env()["env_vars"].items() if os.environ.get(k) != v}
+    kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
+    if env:
+        kwargs["runtime_env"] = {"env_vars": env}
     if address:
         ray.init(address=address, **kwargs)
     else:

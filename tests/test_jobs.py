@@ -68,7 +68,11 @@ def ray_head(tmp_path):
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(port),
          "--dashboard-port", str(dash), "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--temp-dir", str(temp),
-         "--include-dashboard", "true", "--disable-usage-stats"],
+         "--include-dashboard", "true", "--disable-usage-stats",
+         # the agents' default ports may be taken by another Ray on this machine
+         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+         "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
+         "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port())],
         env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
@@ -77,7 +81,7 @@ def ray_head(tmp_path):
         # `ray stop` would stop every Ray on this machine (the test session's, other users'); end only ours
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(30)
+            proc.wait(15)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
