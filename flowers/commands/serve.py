@@ -92,40 +92,38 @@ def deploy(args: argparse.Namespace, block: bool) -> int:
     if not block and not address:
         print("note: no --address/RAY_ADDRESS: deploying on a temporary local Ray that stops when this "
               "process exits (use `flowers serve` to serve locally)", file=sys.stderr)
+    if block:
+        def _stop(signum, frame):  # SIGTERM (systemd, kill), and SIGINT even when started with `&`
+            raise KeyboardInterrupt
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _stop)
     ray.init(address=address, **init_kw)
-    serve.start(http_options={"host": http["host"], "port": int(http["port"])})
     try:
-        serve.run(spec.app, name=spec.name, route_prefix=spec.route_prefix)
-    except Exception as e:  # Serve reports replica failures as RuntimeError with a long log
-        print(f"error: deploying '{spec.name}' failed: {str(e).strip().splitlines()[-1][:500]}", file=sys.stderr)
-        if block:
-            serve.shutdown()
-            ray.shutdown()
-        return 1
-    base = f"http://{http['host']}:{http['port']}{spec.route_prefix.rstrip('/')}"
-    print(f"flowers serving '{spec.name}' at {base}")
-    print(f"  ensemble: {spec.args.ensemble_uri}\n  student:  {spec.args.student_uri}")
-    print(f"  POST {base}/v1/predict/ensemble   POST {base}/v1/predict/student   POST {base}/v1/compare")
-    print(f"  GET  {base}/v1/models   GET  {base}/healthz")
-    print("try:\n" + app_mod.curl_examples(base))
-    if not block:
-        return 0
-    print("Ctrl-C to stop.", flush=True)
-
-    def _stop(signum, frame):  # SIGTERM (systemd, kill) and SIGINT even when started with `&`
-        raise KeyboardInterrupt
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _stop)
-    try:
+        serve.start(http_options={"host": http["host"], "port": int(http["port"])})
+        try:
+            serve.run(spec.app, name=spec.name, route_prefix=spec.route_prefix)
+        except Exception as e:  # Serve reports replica failures as RuntimeError with a long log
+            print(f"error: deploying '{spec.name}' failed: {str(e).strip().splitlines()[-1][:500]}", file=sys.stderr)
+            return 1
+        base = f"http://{http['host']}:{http['port']}{spec.route_prefix.rstrip('/')}"
+        print(f"flowers serving '{spec.name}' at {base}")
+        print(f"  ensemble: {spec.args.ensemble_uri}\n  student:  {spec.args.student_uri}")
+        print(f"  POST {base}/v1/predict/ensemble   POST {base}/v1/predict/student   POST {base}/v1/compare")
+        print(f"  GET  {base}/v1/models   GET  {base}/healthz")
+        print("try:\n" + app_mod.curl_examples(base))
+        if not block:
+            return 0
+        print("Ctrl-C to stop.", flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
         print("stopping...", file=sys.stderr)
+        return 0
     finally:
-        serve.shutdown()
-        ray.shutdown()
-    return 0
+        if block:  # a detached deploy (jobs.deploy) leaves the app running on the cluster
+            serve.shutdown()
+            ray.shutdown()
 
 
 def run(args: argparse.Namespace) -> int:
