@@ -139,12 +139,14 @@ def ablation_grid(study: StudyConfig, config_dir: Path) -> list[tuple[dict[str, 
     """(axes, config) for every point of the ablation grid, in a stable order."""
     if not study.ablation:
         return []
-    data = C.read_yaml(_resolve(study, config_dir, study.ablation))
+    abl_path = _resolve(study, config_dir, study.ablation)
+    data = C.read_yaml(abl_path)
     base_rel = data.get("config")
     axes: dict[str, dict[str, dict]] = data.get("axes") or {}
     if not base_rel or not axes:
         raise C.ConfigError(f"{study.ablation}: needs 'config' (the base level YAML) and 'axes'")
-    base = C.load_config(_resolve(study, config_dir, base_rel), _profile(study, config_dir), list(study.overrides))
+    # the base config is named relative to the ablation file itself
+    base = C.load_config(_resolve(study, abl_path.parent, base_rel), _profile(study, config_dir), list(study.overrides))
     names = list(axes)
     points = []
     for combo in itertools.product(*(list(axes[a]) for a in names)):
