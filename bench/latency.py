@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classes", type=int, default=102)
     ap.add_argument("--iters", type=int, default=100, help="batch-1 iterations per model")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="measure every model this many times, interleaved; report the best round (robust to "
+                         "other processes on a shared machine)")
     ap.add_argument("--threads", type=int, default=None, help="torch/ORT threads (default: this process's CPU share)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
@@ -126,17 +129,24 @@ def main(argv: list[str] | None = None) -> int:
              ("student dynamic INT8 (ORT, Linear only)", variants["dynamic_int8"].predict_proba, ssize),
              ("student static INT8 (ORT QDQ)", variants["int8"].predict_proba, ssize)]
 
-    results = {}
-    print(f"\nthreads: torch {threads}, ORT {cpu_share()}; " + "; ".join(notes))
+    results: dict[str, dict] = {}
+    print(f"\nthreads: torch {threads}, ORT {cpu_share()}; best of {args.rounds} interleaved rounds; " + "; ".join(notes))
+    for r in range(args.rounds):
+        for name, fn, size in rows:
+            x1 = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8)
+            xb = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8)
+            b1 = latency(fn, x1, iters=args.iters, warmup=5, max_seconds=30)
+            bb = latency(fn, xb, iters=max(3, args.iters // 10), warmup=1, max_seconds=30)
+            prev = results.get(name)
+            if prev is None or b1["p50_ms"] < prev["b1_p50_ms"]:
+                results[name] = {"size": size, "b1_p50_ms": b1["p50_ms"], "b1_p95_ms": b1["p95_ms"],
+                                 "batch_images_per_s": max(bb["images_per_s"], (prev or {}).get("batch_images_per_s", 0))}
+            elif prev is not None:
+                prev["batch_images_per_s"] = max(prev["batch_images_per_s"], bb["images_per_s"])
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     print(f"{'model':44s} {'size':>5s} {'b1 p50 ms':>10s} {'b1 p95 ms':>10s} {'b{} img/s'.format(args.batch):>11s}")
-    for name, fn, size in rows:
-        x1 = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8)
-        xb = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8)
-        b1 = latency(fn, x1, iters=args.iters, warmup=5, max_seconds=30)
-        bb = latency(fn, xb, iters=max(3, args.iters // 10), warmup=1, max_seconds=30)
-        results[name] = {"size": size, "b1_p50_ms": b1["p50_ms"], "b1_p95_ms": b1["p95_ms"],
-                         "batch_images_per_s": bb["images_per_s"]}
-        print(f"{name:44s} {size:5d} {b1['p50_ms']:10.2f} {b1['p95_ms']:10.2f} {bb['images_per_s']:11.1f}", flush=True)
+    for name, res in results.items():
+        print(f"{name:44s} {res['size']:5d} {res['b1_p50_ms']:10.2f} {res['b1_p95_ms']:10.2f} {res['batch_images_per_s']:11.1f}")
 
     int8 = results["student static INT8 (ORT QDQ)"]["b1_p50_ms"]
     print("\nratios (batch-1 p50, higher = static INT8 faster):")
