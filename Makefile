@@ -29,7 +29,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/flowers train --config configs/level1.yaml --profile cpu
+	$(BIN)/flowers study --profile study-cpu
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout=900 $(PYTEST_ARGS)
