@@ -16,15 +16,25 @@ from flowers.commands import COMMAND_MODULES
 DESCRIPTION = """\
 flowers: fine-grained Oxford Flowers-102 classification, from research to production.
 
-  L1  ResNet-50 transfer baseline          flowers train --config configs/level1.yaml
-  L2  augmentation/regularization ablation flowers train --config configs/level2.yaml
-  L3  attention pooling + Grad-CAM         flowers train --config configs/level3.yaml
-  L4  soft-voting ensemble of L1-L3        (study stage)
-  L5  distilled INT8 MobileNet-V3 student  (study stage)
+The story, one command per step:
+  make run / flowers study      L1, the L2 ablation grid and L3 as parallel Ray Tune trials, then
+                                the L4 ensemble and the L5 INT8 student; all tracked in MLflow
+  flowers ui                    browse runs, plots and registered models (models:/flowers-l1@champion, ...)
+  flowers report                the study's results next to the seed's figures (Markdown + PNGs)
+  flowers serve                 ensemble and student endpoints side by side (Ray Serve, HTTP)
+  flowers score DIR --model U   batch-score image folders to Parquet (Ray Data)
+  flowers submit study|score|deploy --address URL   queue any of it on a Ray cluster (Ray Jobs)
 
-Add `--profile cpu` to any run for the small-machine settings (offline-pretrained
-EfficientNet-Lite0, smaller images, few epochs). Data comes from --set data.root=...,
-$FLOWERS_DATA, or `flowers data download`.
+One level at a time:
+  L1  ResNet-50 transfer baseline          flowers train -c configs/level1.yaml
+  L2  augmentation/regularization recipe   flowers train -c configs/level2.yaml
+  L3  attention pooling + Grad-CAM         flowers train -c configs/level3.yaml
+  L4  soft-voting ensemble + diversity     flowers ensemble --members URI URI URI --out DIR
+  L5  distilled INT8 student               flowers distill -c configs/level5.yaml
+
+Add `--profile cpu` for small-machine settings (offline-pretrained EfficientNet-Lite0,
+smaller images, few epochs) and `--set key=value` to change any config value.
+Data comes from data.root, $FLOWERS_DATA, or `flowers data download`.
 """
 
 EPILOG = "Run `flowers COMMAND --help` for each command's options."
