@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -107,22 +108,44 @@ def find_manifest(root: Path, depth: int = 3) -> Path | None:
     return None
 
 
+def tracking_uri_for_models() -> str:
+    """$MLFLOW_TRACKING_URI (or what an entry point configured), else the study's embedded store.
+
+    Passed explicitly to MLflow calls so that resolving a model never changes process globals.
+    """
+    import mlflow
+
+    from flowers.tracking import resolve_target
+
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    target = resolve_target(None)
+    db = Path(target.tracking_uri.split("sqlite:///", 1)[1])
+    if not db.is_file():
+        current = mlflow.get_tracking_uri()
+        if not current.startswith("sqlite:") or Path(current.split("sqlite:///", 1)[-1]).is_file():
+            return current  # set in-process with mlflow.set_tracking_uri
+        raise ModelLoadError(
+            f"no MLflow store to resolve models:/ and runs:/ URIs: MLFLOW_TRACKING_URI is unset and the embedded "
+            f"store {db} does not exist. Run the study from this folder first (`make run`), or set "
+            "MLFLOW_TRACKING_URI / --tracking-uri to your tracking server.")
+    return target.tracking_uri
+
+
 def resolve_uri(uri: str) -> tuple[Path, dict[str, Any]]:
     """Local path for a model URI, plus registry facts (name, version, alias) when it has them."""
     info: dict[str, Any] = {}
     if uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        tracking = tracking_uri_for_models()
         try:
-            import mlflow
             from mlflow.artifacts import download_artifacts
 
             if uri.startswith("models:/"):
-                info.update(_registry_info(uri))
-            local = download_artifacts(artifact_uri=uri)
-        except ModelLoadError:
-            raise
+                info.update(_registry_info(uri, tracking))
+            local = download_artifacts(artifact_uri=uri, tracking_uri=tracking, registry_uri=tracking)
         except Exception as e:  # MLflow raises many types; the user needs one clear message
             raise ModelLoadError(
-                f"cannot resolve model URI '{uri}' at tracking URI '{mlflow.get_tracking_uri()}': "
+                f"cannot resolve model URI '{uri}' at tracking URI '{tracking}': "
                 f"{str(e).splitlines()[0]}. Check the name/alias in the MLflow UI (`flowers ui`) "
                 "or set MLFLOW_TRACKING_URI / --tracking-uri.") from None
         return Path(local), info
@@ -132,11 +155,11 @@ def resolve_uri(uri: str) -> tuple[Path, dict[str, Any]]:
     return path, info
 
 
-def _registry_info(uri: str) -> dict[str, Any]:
+def _registry_info(uri: str, tracking: str) -> dict[str, Any]:
     from mlflow import MlflowClient
 
     rest = uri[len("models:/"):]
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
     if "@" in rest:
         name, alias = rest.split("@", 1)
         mv = client.get_model_version_by_alias(name, alias)

@@ -57,3 +57,11 @@ def test_cli_bad_uri_one_line_exit_2(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error: model not found") and "Traceback" not in r.stderr
+
+
+def test_models_uri_without_any_store_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match="no MLflow store.*make run"):
+        load_model("models:/flowers-l1@champion")
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / ".flowers").exists()
