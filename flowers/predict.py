@@ -132,10 +132,24 @@ def tracking_uri_for_models() -> str:
     return target.tracking_uri
 
 
+def is_mlflow_uri(uri: str | Path) -> bool:
+    return str(uri).startswith(("models:/", "runs:/", "mlflow-artifacts:/"))
+
+
+def export_model_store(uris: list[str | Path]) -> None:
+    """For entry points: put the store that resolves these URIs in MLFLOW_TRACKING_URI.
+
+    Ray workers (Serve replicas, Data actors) inherit it, so they resolve `models:/` against
+    the same store as the driver, whatever their working directory.
+    """
+    if any(is_mlflow_uri(u) for u in uris) and not os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri_for_models()
+
+
 def resolve_uri(uri: str) -> tuple[Path, dict[str, Any]]:
     """Local path for a model URI, plus registry facts (name, version, alias) when it has them."""
     info: dict[str, Any] = {}
-    if uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+    if is_mlflow_uri(uri):
         tracking = tracking_uri_for_models()
         try:
             from mlflow.artifacts import download_artifacts

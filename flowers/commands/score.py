@@ -32,8 +32,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from flowers.predict import export_model_store
     from flowers.scoring import score_folders
 
+    export_model_store([args.model])
     summary = score_folders(args.dirs, args.model, args.out, batch_size=args.batch_size, workers=args.workers,
                             cpus_per_worker=args.cpus_per_worker, top_k=args.top_k, resume=args.resume,
                             overwrite=args.overwrite, address=args.address, progress=args.progress)

@@ -53,7 +53,7 @@ def _import_serve_app():
 def deploy(args: argparse.Namespace, block: bool) -> int:
     """Build the app from the config, start Ray + Serve, run it; block until Ctrl-C if asked."""
     from flowers.config import ConfigError
-    from flowers.predict import resolve_uri
+    from flowers.predict import export_model_store, resolve_uri
     from flowers.runtime import worker_runtime_env
 
     app_mod = _import_serve_app()
@@ -64,6 +64,7 @@ def deploy(args: argparse.Namespace, block: bool) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     uris = {"ensemble_uri": args.ensemble or raw.get("ensemble_uri"), "student_uri": args.student or raw.get("student_uri")}
+    export_model_store([u for u in uris.values() if u])
     if args.pin:
         uris = {k: app_mod.pin_alias(v) for k, v in uris.items()}
     for uri in uris.values():  # fail here with one line, not in a replica constructor retry loop
