@@ -58,7 +58,7 @@ def _log_and_load(uri: str, target: T.TrackingTarget, run, study: str) -> None:
         tr.finish_study()
         assert version == str(before + 1)
         client = tr.client
-        assert str(client.get_model_version_by_alias("flowers-l1", "champion").version) == "1"
+        assert str(client.get_model_version_by_alias("flowers-l1", "champion").version) == version
         assert client.get_registered_model("flowers-l1").tags[T.STUDY_TAG] == study
         assert len(client.get_metric_history(child, "val_acc")) == len(run.history)
     finally:
