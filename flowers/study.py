@@ -502,6 +502,8 @@ def main_from_args(args) -> int:
     if args.tracking_uri:
         study = dataclasses.replace(study, tracking_uri=args.tracking_uri)
     outcome = run_study(study, config_dir, resume=args.resume, address=args.address)
+    if outcome.report and Path(outcome.report).is_file():
+        print(Path(outcome.report).read_text())
     print(summary_text(outcome))
     return 0 if not outcome.failed_trials else 1
 
