@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None, allow_reexec: bool = False) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `flowers data verify | head`
+        return 0
 
 
 def entry() -> None:
