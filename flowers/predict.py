@@ -154,9 +154,13 @@ def resolve_uri(uri: str) -> tuple[Path, dict[str, Any]]:
         try:
             from mlflow.artifacts import download_artifacts
 
+            source = uri
             if uri.startswith("models:/"):
                 info.update(_registry_info(uri, tracking))
-            local = download_artifacts(artifact_uri=uri, tracking_uri=tracking, registry_uri=tracking)
+                # MLflow resolves models:/ against the global registry URI, ignoring the argument;
+                # resolving the version's artifact location ourselves keeps this side-effect free
+                source = info.pop("download_uri")
+            local = download_artifacts(artifact_uri=source, tracking_uri=tracking)
         except Exception as e:  # MLflow raises many types; the user needs one clear message
             raise ModelLoadError(
                 f"cannot resolve model URI '{uri}' at tracking URI '{tracking}': "
@@ -177,9 +181,18 @@ def _registry_info(uri: str, tracking: str) -> dict[str, Any]:
     if "@" in rest:
         name, alias = rest.split("@", 1)
         mv = client.get_model_version_by_alias(name, alias)
-        return {"registry_name": name, "version": str(mv.version), "alias": alias, "run_id": mv.run_id}
-    name, _, version = rest.partition("/")
-    return {"registry_name": name, "version": version or None}
+    else:
+        name, _, version = rest.partition("/")
+        if version:
+            mv = client.get_model_version(name, version)
+        else:  # models:/name means its latest version
+            versions = client.search_model_versions(f"name='{name}'")
+            if not versions:
+                raise ValueError(f"registered model '{name}' has no versions")
+            mv = max(versions, key=lambda v: int(v.version))
+        alias = None
+    return {"registry_name": name, "version": str(mv.version), "alias": alias, "run_id": mv.run_id,
+            "download_uri": client.get_model_version_download_uri(name, mv.version)}
 
 
 def load_model(uri: str | Path, device: str = "cpu") -> LoadedModel:

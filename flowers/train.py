@@ -345,12 +345,12 @@ def fit(
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     device = resolve_device(cfg.train.device)
     threads = configure_torch_threads(cfg.train.threads)
-    run_dir = Path(run_dir or Path(cfg.train.out_dir) / (cfg.train.run_name or f"{cfg.level}-{time.strftime('%Y%m%d-%H%M%S')}"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-
     spec = model_spec(cfg.model.name)
     pp = Preprocessing.for_size(cfg.data.image_size, spec.mean, spec.std, cfg.data.resize_size)
+    # read and check the data before creating anything on disk, so a bad path leaves no empty run folder
     data = build_data(cfg.data, pp, seed=cfg.train.seed)
+    run_dir = Path(run_dir or Path(cfg.train.out_dir) / (cfg.train.run_name or f"{cfg.level}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    run_dir.mkdir(parents=True, exist_ok=True)
     log.info("data %s: train %d, val %d, test %d images, %d classes", data.source,
              len(data.train), len(data.val), len(data.test), data.num_classes)
     (run_dir / "split.json").write_text(json.dumps(data.split))
