@@ -81,3 +81,29 @@ def test_log_register_and_load_embedded_sqlite(trained_run, tmp_path):
 
 def test_log_register_and_load_server(trained_run, mlflow_server):
     _log_and_load(mlflow_server, T.resolve_target(mlflow_server), trained_run, "server")
+
+
+def test_models_uri_resolves_against_the_embedded_store_without_env(trained_run, tmp_path, monkeypatch):
+    """After `make run`, `flowers serve/score/predict` in the same folder find models:/ in .flowers/."""
+    import mlflow
+
+    from flowers.predict import load_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # records the original; restored afterwards
+    old = mlflow.get_tracking_uri()
+    try:
+        target = T.configure(T.resolve_target(None))  # the embedded default under ./.flowers
+        tr = T.StudyTracker("embedded-default", target)
+        child = tr.child("l1", "trial")
+        version = tr.log_model_dir(child, trained_run.run_dir, "model", "flowers-l1", tags={})
+        tr.finish(child)
+        # a decoy global URI proves the lookup does not depend on process-global MLflow state
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'decoy.db'}")
+        os.environ.pop("MLFLOW_TRACKING_URI")  # set by T.configure
+        m = load_model("models:/flowers-l1@champion")
+        assert (m.name, m.version) == ("flowers-l1", version)
+        assert m.meta["test_accuracy"] == pytest.approx(trained_run.test_metrics["top1"])
+        assert not (tmp_path / "mlflow.db").exists()
+    finally:
+        mlflow.set_tracking_uri(old)
