@@ -104,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---------------------------------------------------------------- the student
     if args.student:
-        student_dir = Path(args.student)
+        from flowers.predict import find_manifest, resolve_uri
+
+        local, _ = resolve_uri(args.student)  # a folder or a models:/ URI of an exported student
+        student_dir = find_manifest(local).parent
         manifest = json.loads((student_dir / "flowers_model.json").read_text())
         ckpt = Path(manifest.get("source_checkpoint", ""))
         student_torch = load_model(ckpt) if ckpt.is_file() else None
