@@ -36,13 +36,10 @@ def list_images(dirs: Sequence[str | os.PathLike] | str | os.PathLike, recursive
     return sorted(found)
 
 
-@dataclass
-class ImageFolder:
-    """Images laid out as ``root/<class name>/**/<image>``; class ids follow sorted folder names."""
+class ImageSet:
+    """Shared behaviour of labelled image collections (needs `paths` and `class_names`)."""
 
-    root: Path
     paths: list[Path]
-    labels: np.ndarray  # int64, index into class_names
     class_names: list[str]
 
     @property
@@ -51,6 +48,16 @@ class ImageFolder:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+
+@dataclass
+class ImageFolder(ImageSet):
+    """Images laid out as ``root/<class name>/**/<image>``; class ids follow sorted folder names."""
+
+    root: Path
+    paths: list[Path]
+    labels: np.ndarray  # int64, index into class_names
+    class_names: list[str]
 
 
 def load_image_folder(root: str | os.PathLike) -> ImageFolder:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .decode import DataError
+from .folder import ImageSet
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def image_path(root: Path, index: int) -> Path:
 
 
 @dataclass(frozen=True)
-class VGGFlowers:
+class VGGFlowers(ImageSet):
     """A verified Flowers-102 (or synthetic look-alike) dataset."""
 
     root: Path
@@ -55,13 +56,6 @@ class VGGFlowers:
     labels: np.ndarray  # int64, 0-based
     setid: dict[str, np.ndarray]  # 'train'/'val'/'test' -> sorted 0-based indices
     class_names: list[str]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
 
 def _loadmat(path: Path, key: str) -> np.ndarray:
