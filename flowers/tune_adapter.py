@@ -34,12 +34,16 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _snapshot(run_dir: Path, names: tuple[str, ...]) -> tune.Checkpoint:
+def _report_with_files(metrics: dict[str, Any], run_dir: Path, names: tuple[str, ...]) -> None:
+    """`tune.report` with a checkpoint of these run files; the staging folder goes once Tune has persisted it."""
     stage = Path(tempfile.mkdtemp(prefix="flowers-ckpt-"))
-    for name in names:
-        if (run_dir / name).is_file():
-            _link(run_dir / name, stage / name)
-    return tune.Checkpoint.from_directory(str(stage))
+    try:
+        for name in names:
+            if (run_dir / name).is_file():
+                _link(run_dir / name, stage / name)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(stage)))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def train_trial(config: dict[str, Any]) -> None:
@@ -66,14 +70,13 @@ def train_trial(config: dict[str, Any]) -> None:
             log.info("trial %s resumes from its checkpoint", spec["key"])
 
     def report(metrics: dict[str, float], rd: Path) -> None:
-        tune.report({**metrics, "key": spec["key"], "final": False}, checkpoint=_snapshot(rd, ("last.pt", "best.pt")))
+        _report_with_files({**metrics, "key": spec["key"], "final": False}, rd, ("last.pt", "best.pt"))
 
     res = fit(cfg, callback=report, run_dir=run_dir, resume_from=resume_from)
     last = res.history[-1] if res.history else {}
     test = {f"test_{k}": v for k, v in res.test_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    tune.report({**last, **test, "best_val_acc": res.best_val_acc, "best_epoch": res.best_epoch,
-                 "key": spec["key"], "final": True},
-                checkpoint=_snapshot(res.run_dir, FINAL_FILES))
+    _report_with_files({**last, **test, "best_val_acc": res.best_val_acc, "best_epoch": res.best_epoch,
+                        "key": spec["key"], "final": True}, res.run_dir, FINAL_FILES)
 
 
 def trial_key(config: dict[str, Any], trial_id: str) -> str:
