@@ -320,11 +320,8 @@ def _log_stage(tracker: T.StudyTracker, key: str, result, registered_name: str, 
 def run_ensemble(study: StudyConfig, config_dir: Path, tracker: T.StudyTracker, members: dict[str, str],
                  out_dir: Path) -> str | None:
     """L4: soft voting over the registered levels, as a child run; registers flowers-ensemble."""
-    try:
-        from flowers.ensemble import run_ensemble_stage
-    except ImportError as e:
-        log.warning("ensemble stage skipped: flowers.ensemble is not available (%s)", e)
-        return None
+    from flowers.ensemble import run_ensemble_stage
+
     members = {k: v for k, v in members.items() if k in study.ensemble_members}
     if len(members) < 2:
         log.warning("ensemble stage skipped: needs at least two registered levels, have %s", sorted(members))
@@ -338,11 +335,8 @@ def run_ensemble(study: StudyConfig, config_dir: Path, tracker: T.StudyTracker, 
 
 def run_distill(study: StudyConfig, config_dir: Path, tracker: T.StudyTracker, teacher: str, out_dir: Path) -> str | None:
     """L5: distil `teacher` into the student, as a child run with per-epoch metrics; registers flowers-student."""
-    try:
-        from flowers.distill import run_distill_stage
-    except ImportError as e:
-        log.warning("distill stage skipped: flowers.distill is not available (%s)", e)
-        return None
+    from flowers.distill import run_distill_stage
+
     if not study.distill_config or not _resolve(study, config_dir, study.distill_config).is_file():
         log.warning("distill stage skipped: no student config (distill_config=%r)", study.distill_config)
         return None
@@ -388,7 +382,7 @@ def run_study(study: StudyConfig, config_dir: Path, resume: bool = False, addres
                 if uri:
                     outcome.registered["ensemble"] = uri
                 else:
-                    outcome.skipped["ensemble"] = "not available"
+                    outcome.skipped["ensemble"] = "fewer than two registered levels"
         if "distill" in study.stages:
             teacher = outcome.registered.get("ensemble") or next(iter(outcome.registered.values()), None)
             if resume and _stage_done(tracker, "l5-distill"):
@@ -401,7 +395,7 @@ def run_study(study: StudyConfig, config_dir: Path, resume: bool = False, addres
                 if uri:
                     outcome.registered["distill"] = uri
                 else:
-                    outcome.skipped["distill"] = "not available"
+                    outcome.skipped["distill"] = "no student config"
         tracker.log_metrics(tracker.parent_id, {"study_wall_seconds": time.perf_counter() - t0})
         report_dir = Path(study.report_dir or Path(study.home) / "reports" / study.name)
         outcome.report = R.write_report(study.name, report_dir, tracker=tracker)
