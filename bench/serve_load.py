@@ -1,12 +1,16 @@
 """Bounded closed-loop HTTP load on the flowers Serve app (loopback only).
 
     python bench/serve_load.py --ensemble models:/flowers-ensemble@champion \\
-        --student models:/flowers-student@champion [--requests 64] [--max-seconds 30]
+        --student models:/flowers-student@champion [--seconds 10] [--proxy haproxy|serve]
 
-Starts a local Ray + Serve on 127.0.0.1, then, for concurrency 1, 4 and 16, keeps that many
-requests in flight (each client sends its next request when the last one returns) until
---requests have completed or --max-seconds have passed. Images: Flowers-102 JPEGs from
-$FLOWERS_DATA/jpg, else synthetic JPEGs. Prints:
+Starts a local Ray + Serve on 127.0.0.1 (HTTP front as `flowers serve` has it: HAProxy by
+default, see serve/ingress_env.py) with the batching of serve/config.yaml, then, for
+concurrency 1, 4 and 16, keeps that many requests in flight (each client sends its next
+request when the last one returns) for --seconds after a short warm-up, or until --requests
+have completed. Concurrency 1 uses one keep-alive connection from a plain blocking client (the
+lowest-overhead client, so its p50 is the server's latency plus loopback); higher levels use
+an asyncio client. Images: Flowers-102 JPEGs from $FLOWERS_DATA/jpg, else synthetic JPEGs.
+Prints:
   1. req/s and p50/p95/p99 per endpoint and concurrency, side by side with their ratio;
   2. the ensemble at concurrency 16 with batching on (config) vs off (max_batch_size=1,
      applied live through user_config);
@@ -84,10 +88,40 @@ async def closed_loop(url: str, images: list[bytes], concurrency: int, requests:
             "server_p50": round(pct(server, 50), 1), "model_p50": round(pct(model, 50), 1)}
 
 
+def sequential(url: str, images: list[bytes], requests: int, max_seconds: float) -> dict:
+    """Concurrency 1 without an event loop in the client: one blocking keep-alive connection."""
+    import httpx
+
+    lat: list[float] = []
+    server: list[float] = []
+    model: list[float] = []
+    errors = 0
+    t_start = time.perf_counter()
+    with httpx.Client(timeout=120) as client:
+        while len(lat) + errors < requests and time.perf_counter() - t_start < max_seconds:
+            t0 = time.perf_counter()
+            r = client.post(url, content=images[(len(lat) + errors) % len(images)], headers={"content-type": "image/jpeg"})
+            if r.status_code == 200:
+                lat.append((time.perf_counter() - t0) * 1e3)
+                body = r.json()
+                server.append(body["latency_ms"])
+                model.append(body["batch_ms"])
+            else:
+                errors += 1
+    wall = time.perf_counter() - t_start
+    return {"concurrency": 1, "ok": len(lat), "errors": errors, "seconds": round(wall, 2),
+            "rps": round(len(lat) / wall, 2) if wall else 0.0,
+            "p50": round(pct(lat, 50), 2), "p95": round(pct(lat, 95), 2), "p99": round(pct(lat, 99), 2),
+            "server_p50": round(pct(server, 50), 2), "model_p50": round(pct(model, 50), 2)}
+
+
 def run_level(base: str, route: str, images, c: int, args) -> dict:
     url = f"{base}/v1/predict/{route}"
-    asyncio.run(closed_loop(url, images, c, min(c * 2, 8), 10))  # warm-up: connections, first batches
-    return asyncio.run(closed_loop(url, images, c, max(args.requests, c * 2), args.max_seconds))
+    if c == 1:
+        sequential(url, images, 20, 10)  # warm-up
+        return sequential(url, images, args.requests, args.seconds)
+    asyncio.run(closed_loop(url, images, c, c * 4, 10))  # warm-up: connections, first batches
+    return asyncio.run(closed_loop(url, images, c, args.requests, args.seconds))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,69 +129,106 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ensemble", default="models:/flowers-ensemble@champion")
     p.add_argument("--student", default="models:/flowers-student@champion")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--requests", type=int, default=64, help="completed requests per level (bounded)")
-    p.add_argument("--max-seconds", type=float, default=30.0, help="time cap per level")
+    p.add_argument("--seconds", type=float, default=10.0, help="duration of each load level (bounded)")
+    p.add_argument("--requests", type=int, default=100_000, help="also stop a level after this many requests")
     p.add_argument("--cpus-per-model", type=float, default=1.0, help="num_cpus (= torch threads) per model replica")
-    p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--batch-wait-s", type=float, default=0.002)
+    p.add_argument("--config", default=str(REPO / "serve" / "config.yaml"),
+                   help="batching defaults come from each deployment's user_config here")
+    p.add_argument("--max-batch-size", type=int, help="override max_batch_size for both models")
+    p.add_argument("--ensemble-wait-s", type=float, help="override the ensemble's batch_wait_timeout_s")
+    p.add_argument("--student-wait-s", type=float, help="override the student's batch_wait_timeout_s")
+    p.add_argument("--proxy", choices=("haproxy", "serve"), default="haproxy",
+                   help="HTTP front: HAProxy straight to the ingress replicas (default) or Ray Serve's Python proxy")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
+
+    import socket
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    from serve.ingress_env import LOCAL_DRAIN_S, ingress_env, resolve_proxy
+
+    proxy, warning = resolve_proxy(args.proxy)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    # before Ray starts: its processes read these at start-up (own ports: tests may run alongside)
+    os.environ.update(ingress_env(proxy, 10 * 1024 * 1024, {"stats": free_port(), "metrics": free_port(), "fallback": free_port(),
+                                   "fallback_grpc": free_port()}, LOCAL_DRAIN_S))
 
     import ray
     from ray import serve
 
     from flowers.predict import Predictor
     from flowers.runtime import configure_torch_threads, worker_runtime_env
-    from serve.app import build_app
+    from serve.app import build_app, load_serve_config
+
+    batching = {d["name"]: dict(d.get("user_config") or {})
+                for d in load_serve_config(args.config)["applications"][0].get("deployments") or []}
+    for name, wait in (("Ensemble", args.ensemble_wait_s), ("Student", args.student_wait_s)):
+        b = batching.setdefault(name, {})
+        b.setdefault("max_batch_size", 16)
+        b.setdefault("batch_wait_timeout_s", 0.0)
+        if args.max_batch_size:
+            b["max_batch_size"] = args.max_batch_size
+        if wait is not None:
+            b["batch_wait_timeout_s"] = wait
 
     images, source = load_images(64)
     renv = worker_runtime_env({"PYTHONPATH": str(REPO)})
     need = 2 * args.cpus_per_model + 0.1
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False, runtime_env=renv,
              log_to_driver=False, configure_logging=False)
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
     app_args = {"ensemble_uri": args.ensemble, "student_uri": args.student}
 
     def deploy(ens_batch: int) -> None:
         model = {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": args.cpus_per_model}}
-        opts = {"Ensemble": {**model, "user_config": {"max_batch_size": ens_batch, "batch_wait_timeout_s": args.batch_wait_s}},
-                "Student": {**model, "user_config": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s}},
-                "Ingress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}}
+        opts = {"Ensemble": {**model, "user_config": {**batching["Ensemble"], "max_batch_size": ens_batch}},
+                "Student": {**model, "max_ongoing_requests": 128, "user_config": batching["Student"]}}
         serve.run(build_app(app_args, opts), name="bench", route_prefix="/")
 
-    results: dict = {"images": source, "cpus": os.cpu_count(), "cpus_per_model": args.cpus_per_model,
-                     "max_batch_size": args.max_batch_size, "batch_wait_s": args.batch_wait_s, "levels": {}}
+    results: dict = {"images": source, "proxy": proxy, "cpus": os.cpu_count(), "cpus_per_model": args.cpus_per_model,
+                     "batching": {k: batching[k] for k in ("Ensemble", "Student")}, "levels": {}}
     try:
         t_start = time.time()
-        deploy(args.max_batch_size)
+        deploy(batching["Ensemble"]["max_batch_size"])
         import httpx
 
         results["models"] = httpx.get(f"{base}/v1/models", timeout=30).json()["models"]
+        def batches() -> dict[str, dict[str, int]]:
+            return {m["route"]: m["batch_sizes_seen"] for m in httpx.get(f"{base}/v1/models", timeout=30).json()["models"]}
+
         for route in ("ensemble", "student"):
-            results["levels"][route] = [run_level(base, route, images, c, args) for c in args.concurrency]
+            results["levels"][route] = []
+            for c in args.concurrency:
+                before = batches()[route]
+                level = run_level(base, route, images, c, args)
+                after = batches()[route]  # this level's batches (warm-up included)
+                level["batches"] = {k: after[k] - before.get(k, 0) for k in after if after[k] - before.get(k, 0)}
+                results["levels"][route].append(level)
         c_hi = max(args.concurrency)
         deploy(1)  # same code and args: Serve reconfigures the live replica (batching off)
         results["ensemble_no_batching"] = run_level(base, "ensemble", images, c_hi, args)
-        seen = httpx.get(f"{base}/v1/models", timeout=30).json()["models"]
-        results["batch_sizes_seen"] = {m["route"]: m["batch_sizes_seen"] for m in seen}
         results["serve_seconds"] = round(time.time() - t_start, 1)
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    # in-process student latency with the replica's thread count, for the HTTP overhead figure
-    configure_torch_threads(max(1, int(args.cpus_per_model)))
+    # in-process student latency with the replica's thread counts (torch and ONNX Runtime, which
+    # reads OMP_NUM_THREADS as Ray sets it in the replica), for the HTTP overhead figure
+    threads = max(1, int(args.cpus_per_model))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    configure_torch_threads(threads)
     pred = Predictor.from_uri(args.student)
-    for img in images[:5]:
+    for img in images[:20]:
         pred.predict([img])
     lat = []
-    for i in range(min(100, max(30, args.requests))):
+    for i in range(500):
         t0 = time.perf_counter()
         pred.predict([images[i % len(images)]])
         lat.append((time.perf_counter() - t0) * 1e3)
@@ -170,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_report(r: dict) -> None:
     print(f"\nimages: {r['images']}; {r['cpus']} CPUs; {r['cpus_per_model']} CPU(s)/model replica; "
-          f"batch {r['max_batch_size']}, wait {r['batch_wait_s']} s")
+          f"HTTP front: {r['proxy']}")
+    for name, b in r["batching"].items():
+        print(f"  {name}: max_batch_size {b['max_batch_size']}, batch_wait_timeout_s {b['batch_wait_timeout_s']}")
     for m in r.get("models", []):
         print(f"  {m['route']}: {m['name']} v{m['version']} ({m['kind']}, {m['uri']})")
     ens, stu = r["levels"]["ensemble"], r["levels"]["student"]
@@ -185,7 +258,13 @@ def print_report(r: dict) -> None:
     print(f"\nensemble @ concurrency {on['concurrency']}: batching on {on['rps']} req/s (p50 {on['p50']} ms) vs off "
           f"{off['rps']} req/s (p50 {off['p50']} ms) → {on['rps'] / off['rps'] if off['rps'] else float('nan'):.2f}x "
           f"(target ≥ 1.5x)")
-    print(f"batch sizes seen (size: batches): {r['batch_sizes_seen']}")
+    for route, levels in r["levels"].items():
+        for lv in levels:
+            b = lv["batches"]
+            n = sum(b.values())
+            mean = sum(int(k) * v for k, v in b.items()) / n if n else float("nan")
+            print(f"  {route} @ {lv['concurrency']}: mean batch {mean:.1f} over {n} batches; forward pass p50 "
+                  f"{lv['model_p50']} ms")
     http_p50 = stu[0]["p50"]
     print(f"student @ concurrency 1: HTTP p50 {http_p50} ms vs in-process {r['student_in_process_p50_ms']} ms → "
           f"overhead {http_p50 - r['student_in_process_p50_ms']:.2f} ms (target ≤ 3 ms)")

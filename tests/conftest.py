@@ -57,11 +57,23 @@ def trained_checkpoint(trained_run) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole test session (2 CPUs, no dashboard)."""
+    """One local Ray for the whole test session (2 CPUs, no dashboard).
+
+    Serve runs as `flowers serve` does: HAProxy in front (serve/ingress_env.py), on ports of
+    its own so a `flowers serve` or another test run on this machine does not collide.
+    """
     ray = pytest.importorskip("ray")
     from flowers.runtime import worker_runtime_env
 
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from serve.ingress_env import LOCAL_DRAIN_S, ingress_env
+
     if not ray.is_initialized():
+        # read by Ray's processes at start-up, so set before ray.init
+        os.environ.update(ingress_env("haproxy", 10 * 1024 * 1024,
+                                      {k: free_port() for k in ("stats", "metrics", "fallback", "fallback_grpc")},
+                                      LOCAL_DRAIN_S))
         ray.init(num_cpus=2, include_dashboard=False, runtime_env=worker_runtime_env(),
                  log_to_driver=False, configure_logging=False)
     yield ray

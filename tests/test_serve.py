@@ -23,7 +23,7 @@ from conftest import free_port  # noqa: E402
 
 httpx = pytest.importorskip("httpx")
 
-BODY_LIMIT = 200_000
+BODY_LIMIT = 6_000_000  # above gRPC's 4 MiB default message size (see test_large_image_under_limit)
 APP = "flowers-test"
 # 0.5 CPU per model replica leaves room for a surge replica during the swap test on 2 CPUs
 MODEL_OPTS = {"num_replicas": 1, "max_ongoing_requests": 16, "max_surge_percent": 100,
@@ -32,8 +32,7 @@ MODEL_OPTS = {"num_replicas": 1, "max_ongoing_requests": 16, "max_surge_percent"
 
 def _opts(batch: int = 8, wait: float = 0.2) -> dict:
     return {"Ensemble": {**MODEL_OPTS, "user_config": {"max_batch_size": batch, "batch_wait_timeout_s": wait}},
-            "Student": {**MODEL_OPTS, "user_config": {"max_batch_size": batch, "batch_wait_timeout_s": wait}},
-            "Ingress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}}
+            "Student": {**MODEL_OPTS, "user_config": {"max_batch_size": batch, "batch_wait_timeout_s": wait}}}
 
 
 def _args(ckpt: Path, **kw) -> dict:
@@ -136,6 +135,48 @@ def test_bad_input_gives_json_error_and_replica_keeps_serving(served, jpegs, cas
     assert body["status"] == status and needle in body["error"], body
     after = _post(client, "/v1/predict/ensemble", good)  # the replica still serves
     assert after.status_code == 200 and after.json()["top_k"]
+
+
+def _noise_jpeg(min_bytes: int) -> bytes:
+    """A real (noise) JPEG of at least `min_bytes`: too big for gRPC's default 4 MiB message."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    side = 1200
+    while True:
+        pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=95)
+        if buf.tell() >= min_bytes:
+            return buf.getvalue()
+        side += 200
+
+
+def test_large_image_under_limit_crosses_the_ensemble_hop(served):
+    """A 4.5+ MB image (under the 6 MB limit) reaches the Ensemble replica over gRPC and back."""
+    client, _ = served
+    big = _noise_jpeg(4_500_000)
+    assert 4 * 1024 * 1024 < len(big) < BODY_LIMIT
+    for model in ("ensemble", "student"):
+        r = _post(client, f"/v1/predict/{model}", big)
+        assert r.status_code == 200, r.text
+        assert r.json()["top_k"]
+
+
+def test_python_fallback_proxy_serves_the_same_app(served, jpegs):
+    """HAProxy is the front; Ray's Python proxy on the fallback port answers identically."""
+    import os
+
+    client, _ = served
+    fallback = int(os.environ["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"])
+    via_haproxy = _post(client, "/v1/predict/student?top_k=3", jpegs[5])
+    with httpx.Client(base_url=f"http://127.0.0.1:{fallback}", timeout=60) as direct:
+        via_python = _post(direct, "/v1/predict/student?top_k=3", jpegs[5])
+        assert direct.get("/healthz").json()["status"] == "ok"
+    assert via_haproxy.status_code == via_python.status_code == 200
+    assert via_haproxy.json()["top_k"] == via_python.json()["top_k"]
 
 
 def test_chunked_body_over_limit_is_413(served):

@@ -10,6 +10,7 @@ import argparse
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs (default: MLFLOW_TRACKING_URI)")
     p.add_argument("--address", default=None,
                    help="Ray address (default: RAY_ADDRESS, else a new embedded local Ray)")
+    p.add_argument("--proxy", choices=("haproxy", "serve"), default="haproxy",
+                   help="HTTP front of an embedded Ray: HAProxy straight to the ingress replicas (default; "
+                        "about 5 ms less per request) or Ray Serve's Python proxy. A cluster's front is set "
+                        "when its Ray starts (docs/serving.md)")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=False,
                    help="resolve models:/name@alias to its version before deploying, so a redeploy "
                         "after an alias move rolls the replicas onto the new model")
@@ -90,6 +95,9 @@ def deploy(args: argparse.Namespace, block: bool) -> int:
         # embedded Ray: offer at least what the minimum replicas ask for, even on a 2-core laptop
         # (torch threads follow each replica's num_cpus, so this oversubscribes nothing)
         init_kw.update(num_cpus=max(os.cpu_count() or 1, math.ceil(spec.required_cpus())), include_dashboard=False)
+    front = "the cluster's (set when its Ray started; see docs/serving.md)"
+    if not address:
+        front = _use_proxy(args.proxy, spec.args.max_body_bytes)
     if not block and not address:
         print("note: no --address/RAY_ADDRESS: deploying on a temporary local Ray that stops when this "
               "process exits (use `flowers serve` to serve locally)", file=sys.stderr)
@@ -109,7 +117,7 @@ def deploy(args: argparse.Namespace, block: bool) -> int:
             return 1
         base = f"http://{http['host']}:{http['port']}{spec.route_prefix.rstrip('/')}"
         print(f"flowers serving '{spec.name}' at {base}")
-        print(f"  ensemble: {spec.args.ensemble_uri}\n  student:  {spec.args.student_uri}")
+        print(f"  ensemble: {spec.args.ensemble_uri}\n  student:  {spec.args.student_uri}\n  HTTP front: {front}")
         print(f"  POST {base}/v1/predict/ensemble   POST {base}/v1/predict/student   POST {base}/v1/compare")
         print(f"  GET  {base}/v1/models   GET  {base}/healthz")
         print("try:\n" + app_mod.curl_examples(base))
@@ -125,6 +133,40 @@ def deploy(args: argparse.Namespace, block: bool) -> int:
         if block:  # a detached deploy (jobs.deploy) leaves the app running on the cluster
             serve.shutdown()
             ray.shutdown()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _use_proxy(requested: str, max_body_bytes: int) -> str:
+    """Set the environment the embedded Ray starts with for this HTTP front; describe it."""
+    from serve.ingress_env import LOCAL_DRAIN_S, ingress_env, resolve_proxy
+
+    proxy, warning = resolve_proxy(requested)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    # HAProxy's side ports and the fallback proxy's keep Ray's defaults unless taken (a second
+    # `flowers serve` on this machine) or set by the user
+    defaults = {"fallback": ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", 8500),
+                "fallback_grpc": ("RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", 9500),
+                "stats": ("RAY_SERVE_HAPROXY_STATS_PORT", 8404), "metrics": ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)}
+    ports = {}
+    for key, (var, port) in defaults.items():
+        if var not in os.environ and not _port_free(port):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                ports[key] = s.getsockname()[1]
+    os.environ.update(ingress_env(proxy, max_body_bytes, ports if proxy == "haproxy" else None, LOCAL_DRAIN_S))
+    if proxy == "serve":
+        return "Ray Serve's Python proxy"
+    fallback = os.environ.get("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "8500")
+    return f"HAProxy → Student replicas (Ray's Python proxy as fallback on port {fallback})"
 
 
 def run(args: argparse.Namespace) -> int:
