@@ -19,7 +19,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,7 +27,7 @@ from flowers import config as C  # noqa: E402
 from flowers.data.transforms import Preprocessing  # noqa: E402
 from flowers.export import export_student, latency, load_variant  # noqa: E402
 from flowers.models import build_model, model_spec  # noqa: E402
-from flowers.predict import LoadedModel, TorchProbModel, load_model  # noqa: E402
+from flowers.predict import LoadedModel, load_model  # noqa: E402
 from flowers.runtime import configure_torch_threads, cpu_share  # noqa: E402
 from flowers.train import CHECKPOINT_FORMAT, save_checkpoint  # noqa: E402
 

@@ -105,9 +105,7 @@ class BatchedModel:
         self.predictor = Predictor.from_uri(model_uri, threshold=uncertainty_threshold)
         s = self.predictor.model.preprocessing.image_size
         self.predictor.predict_proba(torch.zeros(1, 3, s, s, dtype=torch.uint8))  # warm-up: lazy init off the request path
-        self.batch_sizes: collections.Counter[int] = collections.Counter()  # debug: observed batch sizes
-        self._model_free = asyncio.Event()  # see predict(): requests queue here while a pass runs
-        self._model_free.set()
+        self._init_gate()
         self.uncertain = Counter("flowers_uncertain_predictions",
                                  description="predictions flagged uncertain (entropy above threshold)",
                                  tag_keys=("model",))
@@ -118,20 +116,32 @@ class BatchedModel:
         log.info("%s: loaded %s (%s v%s) with %d torch threads", self.role, model_uri,
                  self.predictor.model.name, self.predictor.model.version, self.threads)
 
+    def _init_gate(self) -> None:
+        """Counters and the admission gate (see predict()); Serve's own batch wait stays 0."""
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # debug: observed batch sizes
+        self.max_wait_s = 0.0      # user_config batch_wait_timeout_s
+        self._active = 0           # requests inside predict()
+        self._peak = 0             # most requests inside predict() during the running pass
+        self._expected = 1         # requests the next batch waits for: the last pass's peak
+        self._held = 0
+        self._busy = False
+        self._open = asyncio.Event()
+        self._open.set()
+        self._timer: asyncio.TimerHandle | None = None
+
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Live `user_config`: batching parameters and the uncertainty threshold."""
         config = config or {}
         if "max_batch_size" in config:
             self.predict_batch.set_max_batch_size(int(config["max_batch_size"]))
         if "batch_wait_timeout_s" in config:
-            self.predict_batch.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+            self.max_wait_s = max(0.0, float(config["batch_wait_timeout_s"]))
         if config.get("uncertainty_threshold") is not None:
             self.predictor.threshold = float(config["uncertainty_threshold"])
         log.info("%s: batching %s", self.role, self.batching())
 
     def batching(self) -> dict[str, Any]:
-        return {"max_batch_size": self.predict_batch._get_max_batch_size(),
-                "batch_wait_timeout_s": self.predict_batch._get_batch_wait_timeout_s()}
+        return {"max_batch_size": self.predict_batch._get_max_batch_size(), "batch_wait_timeout_s": self.max_wait_s}
 
     def _run(self, images: list[bytes], top_ks: list[int]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
@@ -144,13 +154,32 @@ class BatchedModel:
             r["batch_ms"] = round(ms, 3)
         return results
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    def _release(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._held = 0
+        self._open.set()
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def predict_batch(self, images: list[bytes], top_ks: list[int]) -> list[dict[str, Any]]:
-        self._model_free.clear()
+        self._open.clear()
+        if self._timer is not None:  # a timer from an earlier pass must not open the gate during this one
+            self._timer.cancel()
+            self._timer = None
+        self._busy = True
+        self._peak = self._active
         try:
             results = await asyncio.to_thread(self._run, images, top_ks) if self.offload else self._run(images, top_ks)
         finally:
-            self._model_free.set()
+            self._busy = False
+            # as many requests as were here during this pass will want the next one (in a closed
+            # loop the clients of this batch come straight back); wait for them, at most max_wait_s
+            self._expected = max(1, min(self._peak, self.predict_batch._get_max_batch_size()))
+            if self._held >= self._expected or self.max_wait_s <= 0:
+                self._release()
+            else:
+                self._timer = asyncio.get_running_loop().call_later(self.max_wait_s, self._release)
         self.batch_sizes[len(images)] += 1
         self.batch_hist.observe(len(images))
         flagged = sum(1 for r in results if r.get("uncertain"))
@@ -160,12 +189,22 @@ class BatchedModel:
 
     async def predict(self, image: bytes, top_k: int = 5) -> dict[str, Any]:
         """One image → result dict, or {'error': decoder message} for that image alone."""
-        # Serve forms a batch as soon as requests arrive, not when the model is free: under
-        # load, requests landing during a pass would each become a size-1 batch queued behind
-        # it, and a closed loop of clients stays fragmented. Holding them here until the pass
-        # ends lets them enter the batch queue together and form one full batch.
-        await self._model_free.wait()
-        result = await self.predict_batch(image, top_k)
+        # Serve forms a batch as soon as requests arrive, not when the model is free: requests
+        # landing during a pass would each become a size-1 batch queued behind it, and a closed
+        # loop of clients stays fragmented. So requests that arrive while a pass runs are held
+        # here; after the pass they enter Serve's queue together, as soon as as many are waiting
+        # as were in flight during the pass, or after max_wait_s. An idle replica admits at once.
+        self._active += 1
+        self._peak = max(self._peak, self._active)
+        try:
+            if not self._open.is_set():
+                self._held += 1
+                if not self._busy and self._held >= self._expected:
+                    self._release()
+                await self._open.wait()
+            result = await self.predict_batch(image, top_k)
+        finally:
+            self._active -= 1
         m = self.predictor.model
         return {"model": m.name, "version": m.version, **result}
 
@@ -189,7 +228,7 @@ class BatchedModel:
 
 
 @serve.deployment(name="Ensemble", max_ongoing_requests=32, ray_actor_options={"num_cpus": 1},
-                  user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.005})
+                  user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.03})
 class Ensemble(BatchedModel):
     """Soft-voting ensemble (manifest kind 'ensemble'), or any model URI."""
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,9 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port outside the ephemeral range, so Ray's own servers cannot take it meanwhile."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from serve.ingress_env import pick_port
+
+    return pick_port()
 
 
 @pytest.fixture(scope="session")

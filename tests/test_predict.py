@@ -1,5 +1,4 @@
 """The shared predictor: URI loading, preprocessing parity, per-item errors, CLI errors."""
-import io
 import subprocess
 import sys
 

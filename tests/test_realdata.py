@@ -1,5 +1,4 @@
 """Real Flowers-102 (skipped unless FLOWERS_DATA points at a copy)."""
-from pathlib import Path
 
 import pytest
 

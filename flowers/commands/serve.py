@@ -146,7 +146,7 @@ def _port_free(port: int) -> bool:
 
 def _use_proxy(requested: str, max_body_bytes: int) -> str:
     """Set the environment the embedded Ray starts with for this HTTP front; describe it."""
-    from serve.ingress_env import LOCAL_DRAIN_S, ingress_env, resolve_proxy
+    from serve.ingress_env import LOCAL_DRAIN_S, ingress_env, pick_port, resolve_proxy
 
     proxy, warning = resolve_proxy(requested)
     if warning:
@@ -159,9 +159,7 @@ def _use_proxy(requested: str, max_body_bytes: int) -> str:
     ports = {}
     for key, (var, port) in defaults.items():
         if var not in os.environ and not _port_free(port):
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                ports[key] = s.getsockname()[1]
+            ports[key] = pick_port()
     os.environ.update(ingress_env(proxy, max_body_bytes, ports if proxy == "haproxy" else None, LOCAL_DRAIN_S))
     if proxy == "serve":
         return "Ray Serve's Python proxy"
