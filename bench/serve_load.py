@@ -53,66 +53,66 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))]
 
 
+class Samples:
+    """Per-request figures of one load level: client latency, server latency, forward pass."""
+
+    def __init__(self) -> None:
+        self.lat: list[float] = []
+        self.server: list[float] = []  # the response's latency_ms (server side)
+        self.model: list[float] = []  # batch_ms: the forward pass (decode included) it rode in
+        self.errors = 0
+
+    def record(self, response, t0: float) -> None:
+        if response.status_code != 200:
+            self.errors += 1
+            return
+        self.lat.append((time.perf_counter() - t0) * 1e3)
+        body = response.json()
+        self.server.append(body["latency_ms"])
+        self.model.append(body["batch_ms"])
+
+    def summary(self, concurrency: int, wall: float) -> dict:
+        return {"concurrency": concurrency, "ok": len(self.lat), "errors": self.errors, "seconds": round(wall, 2),
+                "rps": round(len(self.lat) / wall, 2) if wall else 0.0,
+                **{f"p{q}": round(pct(self.lat, q), 2) for q in (50, 95, 99)},
+                "server_p50": round(pct(self.server, 50), 2), "model_p50": round(pct(self.model, 50), 2)}
+
+
 async def closed_loop(url: str, images: list[bytes], concurrency: int, requests: int, max_seconds: float) -> dict:
     import httpx
 
-    lat: list[float] = []
-    server: list[float] = []  # ingress-side latency_ms
-    model: list[float] = []  # batch_ms: the forward pass (decode included) this request rode in
-    errors = 0
+    samples = Samples()
     sent = 0
     deadline = time.perf_counter() + max_seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        async def worker(wid: int) -> None:
-            nonlocal sent, errors
+        async def worker() -> None:
+            nonlocal sent
             while sent < requests and time.perf_counter() < deadline:
                 img = images[sent % len(images)]
                 sent += 1
                 t0 = time.perf_counter()
-                r = await client.post(url, content=img, headers={"content-type": "image/jpeg"})
-                if r.status_code == 200:
-                    lat.append((time.perf_counter() - t0) * 1e3)
-                    body = r.json()
-                    server.append(body["latency_ms"])
-                    model.append(body["batch_ms"])
-                else:
-                    errors += 1
+                samples.record(await client.post(url, content=img, headers={"content-type": "image/jpeg"}), t0)
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-    return {"concurrency": concurrency, "ok": len(lat), "errors": errors, "seconds": round(wall, 2),
-            "rps": round(len(lat) / wall, 2) if wall else 0.0,
-            "p50": round(pct(lat, 50), 1), "p95": round(pct(lat, 95), 1), "p99": round(pct(lat, 99), 1),
-            "server_p50": round(pct(server, 50), 1), "model_p50": round(pct(model, 50), 1)}
+    return samples.summary(concurrency, wall)
 
 
 def sequential(url: str, images: list[bytes], requests: int, max_seconds: float) -> dict:
     """Concurrency 1 without an event loop in the client: one blocking keep-alive connection."""
     import httpx
 
-    lat: list[float] = []
-    server: list[float] = []
-    model: list[float] = []
-    errors = 0
+    samples = Samples()
     t_start = time.perf_counter()
     with httpx.Client(timeout=120) as client:
-        while len(lat) + errors < requests and time.perf_counter() - t_start < max_seconds:
+        n = 0
+        while n < requests and time.perf_counter() - t_start < max_seconds:
             t0 = time.perf_counter()
-            r = client.post(url, content=images[(len(lat) + errors) % len(images)], headers={"content-type": "image/jpeg"})
-            if r.status_code == 200:
-                lat.append((time.perf_counter() - t0) * 1e3)
-                body = r.json()
-                server.append(body["latency_ms"])
-                model.append(body["batch_ms"])
-            else:
-                errors += 1
-    wall = time.perf_counter() - t_start
-    return {"concurrency": 1, "ok": len(lat), "errors": errors, "seconds": round(wall, 2),
-            "rps": round(len(lat) / wall, 2) if wall else 0.0,
-            "p50": round(pct(lat, 50), 2), "p95": round(pct(lat, 95), 2), "p99": round(pct(lat, 99), 2),
-            "server_p50": round(pct(server, 50), 2), "model_p50": round(pct(model, 50), 2)}
+            samples.record(client.post(url, content=images[n % len(images)], headers={"content-type": "image/jpeg"}), t0)
+            n += 1
+    return samples.summary(1, time.perf_counter() - t_start)
 
 
 def run_level(base: str, route: str, images, c: int, args) -> dict:
