@@ -8,7 +8,7 @@ two FastAPI apps that do nothing but read the body: `one` answers in its ingress
 sequential POSTs of a 22 KB Flowers-102-sized body over one keep-alive connection and prints
 the p50/p90 latency per app: the floor any endpoint pays on this machine before its model runs.
 """
-from __future__ import annotations
+# no `from __future__ import annotations`: FastAPI must see the real Request type of the handlers
 
 import argparse
 import json
