@@ -9,10 +9,9 @@ Ray processes read when they start, so they must be set *before* `ray start` / `
 - `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`: gRPC between deployments, user code and the router on the
   replica's main event loop.
 
-Measured on the 2-core CPU box (no-op FastAPI deployment, sequential requests): one hop via
-the Python proxy has a p50 floor of about 5.5 ms; via HAProxy 0.7-0.9 ms; the two-hop path
-(ingress → model deployment) 7.4-9.2 ms vs 1.8-2.0 ms. On the student endpoint, whose model
-takes about 1.3 ms, that floor is the whole HTTP overhead (see bench/serve_load.py).
+bench/serve_floor.py on the 2-core CPU box (no-op FastAPI deployments, sequential requests):
+one hop p50 6.8 ms via the Python proxy, 0.7 ms via HAProxy; two hops 11.3 vs 3.7 ms. The
+student model takes 1.5-3 ms, so the front decides most of its HTTP overhead.
 
 No Ray import here: the variables must be decided before Ray is imported and started.
 """
