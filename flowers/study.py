@@ -236,12 +236,12 @@ def run_tune(study: StudyConfig, specs: list[TrialSpec], target: T.TrackingTarge
             run_config=tune.RunConfig(
                 name=study.name, storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=study.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                checkpoint_config=A.CHECKPOINTS,
                 callbacks=[A.MlflowStudyCallback(study.name, target, {"study": study.name})],
                 verbose=1,
             ),
         )
-    grid = tuner.fit()
+    grid = A.fit_tuner(tuner)
     failed = [r.config["trial"]["key"] for r in grid if r.error is not None]
     for key in failed:
         log.warning("trial %s failed after %d retries; the study goes on without it", key, study.max_failures)
@@ -450,9 +450,9 @@ def run_search(cfg: C.Config, space: dict[str, Any], name: str, num_samples: int
         tune_config=tune.TuneConfig(metric="val_acc", mode="max", num_samples=num_samples, scheduler=scheduler,
                                     max_concurrent_trials=resources.max_concurrent),
         run_config=tune.RunConfig(name=name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=max_failures),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  checkpoint_config=A.CHECKPOINTS,
                                   callbacks=[A.MlflowStudyCallback(name, target, {"study": name, "search": "true"})], verbose=1))
-    grid = tuner.fit()
+    grid = A.fit_tuner(tuner)
     best = grid.get_best_result(metric="val_acc", mode="max", scope="all")
     T.StudyTracker(name, target).finish_study()
     return {"best_config": best.config.get("overrides"), "best_val_acc": best.metrics.get("best_val_acc"),

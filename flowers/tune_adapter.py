@@ -26,6 +26,27 @@ FINAL_FILES = ("best.pt", "config.yaml", "split.json", "metrics.json", "curves.p
                "test_confusion.csv", "test_per_class.csv", "test_most_confused.json")
 
 
+# Tune saves its experiment state at most every 10 s by default, while each report deletes the
+# trial's older checkpoints beyond num_to_keep: a driver killed in between leaves a state naming a
+# deleted checkpoint, and that trial cannot resume ("does not exist on storage anymore"; seen with
+# short epochs). Saving the state on every controller step and keeping two checkpoints means the
+# state always names one that exists.
+CHECKPOINTS = tune.CheckpointConfig(num_to_keep=2)
+
+
+def fit_tuner(tuner: "tune.Tuner") -> "tune.ResultGrid":
+    """`tuner.fit()` with the experiment state saved on every step (see CHECKPOINTS)."""
+    old = os.environ.get("TUNE_GLOBAL_CHECKPOINT_S")
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"  # read when fit() builds its controller
+    try:
+        return tuner.fit()
+    finally:
+        if old is None:
+            os.environ.pop("TUNE_GLOBAL_CHECKPOINT_S", None)
+        else:
+            os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = old
+
+
 def _link(src: Path, dst: Path) -> None:
     # last.pt/best.pt are replaced atomically by fit, so a hard link is a consistent snapshot
     try:
