@@ -66,8 +66,8 @@ def _load_checkpoint(path: Path, manifest: dict, device: str) -> LoadedModel:
 
     ckpt = load_checkpoint(path, device)
     pp = Preprocessing.from_dict(ckpt["preprocessing"])
-    # channels_last lets oneDNN pick its blocked conv kernels: measured on the 2-core CPU, the
-    # study ensemble runs 1.08x faster at batch 1, 1.11x at 8 and 1.44x at 16 (bench/latency.py)
+    # channels_last lets oneDNN pick its blocked conv kernels: measured on the 2-core CPU with one
+    # torch thread, the study ensemble runs 1.08x faster at batch 1, 1.11x at 8 and 1.44x at 16
     module = TorchProbModel(model_from_checkpoint(ckpt), pp).to(device, memory_format=torch.channels_last).eval()
 
     @torch.inference_mode()

@@ -38,13 +38,18 @@ def pick_port(host: str = "127.0.0.1") -> int:
     """
     for _ in range(200):
         port = random.randint(20000, 29999)  # Ray's replica ports are 30000-31000
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-        return port
+        if port_free(port, host):
+            return port
     raise RuntimeError("no free TCP port in 20000-29999")
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def haproxy_binary() -> str | None:

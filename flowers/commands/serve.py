@@ -10,7 +10,6 @@ import argparse
 import math
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -135,18 +134,9 @@ def deploy(args: argparse.Namespace, block: bool) -> int:
             ray.shutdown()
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def _use_proxy(requested: str, max_body_bytes: int) -> str:
     """Set the environment the embedded Ray starts with for this HTTP front; describe it."""
-    from serve.ingress_env import LOCAL_DRAIN_S, ingress_env, pick_port, resolve_proxy
+    from serve.ingress_env import LOCAL_DRAIN_S, ingress_env, pick_port, port_free, resolve_proxy
 
     proxy, warning = resolve_proxy(requested)
     if warning:
@@ -158,7 +148,7 @@ def _use_proxy(requested: str, max_body_bytes: int) -> str:
                 "stats": ("RAY_SERVE_HAPROXY_STATS_PORT", 8404), "metrics": ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)}
     ports = {}
     for key, (var, port) in defaults.items():
-        if var not in os.environ and not _port_free(port):
+        if var not in os.environ and not port_free(port):
             ports[key] = pick_port()
     os.environ.update(ingress_env(proxy, max_body_bytes, ports if proxy == "haproxy" else None, LOCAL_DRAIN_S))
     if proxy == "serve":
