@@ -332,3 +332,66 @@ def replace(cfg: Any, changes: dict[str, Any]) -> Any:
     for key, value in changes.items():
         set_dotted(data, key.split("."), value)
     return build(type(cfg), data)
+
+
+# ----------------------------------------------------------------------------- study, Tune resources and scoring
+# Settings of the Ray jobs (`flowers study`, `flowers tune`, `flowers score`), typed like the run configs.
+
+STUDY_LEVELS = ("l1", "l2", "l3")
+STUDY_STAGES = ("tune", "ensemble", "distill")
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """Per-trial resources and parallelism."""
+
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float | None = None  # None: 0 on CPU machines, 1/max_concurrent of a GPU otherwise
+    max_concurrent: int = 2
+    num_cpus: int | None = None  # size of a local Ray (None: all cores); ignored on a cluster
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """What a study runs and where it records it (`configs/study.yaml`). Relative paths: to the study YAML."""
+
+    name: str = "flowers-study"
+    levels: dict[str, str] = field(default_factory=lambda: {"l1": "level1.yaml", "l2": "level2.yaml", "l3": "level3.yaml"})
+    ablation: str | None = "ablation.yaml"
+    share_levels: bool = True  # a level equal to a grid point trains once
+    l2_select: str = "fixed"  # fixed: the level2.yaml trial | best_grid: best strong-augmentation grid point by val
+    profile: str | None = None  # merged into every trial config (e.g. study-cpu)
+    overrides: list[str] = field(default_factory=list)  # KEY=VALUE for every trial config
+    stages: list[str] = field(default_factory=lambda: list(STUDY_STAGES))
+    ensemble_members: list[str] = field(default_factory=lambda: list(STUDY_LEVELS))
+    distill_config: str | None = "level5.yaml"
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    max_failures: int = 2
+    home: str = ".flowers"  # embedded MLflow store, Tune storage and reports live here by default
+    storage_path: str | None = None  # Tune storage; None: <home>/tune. A shared path or URI on clusters
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under home
+    report_dir: str | None = None  # None: <home>/reports/<name>
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """`flowers tune`: a hyperparameter search around one level config."""
+
+    name: str = "flowers-tune"  # MLflow experiment and Tune experiment
+    num_samples: int = 8
+    asha: bool = False  # stop weak trials early (ASHA on val_acc)
+    max_failures: int = 1
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Batch scoring settings (`flowers score`); the folders, model and output are the job's inputs."""
+
+    batch_size: int = 32  # images per model call
+    workers: int | None = None  # model actors; None: one per cluster CPU, at most one per batch
+    cpus_per_worker: float | None = None  # CPUs (= torch threads) per actor; None: cluster CPUs / workers
+    top_k: int = 5
+    resume: bool = False  # keep the rows already in the output, score only the rest
+    overwrite: bool = False  # replace an existing output
+    progress: bool = True
