@@ -12,6 +12,7 @@ import os
 import sys
 
 from flowers.commands import COMMAND_MODULES
+from flowers.errors import user_errors
 
 DESCRIPTION = """\
 flowers: fine-grained Oxford Flowers-102 classification, from research to production.
@@ -50,15 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from flowers.config import ConfigError
-    from flowers.data import DataError
-    from flowers.models import ModelError
-    from flowers.predict import ModelLoadError
-
-    return (ConfigError, DataError, ModelError, ModelLoadError, FileNotFoundError, PermissionError)
-
-
 def _maybe_reexec(argv: list[str]) -> None:
     """Restart once with the fast-allocator environment: malloc reads it only at start-up."""
     from flowers.runtime import allocator_active, allocator_env
@@ -85,7 +77,7 @@ def main(argv: list[str] | None = None, allow_reexec: bool = False) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return int(args.func(args) or 0)
-    except _user_errors() as e:
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

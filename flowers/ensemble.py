@@ -6,8 +6,10 @@ An ensemble is a self-contained model folder::
     members/0_l1.pt      each member's checkpoint (or exported folder), copied in
 
 so `flowers.predict.load_model(folder)` (or `models:/flowers-ensemble@champion` once
-logged) needs nothing else. The ensemble takes the uint8 batch of its first member's
-preprocessing; a member trained at another image size sees the batch resized to its own.
+logged) needs nothing else. Every member sees its own eval preprocessing: the ensemble's
+input has one view per distinct member preprocessing (`LoadedModel.views`), so members
+trained at different sizes each get the image resized and cropped as in their own training
+evaluation, never a resize of another member's crop.
 
 Diversity: the seed claimed that architectural diversity (attention vs not) helps more than
 hyperparameter changes. `diversity_report` measures pairwise disagreement, double-fault rate
@@ -23,15 +25,16 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from flowers import registry
+from flowers.checkpoint import ModelLoadError, find_manifest, read_manifest, write_manifest
 from flowers.config import ConfigError, DataConfig
 from flowers.data.transforms import Preprocessing
-from flowers.predict import MANIFEST, LoadedModel, ModelLoadError, find_manifest, load_model, resolve_uri
+from flowers.predict import Batch, LoadedModel, load_model
 from flowers.stages import StageResult
 
 log = logging.getLogger(__name__)
@@ -53,50 +56,51 @@ def soft_vote(member_probs: Sequence[np.ndarray], weights: Sequence[float] | Non
     return np.tensordot(w / w.sum(), stack, axes=1).astype(np.float32)
 
 
-def _resized(fn: Callable[[torch.Tensor], np.ndarray], size: int) -> Callable[[torch.Tensor], np.ndarray]:
-    """Feed a member at its own image size (antialiased resize of the uint8 batch)."""
+def member_views(preprocessings: Sequence[Preprocessing]) -> tuple[list[Preprocessing], list[int]]:
+    """Distinct preprocessings (the ensemble's input views) and each member's view index."""
+    views: list[Preprocessing] = []
+    index = []
+    for pp in preprocessings:
+        if pp not in views:
+            views.append(pp)
+        index.append(views.index(pp))
+    return views, index
 
-    def proba(x: torch.Tensor) -> np.ndarray:
-        if x.shape[-1] != size or x.shape[-2] != size:
-            y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            x = y.round().clamp(0, 255).to(torch.uint8)
-        return fn(x)
 
-    return proba
+def _view(x: Batch, i: int) -> torch.Tensor:
+    return x[i] if isinstance(x, tuple) else x
 
 
 class EnsembleModule(torch.nn.Module):
-    """uint8 batch → log of the weighted mean member probability (softmax of it = the vote)."""
+    """uint8 views → log of the weighted mean member probability (softmax of it = the vote)."""
 
-    def __init__(self, modules: Sequence[torch.nn.Module], sizes: Sequence[int], weights: Sequence[float]) -> None:
+    def __init__(self, modules: Sequence[torch.nn.Module], view_index: Sequence[int], weights: Sequence[float]) -> None:
         super().__init__()
         self.members = torch.nn.ModuleList(modules)
-        self.sizes = list(sizes)
+        self.view_index = list(view_index)
         w = torch.tensor(weights, dtype=torch.float32)
         self.register_buffer("weights", w / w.sum(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *views: torch.Tensor) -> torch.Tensor:
         total = 0
-        for w, m, s in zip(self.weights, self.members, self.sizes):
-            xi = x if x.shape[-1] == s else F.interpolate(x.float(), size=(s, s), mode="bilinear", antialias=True)
-            total = total + w * torch.softmax(m(xi).float(), 1)
+        for w, m, v in zip(self.weights, self.members, self.view_index):
+            total = total + w * torch.softmax(m(views[v]).float(), 1)
         return torch.log(total.clamp_min(1e-12))
 
 
 # ----------------------------------------------------------------------------- building and loading
 
 
-def _member_source(uri: str) -> tuple[Path, dict[str, Any]]:
-    """The file or folder behind a member URI (what gets copied into the ensemble folder)."""
-    path, info = resolve_uri(uri)
+def _member_source(path: Path, uri: str) -> Path:
+    """The file or folder behind a resolved member (what gets copied into the ensemble folder)."""
     if path.is_dir():
         manifest = find_manifest(path)
         if manifest:
-            return manifest.parent, info
+            return manifest.parent
         if (path / "best.pt").is_file():
-            return path / "best.pt", info
-        raise ModelLoadError(f"no model found in '{path}' (member '{uri}'): expected {MANIFEST} or best.pt")
-    return path, info
+            return path / "best.pt"
+        raise ModelLoadError(f"no model found in '{path}' (member '{uri}'): expected a model manifest or best.pt")
+    return path
 
 
 def _safe(name: str) -> str:
@@ -108,7 +112,7 @@ def build_ensemble(member_uris: Sequence[str], out_dir: Path, weights: Sequence[
     """Write a self-contained ensemble folder from member URIs; returns the folder.
 
     Members must share class names (same dataset and order); each member's checkpoint
-    or exported folder is copied under `members/`.
+    or exported folder is copied under `members/`. Members are described, not loaded.
     """
     if not member_uris:
         raise ConfigError("an ensemble needs at least one member URI")
@@ -118,55 +122,47 @@ def build_ensemble(member_uris: Sequence[str], out_dir: Path, weights: Sequence[
     soft_vote([np.ones((1, 1))] * len(weights), weights)  # validates the weights
     out_dir = Path(out_dir)
     (out_dir / "members").mkdir(parents=True, exist_ok=True)
-    members, class_names, pp = [], None, None
+    members, class_names, pps = [], None, []
     for i, uri in enumerate(member_uris):
-        loaded = load_model(uri)
+        info = registry.describe(uri)
         if class_names is None:
-            class_names, pp = list(loaded.class_names), loaded.preprocessing
-        elif list(loaded.class_names) != class_names:
+            class_names = list(info.class_names)
+        elif list(info.class_names) != class_names:
             raise ConfigError(
-                f"ensemble member '{uri}' has {len(loaded.class_names)} classes that differ from the first member's "
+                f"ensemble member '{uri}' has {len(info.class_names)} classes that differ from the first member's "
                 f"{len(class_names)}; every member must be trained on the same dataset and class order")
-        src, info = _member_source(uri)
-        mname = (member_names[i] if member_names else None) or loaded.meta.get("level") or loaded.name
+        src = _member_source(registry.resolve(uri).path, str(uri))
+        config = info.manifest.get("config") or {}
+        mname = (member_names[i] if member_names else None) or config.get("level") or info.name
         dest = out_dir / "members" / f"{i}_{_safe(str(mname))}{src.suffix if src.is_file() else ''}"
         if dest.exists():
             shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
         (shutil.copy2 if src.is_file() else shutil.copytree)(src, dest)
+        pp = Preprocessing.from_dict(info.preprocessing)
+        pps.append(pp)
         members.append({
-            "uri": str(uri), "name": str(mname), "version": loaded.version, "file": str(dest.relative_to(out_dir)),
-            "model_name": loaded.meta.get("model_name"), "kind": loaded.meta.get("kind"),
-            "image_size": loaded.preprocessing.image_size, "test_accuracy": loaded.meta.get("test_accuracy"),
-            **({"run_id": info["run_id"]} if info.get("run_id") else {}),
+            "uri": str(uri), "name": str(mname), "version": info.version, "file": str(dest.relative_to(out_dir)),
+            "model_name": info.manifest.get("model_name"), "kind": info.kind, "image_size": pp.image_size,
+            "preprocessing": pp.to_dict(), "test_accuracy": info.manifest.get("test_accuracy"),
+            **({"run_id": info.run_id} if info.run_id else {}),
         })
-    manifest = {
-        "kind": "ensemble",
-        "file": "",
-        "name": name,
-        "members": members,
-        "weights": weights,
-        "class_names": class_names,
-        "preprocessing": pp.to_dict(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    log.info("ensemble of %d members written to %s", len(members), out_dir)
+    views, _ = member_views(pps)
+    write_manifest(out_dir, "ensemble", "", name=name, members=members, weights=weights, class_names=class_names,
+                   preprocessing=views[0].to_dict(), views=[v.to_dict() for v in views],
+                   created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    log.info("ensemble of %d members (%d input views) written to %s", len(members), len(views), out_dir)
     return out_dir
 
 
-def load_members(path: Path, manifest: dict, device: str = "cpu") -> list[tuple[str, LoadedModel, Callable]]:
-    """(name, model, proba at the ensemble's input size) for each member of an ensemble folder."""
+def load_members(path: Path, manifest: dict, device: str = "cpu") -> list[tuple[str, LoadedModel]]:
+    """(name, model) for each member of an ensemble folder."""
     path = Path(path)
-    size = int(manifest["preprocessing"]["image_size"])
     out = []
     for m in manifest["members"]:
         loaded = load_model(path / m["file"], device)
         if list(loaded.class_names) != list(manifest["class_names"]):
             raise ModelLoadError(f"ensemble member {m['file']} in {path} does not match the ensemble's class names")
-        fn = loaded.predict_proba
-        if loaded.preprocessing.image_size != size:
-            fn = _resized(fn, loaded.preprocessing.image_size)
-        out.append((m["name"], loaded, fn))
+        out.append((m["name"], loaded))
     return out
 
 
@@ -174,22 +170,21 @@ def load_ensemble(path: Path, manifest: dict, device: str) -> LoadedModel:
     """Loader for manifest kind `ensemble` (registered in flowers.predict.LOADERS)."""
     path = Path(path)
     if not manifest.get("members"):
-        raise ModelLoadError(f"{path / MANIFEST} lists no ensemble members")
+        raise ModelLoadError(f"the ensemble manifest in {path} lists no members")
     members = load_members(path, manifest, device)
     weights = manifest.get("weights") or [1.0] * len(members)
-    fns = [fn for _, _, fn in members]
+    views, index = member_views([m.preprocessing for _, m in members])
+    fns = [(m.predict_proba, v) for (_, m), v in zip(members, index)]
 
-    def proba(x: torch.Tensor) -> np.ndarray:
-        return soft_vote([fn(x) for fn in fns], weights)
+    def proba(x: Batch) -> np.ndarray:
+        return soft_vote([fn(_view(x, v)) for fn, v in fns], weights)
 
     module = None
-    if all(m.module is not None for _, m, _ in members):
-        module = EnsembleModule([m.module for _, m, _ in members],
-                                [m.preprocessing.image_size for _, m, _ in members], weights).eval()
-    meta = {k: v for k, v in manifest.items() if k not in ("file", "class_names", "preprocessing")}
-    return LoadedModel(proba, Preprocessing.from_dict(manifest["preprocessing"]), list(manifest["class_names"]),
-                       manifest.get("name", REGISTERED_NAME), version=manifest.get("version"), meta=meta,
-                       module=module, source=str(path))
+    if all(m.module is not None for _, m in members):
+        module = EnsembleModule([m.module for _, m in members], index, weights).eval()
+    meta = {k: v for k, v in manifest.items() if k not in ("file", "class_names", "preprocessing", "views")}
+    return LoadedModel(proba, views[0], list(manifest["class_names"]), manifest.get("name", REGISTERED_NAME),
+                       version=manifest.get("version"), meta=meta, module=module, source=str(path), views=views)
 
 
 # ----------------------------------------------------------------------------- diversity
@@ -319,9 +314,9 @@ def write_diversity_tables(report: dict[str, Any], out_dir: Path, prefix: str = 
 
 def plot_diversity(report: dict[str, Any], path: Path) -> Path:
     """Bars: each member, each pair ensemble and the full ensemble's top-1."""
-    from flowers.evaluate import _plt
+    from flowers.evaluate import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     labels = list(report["members"]) + [f"{p['a']}+{p['b']}" for p in report["pairs"]] + ["all"]
     vals = [d["top1"] for d in report["members"].values()] + [p["pair_ensemble_top1"] for p in report["pairs"]] \
         + [report["ensemble"]["top1"]]
@@ -349,37 +344,36 @@ def run_ensemble_stage(member_uris: dict[str, str], data_cfg: DataConfig, out_di
                        explain_images: int = 8, ood_images: int = 32) -> StageResult:
     """Build the ensemble, evaluate members and ensemble on val/test, write diversity tables and plots.
 
-    `member_uris` maps a member key (e.g. 'l1') to its URI; members' probabilities are computed
-    once per split and reused for every metric. `data_cfg` is the members' shared data config.
+    `member_uris` maps a member key (e.g. 'l1') to its URI; each member's probabilities are
+    computed once per split, on the images in its own eval preprocessing, and reused for every
+    metric. `data_cfg` is the members' shared data config.
     """
-    from flowers import uncertainty as U
+    from flowers.data.bundle import build_data
     from flowers.evaluate import compute_metrics, write_eval_artifacts
-    from flowers.evaluate_model import probabilities
-    from flowers.train import build_data
+    from flowers.predict import predict_dataset
+    from flowers.stages import Explained, stage_tail
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = list(member_uris)
     w = [float((weights or {}).get(k, 1.0)) for k in keys]
     model_dir = build_ensemble([member_uris[k] for k in keys], out_dir / "model", w, member_names=keys)
-    manifest = json.loads((model_dir / MANIFEST).read_text())
-    members = load_members(model_dir, manifest)
-    pp = Preprocessing.from_dict(manifest["preprocessing"])
-    data = build_data(data_cfg, pp, seed=data_cfg.seed)
+    manifest = read_manifest(model_dir)
+    ens_model = load_ensemble(model_dir, manifest, "cpu")
+    members = dict(load_members(model_dir, manifest))
+    data = build_data(data_cfg, ens_model.preprocessing, seed=data_cfg.seed)
     if list(data.class_names) != list(manifest["class_names"]):
         raise ConfigError(f"the members have {len(manifest['class_names'])} classes but the data "
                           f"({data.source}) has {len(data.class_names)}; pass the members' data config")
     nw = data_cfg.workers if workers is None else workers
-    torch.set_grad_enabled(False)
     probs: dict[str, dict[str, np.ndarray]] = {"val": {}, "test": {}}
     labels: dict[str, np.ndarray] = {}
     for split in ("val", "test"):
-        for (key, loaded, fn) in members:
-            shim = LoadedModel(fn, pp, loaded.class_names, key)
-            probs[split][key], labels[split] = probabilities(shim, data.eval_part(split), data_cfg.eval_batch_size,
-                                                             nw, progress=False)
+        for key, loaded in members.items():
+            ds = data.eval_part(split, loaded.transform(), loaded.draft_size)
+            probs[split][key], labels[split] = predict_dataset(loaded.predict_proba, ds, batch_size=data_cfg.eval_batch_size,
+                                                               workers=nw)
             log.info("member %s %s top-1 %.4f", key, split, (probs[split][key].argmax(1) == labels[split]).mean())
-    torch.set_grad_enabled(True)
     ens = {s: soft_vote([probs[s][k] for k in keys], w) for s in probs}
     test_m, files = write_eval_artifacts(ens["test"], labels["test"], data.class_names, out_dir, prefix="test")
     val_m = compute_metrics(ens["val"], labels["val"])
@@ -394,49 +388,28 @@ def run_ensemble_stage(member_uris: dict[str, str], data_cfg: DataConfig, out_di
         metrics[f"member_{k}_val_top1"] = compute_metrics(probs["val"][k], labels["val"])["top1"]
     metrics["gain_over_best_member"] = metrics["test_top1"] - max(metrics[f"member_{k}_test_top1"] for k in keys)
 
-    arch = {k: loaded.meta.get("model_name") for k, loaded, _ in members}
+    arch = {k: loaded.meta.get("model_name") for k, loaded in members.items()}
     report = diversity_report(probs["test"], labels["test"], arch, dict(zip(keys, w)))
     metrics.update(diversity_metrics(report))
     artifacts = list(files.values()) + write_diversity_tables(report, out_dir, "test")
     (out_dir / "test_diversity.json").write_text(json.dumps(report, indent=2))
     artifacts += [out_dir / "test_diversity.json", plot_diversity(report, out_dir / "test_diversity.png")]
 
-    # uncertainty: threshold on val, judged on test
-    thr = U.choose_threshold(ens["val"], labels["val"], threshold_policy, threshold_target)
-    metrics["uncertainty_threshold"] = thr
-    metrics.update(U.selective_summary(ens["test"], labels["test"], thr))
-    curves = {"ensemble": U.risk_coverage(ens["test"], labels["test"])}
-    curves.update({k: U.risk_coverage(probs["test"][k], labels["test"]) for k in keys})
-    artifacts.append(U.plot_risk_coverage(curves, out_dir / "test_risk_coverage.png", metrics["coverage_at_threshold"]))
-    ens_model = load_ensemble(model_dir, manifest, "cpu")
-    with torch.inference_mode():
-        metrics.update(U.ood_report(ens_model.predict_proba, ens["test"], pp.image_size, n=ood_images, threshold=thr))
-
-    if explain_images:
-        from flowers.explain import explain_dataset
-
-        for k, loaded, _ in members:
-            if loaded.module is not None:
-                artifacts += explain_dataset(loaded, data.eval_part("test"), probs["test"][k], labels["test"],
-                                             out_dir / "explain" / k, n=explain_images, pairs=min(3, explain_images))
-
-    manifest.update({
-        "uncertainty_threshold": thr,
-        "uncertainty_policy": {"policy": threshold_policy, "target": threshold_target},
-        "test_accuracy": metrics["test_top1"],
-        "val_accuracy": metrics["val_top1"],
-        "data": data.source,
-        "config": {"data": {f: getattr(data_cfg, f) for f in data_cfg.__dataclass_fields__}},
-        "metrics": {k: v for k, v in metrics.items() if np.isfinite(v)},
-    })
-    (model_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    explain = [Explained(k, m, data.eval_part("test", m.transform(), m.draft_size), probs["test"][k])
+               for k, m in members.items() if m.module is not None]
+    metrics, tail_files = stage_tail(
+        out_dir, model_dir, ens_model, (ens["val"], labels["val"]), (ens["test"], labels["test"]),
+        {"ensemble": ens["test"], **probs["test"]}, policy=threshold_policy, target=threshold_target,
+        ood_images=ood_images, explain=explain, explain_images=explain_images, metrics=metrics,
+        manifest={"test_accuracy": metrics["test_top1"], "val_accuracy": metrics["val_top1"], "data": data.source,
+                  "config": {"data": {f: getattr(data_cfg, f) for f in data_cfg.__dataclass_fields__}}})
+    artifacts += tail_files
     params = {"members": ",".join(keys), "weights": ",".join(f"{x:g}" for x in w),
               "uncertainty_policy": threshold_policy, "uncertainty_target": threshold_target,
               **{f"member_{k}_uri": member_uris[k] for k in keys}}
     tags = {"stage": "l4", "registered_name": REGISTERED_NAME,
             **{f"member_{m['name']}_version": str(m.get("version")) for m in manifest["members"]}}
     log.info("ensemble test top-1 %.4f (best member %.4f), threshold %.3f", metrics["test_top1"],
-             metrics["test_top1"] - metrics["gain_over_best_member"], thr)
+             metrics["test_top1"] - metrics["gain_over_best_member"], metrics["uncertainty_threshold"])
     return StageResult(model_dir=model_dir, metrics={k: float(v) for k, v in metrics.items()}, params=params,
                        artifacts=artifacts, tags=tags)

@@ -77,7 +77,8 @@ def most_confused(cm: np.ndarray, class_names: Sequence[str], k: int = 10) -> li
 # ----------------------------------------------------------------------------- plots
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: workers and CI have no display
@@ -88,7 +89,7 @@ def _plt():
 
 def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: Path, title: str = "Confusion matrix") -> Path:
     """Row-normalized heatmap; labels shown when there are few classes."""
-    plt = _plt()
+    plt = pyplot()
     n = len(class_names)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     size = min(24, max(6, n * 0.18))
@@ -109,7 +110,7 @@ def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: Path, title
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> Path:
     """Loss and accuracy per epoch, train vs val."""
-    plt = _plt()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     ep = [h["epoch"] for h in history]
     a.plot(ep, [h["train_loss"] for h in history], "o-", label="train")

@@ -16,20 +16,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flowers.predict import LoadedModel, ModelLoadError, Predictor, load_model
+from flowers.checkpoint import ModelLoadError
+from flowers.predict import Batch, LoadedModel, Predictor, collate, load_model
 
 log = logging.getLogger(__name__)
 
 
-def explainable_modules(model: LoadedModel) -> list[tuple[str, torch.nn.Module]]:
-    """(name, uint8→logits module with `.net.gradcam_layer()`) for a checkpoint model or each ensemble member."""
+def explainable_modules(model: LoadedModel) -> list[tuple[str, torch.nn.Module, int]]:
+    """(name, uint8→logits module with `.net.gradcam_layer()`, input view index) for a checkpoint
+    model or each ensemble member."""
     mod = model.module
     if mod is not None and hasattr(mod, "net") and hasattr(mod.net, "gradcam_layer"):
-        return [(model.name, mod)]
+        return [(model.name, mod, 0)]
     if mod is not None and hasattr(mod, "members"):
         names = [m.get("name", str(i)) for i, m in enumerate(model.meta.get("members", []))] or \
                 [str(i) for i in range(len(mod.members))]
-        return [(n, m) for n, m in zip(names, mod.members) if hasattr(m, "net") and hasattr(m.net, "gradcam_layer")]
+        return [(n, m, v) for n, m, v in zip(names, mod.members, mod.view_index)
+                if hasattr(m, "net") and hasattr(m.net, "gradcam_layer")]
     hint = model.meta.get("source_checkpoint")
     raise ModelLoadError(
         f"model '{model.source or model.name}' ({model.meta.get('kind', 'unknown kind')}) has no PyTorch network to "
@@ -74,9 +77,9 @@ def overlay(image: torch.Tensor, heat: np.ndarray) -> np.ndarray:
 def save_grid(images: torch.Tensor, panels: dict[str, np.ndarray | None], titles: Sequence[str], path: Path,
               title: str = "") -> Path:
     """One row per image: the image, then one overlay per named map."""
-    from flowers.evaluate import _plt
+    from flowers.evaluate import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     cols = ["image"] + [k for k, v in panels.items() if v is not None]
     n = len(images)
     fig, axes = plt.subplots(n, len(cols), figsize=(2.4 * len(cols), 2.4 * n + (0.4 if title else 0)), squeeze=False)
@@ -100,17 +103,29 @@ def save_grid(images: torch.Tensor, panels: dict[str, np.ndarray | None], titles
     return path
 
 
-def explain_batch(model: LoadedModel, images: torch.Tensor, targets: Sequence[int] | None = None) -> dict[str, np.ndarray | None]:
-    """Every map for a batch: `gradcam` (or `gradcam <member>` for ensembles) and `attention` maps."""
+def explain_batch(model: LoadedModel, images: Batch, targets: Sequence[int] | None = None) -> dict[str, np.ndarray | None]:
+    """Every map for a batch (one tensor per input view): `gradcam` (or `gradcam <member>` for
+    ensembles, each on its own view, resized to the first view for display) and `attention` maps."""
     panels: dict[str, np.ndarray | None] = {}
     mods = explainable_modules(model)
-    for name, mod in mods:
+    views = images if isinstance(images, tuple) else (images,)
+    shown = views[0].shape[-2:]
+    for name, mod, v in mods:
         suffix = f" {name}" if len(mods) > 1 else ""
-        panels["gradcam" + suffix] = gradcam_maps(mod, images, targets)
-        att = attention_maps(mod, images)
+        panels["gradcam" + suffix] = _fit(gradcam_maps(mod, views[v], targets), shown)
+        att = attention_maps(mod, views[v])
+        att = None if att is None else _fit(att, shown)
         if att is not None:
             panels["attention" + suffix] = att
     return panels
+
+
+def _fit(maps: np.ndarray, size: torch.Size) -> np.ndarray:
+    """Heatmaps (N, h, w) → (N, H, W) so that every panel overlays the displayed view."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    t = F.interpolate(torch.from_numpy(maps)[:, None], size=tuple(size), mode="bilinear", align_corners=False)
+    return t[:, 0].numpy()
 
 
 def explain_images(uri: str | Path, images: Sequence[str | Path], out_dir: Path, top_k: int = 3) -> list[Path]:
@@ -123,9 +138,10 @@ def explain_images(uri: str | Path, images: Sequence[str | Path], out_dir: Path,
     files: list[Path] = []
     records: list[dict[str, Any]] = []
     for path in images:
-        x = pred.load_image(path)[None]  # ImageDecodeError → one-line CLI error
+        x = collate([pred.load_image(path)])  # ImageDecodeError → one-line CLI error
         res = pred.format(pred.predict_proba(x), top_k)[0]
         panels = explain_batch(model, x, [res["label"]])
+        x = x[0] if isinstance(x, tuple) else x
         title = f"{Path(path).name}: {res['name']} ({res['confidence']:.2f}){' uncertain' if res['uncertain'] else ''}"
         files.append(save_grid(x, panels, [res["name"]], out_dir / f"{Path(path).stem}_explain.png", title))
         records.append({"image": str(path), "explanation": str(files[-1]), **res})
@@ -148,9 +164,10 @@ def explain_dataset(model: LoadedModel, dataset, probs: np.ndarray, labels: np.n
     def grid(idx: Sequence[int], path: Path, title: str) -> None:
         if not len(idx):
             return
-        x = torch.stack([dataset[int(i)][0] for i in idx])
+        x = collate([dataset[int(i)][0] for i in idx])
         titles = [f"true {names[labels[i]]}\npred {names[preds[i]]}" for i in idx]
-        files.append(save_grid(x, explain_batch(model, x, [int(preds[i]) for i in idx]), titles, path, title))
+        panels = explain_batch(model, x, [int(preds[i]) for i in idx])
+        files.append(save_grid(x[0] if isinstance(x, tuple) else x, panels, titles, path, title))
 
     sample = rng.choice(len(dataset), size=min(n, len(dataset)), replace=False)
     grid(sample, out_dir / "sample_explain.png", f"{model.name}: Grad-CAM on a sample of test images")

@@ -43,14 +43,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from flowers.checkpoint import ModelLoadError, load_checkpoint, model_from_checkpoint, read_manifest, write_manifest
 from flowers.data.transforms import Preprocessing
-from flowers.predict import MANIFEST, LoadedModel, ModelLoadError, TorchProbModel
+from flowers.predict import LoadedModel, TorchProbModel
 from flowers.runtime import cpu_share
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "probs"
+# manifest keys that also travel inside each ONNX file (a bare .onnx is enough to serve)
+EMBEDDED_KEYS = ("class_names", "preprocessing", "uncertainty_threshold", "model_name")
 REGISTERED_NAME = "flowers-student"
 FILES = {
     "fp32": "model_fp32.onnx",
@@ -188,8 +191,6 @@ def export_student(checkpoint: Path, out_dir: Path, calibration: Dataset | Seque
     `calibration`: training images (a dataset yielding uint8 (image, label, index) with the eval
     transform, or uint8 NCHW tensors). `threshold`: the entropy flag threshold chosen on val.
     """
-    from flowers.train import load_checkpoint, model_from_checkpoint
-
     t0 = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
     pp = Preprocessing.from_dict(ckpt["preprocessing"])
@@ -214,40 +215,33 @@ def export_student(checkpoint: Path, out_dir: Path, calibration: Dataset | Seque
         if key in files:
             _embed_metadata(out_dir / files[key], embedded)
     test = ckpt.get("test_metrics", {})
-    manifest = {
-        "kind": "onnx",
-        "file": files["int8"],
-        "name": name,
+    write_manifest(
+        out_dir, "onnx", files["int8"],
+        name=name,
         **embedded,
-        "files": files,
-        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW", "size": pp.image_size},
-        "output": {"name": OUTPUT_NAME, "meaning": "softmax probabilities"},
-        "quantization": {"method": "onnxruntime static QDQ", "per_channel": True, "activations": "uint8",
-                         "weights": "int8", "calibration": "MinMax",
-                         "calibration_images": int(sum(len(b) for b in batches))},
-        "fp32_test_accuracy": test.get("top1"),
-        "config": ckpt["config"],
-        "source_checkpoint": str(checkpoint),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        files=files,
+        input={"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW", "size": pp.image_size},
+        output={"name": OUTPUT_NAME, "meaning": "softmax probabilities"},
+        quantization={"method": "onnxruntime static QDQ", "per_channel": True, "activations": "uint8",
+                      "weights": "int8", "calibration": "MinMax",
+                      "calibration_images": int(sum(len(b) for b in batches))},
+        fp32_test_accuracy=test.get("top1"),
+        config=ckpt["config"],
+        source_checkpoint=str(checkpoint),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S"),
         **(extra or {}),
-    }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    )
     log.info("exported %s to %s in %.1fs (%s)", checkpoint, out_dir, time.perf_counter() - t0, ", ".join(files.values()))
     return out_dir
 
 
-def update_manifest(model_dir: Path, **changes: Any) -> dict:
-    """Rewrite keys of an exported folder's manifest (and the threshold in the ONNX metadata)."""
-    path = Path(model_dir) / MANIFEST
-    manifest = json.loads(path.read_text())
-    manifest.update(changes)
-    path.write_text(json.dumps(manifest, indent=2))
-    if "uncertainty_threshold" in changes:
-        embedded = {k: manifest.get(k) for k in ("class_names", "preprocessing", "uncertainty_threshold", "model_name")}
-        for f in manifest.get("files", {}).values():
-            if f.endswith(".onnx"):
-                _embed_metadata(Path(model_dir) / f, embedded)
-    return manifest
+def sync_onnx_metadata(model_dir: Path) -> None:
+    """Copy class names, preprocessing and threshold from the manifest into every ONNX file's metadata."""
+    manifest = read_manifest(model_dir)
+    embedded = {k: manifest.get(k) for k in EMBEDDED_KEYS}
+    for f in manifest.get("files", {}).values():
+        if f.endswith(".onnx"):
+            _embed_metadata(Path(model_dir) / f, embedded)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -273,7 +267,7 @@ def load_onnx(path: Path, manifest: dict, device: str) -> LoadedModel:
         raise ModelLoadError(f"ONNX model file not found: {path}")
     sess = onnx_session(path)
     embedded = {k: json.loads(v) for k, v in sess.get_modelmeta().custom_metadata_map.items()
-                if k in ("class_names", "preprocessing", "uncertainty_threshold", "model_name")}
+                if k in EMBEDDED_KEYS}
     meta = {**embedded, **manifest}
     if not meta.get("class_names") or not meta.get("preprocessing"):
         raise ModelLoadError(f"{path} carries no class names/preprocessing; export it with `flowers export`")
@@ -291,7 +285,7 @@ def load_onnx(path: Path, manifest: dict, device: str) -> LoadedModel:
 
 def load_variant(model_dir: Path, variant: str) -> LoadedModel:
     """One of the exported files (fp32 | int8 | dynamic_int8) of a student folder as a LoadedModel."""
-    manifest = json.loads((Path(model_dir) / MANIFEST).read_text())
+    manifest = read_manifest(model_dir)
     if variant not in manifest.get("files", {}):
         raise ModelLoadError(f"{model_dir} has no '{variant}' export (has {', '.join(manifest.get('files', {}))})")
     return load_onnx(Path(model_dir) / manifest["files"][variant], {**manifest, "file": manifest["files"][variant]}, "cpu")

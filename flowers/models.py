@@ -37,6 +37,7 @@ import torchvision
 from torch import nn
 
 from flowers._effnet_lite import LITE_PARAMS, efficientnet_lite
+from flowers.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "AttentionHead",
@@ -53,8 +54,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1].
 LITE_MEAN = (0.5, 0.5, 0.5)
 LITE_STD = (0.5, 0.5, 0.5)

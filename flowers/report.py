@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from flowers import tracking as T
+from flowers.registry import CHAMPION, REGISTERED
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,11 @@ def collect(study: str, tracker: T.StudyTracker | None = None) -> dict[str, Any]
         else:
             trials.append(item)
     champions = {}
-    for level, name in (("l1", "flowers-l1"), ("l2", "flowers-l2"), ("l3", "flowers-l3")):
+    for level in ("l1", "l2", "l3"):
+        name = REGISTERED[level]
         try:
-            mv = client.get_model_version_by_alias(name, T.CHAMPION)
-            champions[level] = {"run_id": mv.run_id, "version": mv.version, "uri": f"models:/{name}@{T.CHAMPION}"}
+            mv = client.get_model_version_by_alias(name, CHAMPION)
+            champions[level] = {"run_id": mv.run_id, "version": mv.version, "uri": f"models:/{name}@{CHAMPION}"}
         except Exception:
             pass
     return {"study": study, "parent": {"params": dict(parent.data.params), "tags": dict(parent.data.tags),
@@ -100,9 +102,9 @@ def _bar_png(rows: list[tuple[str, float | None, float | None]], path: Path, tit
     rows = [r for r in rows if r[1] is not None]
     if not rows:
         return None
-    from flowers.evaluate import _plt
+    from flowers.evaluate import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows) + 2), 3.6))
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [100 * r[1] for r in rows], 0.4, label="val")

@@ -1,7 +1,7 @@
-"""Process-level performance settings: memory allocator and torch threads.
+"""Process-level settings: memory allocator, torch threads, progress bars.
 
 glibc's malloc returns large freed blocks to the kernel on every batch, which
-costs ~40 % of a CPU ResNet step here; tcmalloc (or glibc with high mmap/trim
+costs a large share of a CPU ResNet step (README: performance table); tcmalloc (or glibc with high mmap/trim
 thresholds) keeps them. Allocator variables only take effect at process start,
 so they are passed to new processes (Ray runtime_env, re-exec of the CLI).
 """
@@ -10,8 +10,11 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import sys
+from typing import Any, Iterable
 
 import torch
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -81,3 +84,9 @@ def worker_runtime_env(extra: dict[str, str] | None = None) -> dict:
     env = allocator_env()
     env.update(extra or {})
     return {"env_vars": env}
+
+
+def progress_bar(it: Iterable, progress: bool = True, **kw: Any) -> tqdm:
+    """tqdm that redraws on a terminal and prints rarely in logs (Ray workers, CI)."""
+    interactive = sys.stderr.isatty()
+    return tqdm(it, disable=not progress, mininterval=0.5 if interactive else 30, dynamic_ncols=True, leave=False, **kw)

@@ -8,7 +8,6 @@ so parallel trials never contend for the SQLite file.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,44 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from flowers.checkpoint import MANIFEST, checkpoint_fields, load_checkpoint, write_manifest
+from flowers.registry import CHAMPION, TrackingTarget, register
+
 log = logging.getLogger(__name__)
 
-DEFAULT_HOME = ".flowers"  # embedded store lives under the repo/working folder
-MANIFEST = "flowers_model.json"
-CHAMPION = "champion"
 STUDY_TAG = "flowers.study"
 ROLE_TAG = "flowers.role"  # study | trial | stage
 KEY_TAG = "flowers.key"  # stable trial/stage name: finds the same child run after a restore
-
-
-@dataclass(frozen=True)
-class TrackingTarget:
-    """Where runs go: a tracking URI and (embedded store only) the artifact folder."""
-
-    tracking_uri: str
-    artifact_root: str | None = None  # None: the server decides (mlflow-artifacts:/)
-
-    @property
-    def embedded(self) -> bool:
-        return self.tracking_uri.startswith("sqlite:")
-
-
-def embedded_target(home: str | Path = DEFAULT_HOME) -> TrackingTarget:
-    """`sqlite:///<abs home>/mlflow.db` with artifacts in `<home>/mlartifacts`."""
-    home = Path(home).expanduser().resolve()
-    return TrackingTarget(f"sqlite:///{home / 'mlflow.db'}", (home / "mlartifacts").as_uri())
-
-
-def resolve_target(tracking_uri: str | None = None, home: str | Path = DEFAULT_HOME) -> TrackingTarget:
-    """Explicit URI, else $MLFLOW_TRACKING_URI, else the embedded store under `home`."""
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        return embedded_target(home)
-    if uri.startswith("sqlite:"):
-        # a sqlite store needs a local artifact folder beside it, not ./mlruns in whatever cwd
-        db = Path(uri.split("sqlite:///", 1)[-1])
-        return TrackingTarget(uri, (db.parent / "mlartifacts").resolve().as_uri())
-    return TrackingTarget(uri)
 
 
 def configure(target: TrackingTarget) -> TrackingTarget:
@@ -111,7 +80,8 @@ class StudyTracker:
         self.parent_id = self._find_or_create(None, "study", study, tags or {})
         self._children: dict[str, str] = {}
 
-    def _find(self, key: str, role: str) -> str | None:
+    def find(self, key: str, role: str) -> str | None:
+        """Run id of the latest run of this study tagged with `key` and `role`, if any."""
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{KEY_TAG}` = '{key}' and tags.`{ROLE_TAG}` = '{role}'",
@@ -119,7 +89,7 @@ class StudyTracker:
         return runs[0].info.run_id if runs else None
 
     def _find_or_create(self, parent: str | None, role: str, key: str, tags: dict[str, str]) -> str:
-        found = self._find(key, role)
+        found = self.find(key, role)
         if found:
             if self.client.get_run(found).info.status != "RUNNING":
                 self.client.update_run(found, status="RUNNING")
@@ -129,6 +99,10 @@ class StudyTracker:
             all_tags["mlflow.parentRunId"] = parent
         run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=key)
         return run.info.run_id
+
+    def has_child(self, key: str) -> bool:
+        """Whether this tracker already opened (or found again) the nested run `key`."""
+        return key in self._children
 
     def child(self, key: str, role: str = "trial", tags: dict[str, str] | None = None) -> str:
         """Run id of the nested run `key` (created on first use, reused after a restore)."""
@@ -194,7 +168,7 @@ class StudyTracker:
                 src = Path(tmp) / "model"
                 src.mkdir()
                 _link_or_copy(model_dir / "best.pt", src / "best.pt")
-                (src / MANIFEST).write_text(json.dumps({"kind": "checkpoint", "file": "best.pt"}))
+                write_manifest(src, "checkpoint", "best.pt", **checkpoint_fields(load_checkpoint(src / "best.pt")))
             self.client.log_artifacts(run_id, str(src), artifact_path)
         if not registered_name:
             return None
@@ -207,26 +181,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-def register(client, name: str, run_id: str, artifact_path: str = "model", alias: str | None = CHAMPION,
-             tags: dict[str, str] | None = None, description: str | None = None) -> str:
-    """Register `runs:/<run_id>/<artifact_path>` as a new version of `name` and set `alias` on it."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.create_registered_model(name, tags={k: v for k, v in (tags or {}).items()}, description=description)
-    except MlflowException as e:
-        if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
-            raise
-    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags or {}, description=description)
-    if alias:
-        client.set_registered_model_alias(name, alias, mv.version)
-    for k, v in (tags or {}).items():
-        client.set_registered_model_tag(name, k, v)
-    log.info("registered %s version %s%s", name, mv.version, f" @{alias}" if alias else "")
-    return str(mv.version)
 
 
 def log_run_dir(tracker: StudyTracker, run_id: str, run_dir: Path) -> None:

@@ -9,154 +9,29 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from flowers import config as C
-from flowers import data as D
-from flowers.data.transforms import Normalize, Preprocessing, eval_transform, train_transform
+from flowers import evaluate as E
+from flowers.checkpoint import load_checkpoint, save_checkpoint
+from flowers.data.bundle import build_data, make_loader
+from flowers.data.transforms import Normalize, Preprocessing
 from flowers.models import build_model, model_spec
-from flowers.runtime import configure_torch_threads
+from flowers.predict import predict_dataset
+from flowers.runtime import configure_torch_threads, progress_bar
+
+if TYPE_CHECKING:
+    from flowers.tasks import Task
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "flowers.checkpoint/1"
-
-
-# ----------------------------------------------------------------------------- data
-
-
-@dataclass
-class DataBundle:
-    """Datasets for one run plus what a checkpoint must remember about them."""
-
-    train: D.LabeledImages
-    val: D.LabeledImages
-    test: D.LabeledImages
-    class_names: list[str]
-    split: dict[str, list[int]]
-    preprocessing: Preprocessing
-    source: str  # human description for reports
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def eval_part(self, name: str) -> D.LabeledImages:
-        """A split with the eval transform (the train part without augmentation, for teachers and analysis)."""
-        if name == "train":
-            return D.LabeledImages(self.train.paths, self.train.labels, self.val.transform, self.val.draft_size)
-        return {"val": self.val, "test": self.test}[name]
-
-
-def build_data(cfg: C.DataConfig, pp: Preprocessing, seed: int = 0) -> DataBundle:
-    """Read the dataset named by `cfg`, split it, and wrap each part with its transform."""
-    root = D.resolve_data_root(cfg.root)
-    if cfg.format == "vgg":
-        ds = D.load_vgg(root)
-        paths, labels, names, setid = ds.paths, ds.labels, ds.class_names, ds.setid
-    else:
-        folder = D.load_image_folder(root)
-        paths, labels, names, setid = folder.paths, folder.labels, folder.class_names, None
-        if cfg.split == "official":
-            raise C.ConfigError("data.split: 'official' needs the Flowers-102 release; use 'random' for an image folder")
-    split = D.make_split(labels, cfg.split, seed=cfg.seed, setid=setid)
-    if cfg.classes is not None:
-        # keep the first N classes: quick real-data runs that still mean something
-        keep = labels < cfg.classes
-        split = {k: v[keep[v]] for k, v in split.items()}
-        names = names[: cfg.classes]
-    draft = pp.resize_size
-    train_tf = train_transform(cfg.augment, cfg.image_size, cfg.cutout_frac)
-    eval_tf = eval_transform(pp)
-
-    def part(name: str, tf) -> D.LabeledImages:
-        idx = split[name]
-        return D.LabeledImages([paths[i] for i in idx], labels[idx], tf, draft_size=draft)
-
-    return DataBundle(
-        train=part("train", train_tf),
-        val=part("val", eval_tf),
-        test=part("test", eval_tf),
-        class_names=list(names),
-        split={k: [int(i) for i in v] for k, v in split.items()},
-        preprocessing=pp,
-        source=f"{cfg.format}:{root} split={cfg.split} seed={cfg.seed}"
-        + (f" classes={cfg.classes}" if cfg.classes else ""),
-    )
-
-
-def make_loader(ds, batch_size: int, shuffle: bool, workers: int, seed: int = 0) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        ds,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=workers,
-        drop_last=shuffle and len(ds) > batch_size,  # avoid a size-1 last batch breaking BatchNorm
-        persistent_workers=workers > 0,
-        generator=g,
-        worker_init_fn=_seed_worker,
-        pin_memory=torch.cuda.is_available(),
-    )
-
-
-def _seed_worker(worker_id: int) -> None:
-    # each loader worker gets a distinct, reproducible augmentation stream
-    s = torch.initial_seed() % 2**32
-    np.random.seed(s)
-    random.seed(s)
-    # decode threads compete with the training process on small machines
-    torch.set_num_threads(1)
-
-
-# ----------------------------------------------------------------------------- tasks
-
-
-class Task(Protocol):
-    """Supplies the loss; `fit` supplies everything else."""
-
-    name: str
-
-    def setup(self, data: DataBundle, device: torch.device) -> None: ...
-
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]: ...
-
-
-class ClassificationTask:
-    """Cross-entropy with optional label smoothing."""
-
-    name = "classification"
-
-    def __init__(self, label_smoothing: float = 0.0) -> None:
-        self.label_smoothing = label_smoothing
-
-    def setup(self, data: DataBundle, device: torch.device) -> None:
-        pass
-
-    def __call__(self, model, x, y, idx):
-        logits = model(x)
-        return {"loss": F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), "logits": logits}
-
-
-def make_task(cfg: C.Config) -> Task:
-    if cfg.task == "distill":
-        from flowers.distill import DistillationTask  # L5 only; keeps levels free of teacher code
-
-        return DistillationTask.from_config(cfg)
-    return ClassificationTask(cfg.optim.label_smoothing)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -215,12 +90,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _bar(it, progress: bool, **kw):
-    # when output is not a terminal (Ray workers, CI logs) print rarely instead of redrawing
-    interactive = sys.stderr.isatty()
-    return tqdm(it, disable=not progress, mininterval=0.5 if interactive else 30, dynamic_ncols=True, leave=False, **kw)
-
-
 def train_one_epoch(model, task, loader, optimizer, scheduler, norm, device, *, max_batches=None,
                     grad_clip=None, progress=True, desc="train") -> dict[str, float]:
     """One pass over the training loader; returns loss, accuracy and throughput."""
@@ -228,7 +97,7 @@ def train_one_epoch(model, task, loader, optimizer, scheduler, norm, device, *, 
     use_amp = device.type == "cuda"
     total_loss, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
     n = len(loader) if max_batches is None else min(len(loader), max_batches)
-    bar = _bar(loader, progress, total=n, desc=desc)
+    bar = progress_bar(loader, progress, total=n, desc=desc)
     for i, (x, y, idx) in enumerate(bar):
         if i >= n:
             break
@@ -254,58 +123,24 @@ def train_one_epoch(model, task, loader, optimizer, scheduler, norm, device, *, 
     return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1), "images_per_s": seen / dt, "seconds": dt}
 
 
-@torch.inference_mode()
-def predict_loader(model, loader, norm, device, *, max_batches=None, progress=True, desc="eval") -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and labels over a loader."""
-    model.eval()
-    probs, labels = [], []
-    n = len(loader) if max_batches is None else min(len(loader), max_batches)
-    for i, (x, y, _) in enumerate(_bar(loader, progress, total=n, desc=desc)):
-        if i >= n:
-            break
+def model_proba(model: nn.Module, norm: Normalize, device: torch.device) -> Callable[[torch.Tensor], np.ndarray]:
+    """A training network as `uint8 batch → probabilities` for `flowers.predict.predict_dataset`."""
+
+    def proba(x: torch.Tensor) -> np.ndarray:
         x = norm(x.to(device, non_blocking=True))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x)
-        probs.append(torch.softmax(logits.float(), 1).cpu().numpy())
-        labels.append(y.numpy())
-    return np.concatenate(probs), np.concatenate(labels)
+        return torch.softmax(logits.float(), 1).cpu().numpy()
+
+    return proba
 
 
 def evaluate(model, loader, norm, device, **kw) -> dict[str, float]:
     """Loss, top-1 and top-5 on a loader (the per-epoch validation)."""
-    from flowers.evaluate import compute_metrics
-
-    probs, labels = predict_loader(model, loader, norm, device, **kw)
-    m = compute_metrics(probs, labels)
+    model.eval()
+    probs, labels = predict_dataset(model_proba(model, norm, device), loader, **kw)
+    m = E.compute_metrics(probs, labels)
     return {"loss": m["nll"], "acc": m["top1"], "top5": m["top5"]}
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write atomically so a crash mid-save never leaves a truncated checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a flowers checkpoint (format {CHECKPOINT_FORMAT})")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict) -> nn.Module:
-    """Rebuild the network from a checkpoint dict (no pretrained download)."""
-    net = build_model(ckpt["model_name"], num_classes=len(ckpt["class_names"]), pretrained=False,
-                      dropout=ckpt.get("dropout", 0.0))
-    net.load_state_dict(ckpt["model"])
-    return net.eval()
 
 
 # ----------------------------------------------------------------------------- fit
@@ -327,20 +162,19 @@ EpochCallback = Callable[[dict[str, float], Path], None]
 
 def fit(
     cfg: C.Config,
-    task: Task | None = None,
+    task: Task,
     callback: EpochCallback | None = None,
     run_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
     evaluate_test: bool = True,
 ) -> FitResult:
-    """Train per `cfg`; return the best-val checkpoint and its test metrics.
+    """Train per `cfg` with the loss `task` supplies (`flowers.tasks.make_task(cfg)`); return the
+    best-val checkpoint and its test metrics.
 
     `callback(metrics, run_dir)` runs after every epoch, once `last.pt` (and
     `best.pt` if improved) are on disk: Tune and MLflow plug in there.
     `resume_from` is a `last.pt` from an interrupted run of the same config.
     """
-    from flowers import evaluate as E
-
     t_start = time.perf_counter()
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     device = resolve_device(cfg.train.device)
@@ -361,7 +195,6 @@ def fit(
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     norm = Normalize(pp.mean, pp.std).to(device)
-    task = task or make_task(cfg)
     task.setup(data, device)
 
     dc = cfg.data
@@ -373,7 +206,6 @@ def fit(
         optimizer, lr_lambda(cfg.optim, steps_per_epoch * cfg.train.epochs, steps_per_epoch))
 
     base = {
-        "format": CHECKPOINT_FORMAT,
         "model_name": cfg.model.name,
         "dropout": cfg.model.dropout,
         "class_names": data.class_names,
@@ -393,7 +225,7 @@ def fit(
         log.info("resumed from %s at epoch %d", resume_from, start_epoch)
 
     best_path = run_dir / "best.pt"
-    epochs = _bar(range(start_epoch, cfg.train.epochs), cfg.train.progress, desc=f"{cfg.level} epochs",
+    epochs = progress_bar(range(start_epoch, cfg.train.epochs), cfg.train.progress, desc=f"{cfg.level} epochs",
                   initial=start_epoch, total=cfg.train.epochs)
     for epoch in epochs:
         tr = train_one_epoch(model, task, train_loader, optimizer, scheduler, norm, device,
@@ -439,8 +271,9 @@ def fit(
         best = load_checkpoint(best_path, device)
         model.load_state_dict(best["model"])
         test_loader = make_loader(data.test, dc.eval_batch_size, False, dc.workers)
-        probs, labels = predict_loader(model, test_loader, norm, device, max_batches=dc.max_eval_batches,
-                                       progress=cfg.train.progress, desc="test")
+        model.eval()
+        probs, labels = predict_dataset(model_proba(model, norm, device), test_loader,
+                                        max_batches=dc.max_eval_batches, progress=cfg.train.progress, desc="test")
         test_metrics, files = E.write_eval_artifacts(probs, labels, data.class_names, run_dir, prefix="test")
         artifacts.update(files)
         # record the test result inside the checkpoint so a model file carries its own accuracy

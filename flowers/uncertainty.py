@@ -104,9 +104,9 @@ def selective_summary(probs: np.ndarray, labels: np.ndarray, threshold: float) -
 def plot_risk_coverage(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path,
                        threshold_coverage: float | None = None) -> Path:
     """One risk–coverage line per model; a vertical mark at the chosen threshold's coverage."""
-    from flowers.evaluate import _plt
+    from flowers.evaluate import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name, (cov, risk) in curves.items():
         ax.plot(cov, risk, label=name)

@@ -42,8 +42,7 @@ def parse_members(items: list[str]) -> dict[str, str]:
 def run(args) -> int:
     from flowers import config as C
     from flowers.ensemble import run_ensemble_stage
-    from flowers.evaluate_model import data_config_for
-    from flowers.predict import load_model
+    from flowers.registry import describe
 
     members = parse_members(args.members)
     if args.weights and len(args.weights) != len(members):
@@ -52,7 +51,10 @@ def run(args) -> int:
     if config:
         data_cfg = C.load_config(config, args.profile, args.overrides).data
     else:
-        data_cfg = data_config_for(load_model(next(iter(members.values()))), None, None)
+        first = describe(next(iter(members.values())))  # its config, without loading weights
+        if not first.manifest.get("config"):
+            raise C.ConfigError(f"member '{first.uri}' carries no data config; pass --data-config")
+        data_cfg = C.build(C.Config, first.manifest["config"]).data
         if args.overrides:  # --set data.x=y applies to the members' data config
             over = {".".join(k): v for k, v in (C.parse_override(o) for o in args.overrides)}
             data_cfg = C.replace(C.Config(data=data_cfg), over).data

@@ -19,9 +19,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from flowers import config as C
+    from flowers.checkpoint import load_checkpoint, read_manifest
+    from flowers.data.bundle import build_data
     from flowers.data.transforms import Preprocessing
     from flowers.export import export_student
-    from flowers.train import build_data, load_checkpoint
 
     ckpt_path = Path(args.checkpoint)
     if not ckpt_path.is_file():
@@ -36,6 +37,6 @@ def run(args) -> int:
     data = build_data(data_cfg, Preprocessing.from_dict(ckpt["preprocessing"]))
     out = export_student(ckpt_path, Path(args.out), data.eval_part("train"), args.threshold,
                          calibration_size=args.calibration_size)
-    manifest = json.loads((out / "flowers_model.json").read_text())
+    manifest = read_manifest(out)
     print(json.dumps({"out": str(out), "files": manifest["files"], "model_name": manifest["model_name"]}, indent=2))
     return 0

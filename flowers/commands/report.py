@@ -15,9 +15,10 @@ def run(args) -> int:
     from pathlib import Path
 
     from flowers import tracking as T
+    from flowers.registry import resolve_target
     from flowers.report import write_report
 
-    T.configure(T.resolve_target(args.tracking_uri, args.home))
+    T.configure(resolve_target(args.tracking_uri, args.home))
     path = write_report(args.study, Path(args.out or Path(args.home) / "reports" / args.study))
     print(path)
     return 0

@@ -17,10 +17,11 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from flowers.config import load_config
+    from flowers.tasks import make_task
     from flowers.train import fit
 
     cfg = load_config(args.config, args.profile, args.overrides)
-    res = fit(cfg, run_dir=args.out, resume_from=args.resume)
+    res = fit(cfg, make_task(cfg), run_dir=args.out, resume_from=args.resume)
     t = res.test_metrics
     print(json.dumps({"run_dir": str(res.run_dir), "best_epoch": res.best_epoch,
                       "val_acc": round(res.best_val_acc, 4), "test_top1": round(t.get("top1", float("nan")), 4),

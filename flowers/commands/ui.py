@@ -14,13 +14,15 @@ def run(args) -> int:
     import subprocess
     import sys
 
-    from flowers import tracking as T
+    from pathlib import Path
 
-    target = T.resolve_target(args.tracking_uri, args.home)
+    from flowers.registry import resolve_target
+
+    target = resolve_target(args.tracking_uri, args.home)
     if target.tracking_uri.startswith("http"):
         print(f"MLflow server: open {target.tracking_uri}")
         return 0
-    if target.embedded and not T.Path(target.tracking_uri.split("sqlite:///", 1)[1]).is_file():
+    if target.embedded and not Path(target.tracking_uri.split("sqlite:///", 1)[1]).is_file():
         raise FileNotFoundError(f"no MLflow store at {target.tracking_uri}: run `flowers study` first or pass --home")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", target.tracking_uri,
            "--host", "127.0.0.1", "--port", str(args.port)]

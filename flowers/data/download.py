@@ -24,7 +24,7 @@ from typing import Mapping
 from tqdm.auto import tqdm
 
 from .decode import DataError
-from .vgg import CLASS_NAMES_FILE, LABELS_FILE, _loadmat, class_names
+from .vgg import CLASS_NAMES_FILE, LABELS_FILE, loadmat, class_names
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def download_flowers102(
 
     labels_path = root / LABELS_FILE
     names = class_names()
-    if labels_path.is_file() and int(_loadmat(labels_path, "labels").max()) == len(names):
+    if labels_path.is_file() and int(loadmat(labels_path, "labels").max()) == len(names):
         _write_atomic(root / CLASS_NAMES_FILE, json.dumps({str(i + 1): n for i, n in enumerate(names)}, indent=1) + "\n")
     else:
         # a mirror with a different label set: keep its names out of it rather than mislabel

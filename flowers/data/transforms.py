@@ -53,14 +53,19 @@ class Normalize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() * self.scale - self.shift
 
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized float → uint8 pixels (for showing what a model saw)."""
+        return ((x.float() + self.shift) / self.scale).round().clamp(0, 255).to(torch.uint8)
+
+
+def resize_crop(pp: Preprocessing) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 (N×)3×H×W → uint8 (N×)3×S×S: the one uint8 resize (short side) + centre crop."""
+    return v2.Compose([v2.Resize(pp.resize_size, antialias=True), v2.CenterCrop(pp.image_size)])
+
 
 def eval_transform(pp: Preprocessing) -> Callable[[Image.Image], torch.Tensor]:
     """PIL → uint8 3×S×S: the single eval preprocessing (training eval, serving, scoring)."""
-    return v2.Compose([
-        v2.PILToTensor(),
-        v2.Resize(pp.resize_size, antialias=True),
-        v2.CenterCrop(pp.image_size),
-    ])
+    return v2.Compose([v2.PILToTensor(), resize_crop(pp)])
 
 
 class RandomRot90:

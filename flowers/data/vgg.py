@@ -58,7 +58,7 @@ class VGGFlowers(ImageSet):
     class_names: list[str]
 
 
-def _loadmat(path: Path, key: str) -> np.ndarray:
+def loadmat(path: Path, key: str) -> np.ndarray:
     """One array from a .mat file, flattened; DataError naming the file on any problem."""
     import scipy.io  # deferred: scipy is slow to import and only needed here
 
@@ -115,7 +115,7 @@ def load_vgg(root: str | os.PathLike, check_files: bool = True) -> VGGFlowers:
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}; run `flowers data download` or set {ENV_DATA_ROOT}")
     labels_path = root / LABELS_FILE
-    raw = _loadmat(labels_path, "labels")
+    raw = loadmat(labels_path, "labels")
     if raw.min() < 1:
         bad = np.flatnonzero(raw < 1)
         raise DataError(
@@ -147,7 +147,7 @@ def load_vgg(root: str | os.PathLike, check_files: bool = True) -> VGGFlowers:
     setid_path = root / SETID_FILE
     setid: dict[str, np.ndarray] = {}
     for name, key in SETID_KEYS.items():
-        ids = _loadmat(setid_path, key)
+        ids = loadmat(setid_path, key)
         if ids.min() < 1 or ids.max() > n:
             raise DataError(f"{setid_path}: '{key}' has ids outside 1..{n} (the number of labels in {LABELS_FILE})")
         if len(np.unique(ids)) != len(ids):
