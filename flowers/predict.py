@@ -69,8 +69,11 @@ class LoadedModel:
         return lambda img: tuple(tf(img) for tf in tfs)
 
     def from_pixels(self, images: torch.Tensor) -> Batch:
-        """Raw uint8 N×3×H×W images (any size) → this model's input, view by view."""
-        xs = tuple(resize_crop(v)(images) for v in self.views)
+        """uint8 N×3×H×W images → this model's input, view by view: each view's eval resize and
+        centre crop. Images already at a view's input size are taken as that view unchanged (an
+        augmented crop handed to an online teacher of the same size stays exactly the same pixels)."""
+        xs = tuple(images if images.shape[-2:] == (v.image_size, v.image_size) else resize_crop(v)(images)
+                   for v in self.views)
         return xs[0] if len(xs) == 1 else xs
 
     def example_batch(self, n: int = 1, seed: int = 0) -> Batch:

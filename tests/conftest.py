@@ -47,9 +47,10 @@ def smoke_config(smoke_overrides):
 @pytest.fixture(scope="session")
 def trained_run(smoke_config, tmp_path_factory):
     """A 2-epoch smoke run on synthetic data: a real checkpoint for predictor/serve/score tests."""
+    from flowers.tasks import make_task
     from flowers.train import fit
 
-    return fit(smoke_config, run_dir=tmp_path_factory.mktemp("run") / "l1")
+    return fit(smoke_config, make_task(smoke_config), run_dir=tmp_path_factory.mktemp("run") / "l1")
 
 
 @pytest.fixture(scope="session")

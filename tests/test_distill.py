@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from flowers import config as C
-from flowers.distill import DistillationTask, kd_loss
+from flowers.tasks import DistillationTask, kd_loss
 
 
 def test_kd_loss_zero_when_student_equals_teacher_alpha_one():
@@ -38,9 +38,9 @@ def test_kd_loss_t_squared_scaling_and_gradients():
 
 def test_online_teacher_sees_exact_uint8_batch(synth_root, monkeypatch):
     """Online mode inverts the loop's normalization: the teacher gets the original pixels back."""
-    from flowers import predict
+    from flowers import predict, tasks
+    from flowers.data.bundle import build_data
     from flowers.data.transforms import Normalize, Preprocessing
-    from flowers.train import build_data
 
     pp = Preprocessing.for_size(64)
     data = build_data(C.DataConfig(root=str(synth_root), split="official", image_size=64), pp)
@@ -51,7 +51,7 @@ def test_online_teacher_sees_exact_uint8_batch(synth_root, monkeypatch):
         return np.full((len(x), len(data.class_names)), 1 / len(data.class_names), dtype=np.float32)
 
     teacher = predict.LoadedModel(proba, Preprocessing.for_size(64, (0.5,) * 3, (0.5,) * 3), list(data.class_names), "t")
-    monkeypatch.setattr(predict, "load_model", lambda uri, device="cpu": teacher)
+    monkeypatch.setattr(tasks, "load_model", lambda uri, device="cpu": teacher)
     task = DistillationTask("fake://teacher", temperature=2.0, alpha=0.5, cache_teacher=False)
     task.setup(data, torch.device("cpu"))
     u8 = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
@@ -63,14 +63,41 @@ def test_online_teacher_sees_exact_uint8_batch(synth_root, monkeypatch):
     assert task.mode == "online"
 
 
+def test_online_teacher_of_another_size_gets_its_own_eval_preprocessing(synth_root, monkeypatch):
+    """A 48 px teacher sees the student's 64 px augmented pixels resized and centre-cropped as in its
+    own eval transform (resize short side to 55, crop 48), not a plain resize of the student's crop."""
+    from flowers import predict, tasks
+    from flowers.data.bundle import build_data
+    from flowers.data.transforms import Normalize, Preprocessing, resize_crop
+
+    pp = Preprocessing.for_size(64)
+    data = build_data(C.DataConfig(root=str(synth_root), split="official", image_size=64), pp)
+    tpp = Preprocessing.for_size(48)
+    seen = []
+
+    def proba(x):
+        seen.append(x)
+        return np.full((len(x), len(data.class_names)), 1 / len(data.class_names), dtype=np.float32)
+
+    teacher = predict.LoadedModel(proba, tpp, list(data.class_names), "t")
+    monkeypatch.setattr(tasks, "load_model", lambda uri, device="cpu": teacher)
+    task = DistillationTask("fake://teacher", cache_teacher=False)
+    task.setup(data, torch.device("cpu"))
+    u8 = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, len(data.class_names)))
+    task(model, Normalize(pp.mean, pp.std)(u8), torch.tensor([0, 1]), torch.tensor([0, 1]))
+    assert seen[0].shape == (2, 3, 48, 48) and tpp.resize_size == 55
+    assert torch.equal(seen[0], resize_crop(tpp)(u8))
+
+
 def test_teacher_class_mismatch_is_a_config_error(synth_root, monkeypatch):
-    from flowers import predict
+    from flowers import predict, tasks
+    from flowers.data.bundle import build_data
     from flowers.data.transforms import Preprocessing
-    from flowers.train import build_data
 
     data = build_data(C.DataConfig(root=str(synth_root), split="official", image_size=64), Preprocessing.for_size(64))
     teacher = predict.LoadedModel(lambda x: None, Preprocessing.for_size(64), ["a", "b"], "t")
-    monkeypatch.setattr(predict, "load_model", lambda uri, device="cpu": teacher)
+    monkeypatch.setattr(tasks, "load_model", lambda uri, device="cpu": teacher)
     with pytest.raises(C.ConfigError, match="classes"):
         DistillationTask("fake://teacher").setup(data, torch.device("cpu"))
 

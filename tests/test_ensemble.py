@@ -82,3 +82,39 @@ def test_ensemble_stage_end_to_end(trained_checkpoint, smoke_config, synth_root,
     img = sorted((synth_root / "jpg").glob("*.jpg"))[0]
     (out,) = pred.predict([img], top_k=2)
     assert set(out) >= {"label", "name", "entropy", "uncertain"}
+
+
+def _resized_copy(ckpt_path, size: int, dest):
+    """The same network recorded as trained at another image size (global pooling takes any size)."""
+    from flowers.checkpoint import load_checkpoint, save_checkpoint
+    from flowers.data.transforms import Preprocessing
+
+    ckpt = load_checkpoint(ckpt_path)
+    old = Preprocessing.from_dict(ckpt["preprocessing"])
+    ckpt["preprocessing"] = Preprocessing.for_size(size, old.mean, old.std).to_dict()
+    save_checkpoint(dest, ckpt)
+    return dest
+
+
+def test_members_trained_at_different_sizes_each_see_their_own_eval_preprocessing(trained_checkpoint, synth_root,
+                                                                                  tmp_path):
+    """A 48 px and a 64 px member: the ensemble's input has one view per size, and its vote equals
+    the mean of each member predicting alone on the same image with its own transform."""
+    from PIL import Image
+
+    small = _resized_copy(trained_checkpoint, 48, tmp_path / "small.pt")
+    big = _resized_copy(trained_checkpoint, 64, tmp_path / "big.pt")
+    ens = load_model(build_ensemble([str(small), str(big)], tmp_path / "ens"))
+    assert [v.image_size for v in ens.views] == [48, 64]
+    img = Image.open(next((synth_root / "jpg").glob("*.jpg"))).convert("RGB")
+    img = img.resize((97, 71))  # not square, not either member's size
+    x = Predictor(ens).load_image(img)
+    assert isinstance(x, tuple) and [t.shape[-1] for t in x] == [48, 64]
+    alone = [Predictor(load_model(p)).predict([img], top_k=1)[0] for p in (small, big)]
+    alone_probs = [load_model(p).predict_proba(Predictor(load_model(p)).load_image(img)[None]) for p in (small, big)]
+    np.testing.assert_allclose(ens.predict_proba(tuple(t[None] for t in x)), soft_vote(alone_probs), rtol=1e-5, atol=1e-6)
+    assert Predictor(ens).predict([img], top_k=1)[0]["label"] == int(soft_vote(alone_probs).argmax())
+    assert all("label" in a for a in alone)
+    # a member fed a resize of the other member's crop would see other pixels
+    resized = torch.nn.functional.interpolate(x[1][None].float(), size=(48, 48), mode="bilinear", antialias=True)
+    assert not torch.equal(resized.round().to(torch.uint8)[0], x[0])

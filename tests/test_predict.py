@@ -8,7 +8,8 @@ import torch
 
 from flowers.data import open_image
 from flowers.data.transforms import eval_transform
-from flowers.predict import ModelLoadError, Predictor, load_model
+from flowers.checkpoint import ModelLoadError
+from flowers.predict import Predictor, load_model
 
 
 def test_predictor_matches_the_training_eval_path(trained_checkpoint, synth_root):
@@ -20,7 +21,7 @@ def test_predictor_matches_the_training_eval_path(trained_checkpoint, synth_root
     assert len(out[0]["top_k"]) == 3 and out[0]["name"] == pred.class_names[out[0]["label"]]
     assert 0.0 <= out[0]["entropy"] <= 1.0 and isinstance(out[0]["uncertain"], bool)
     # same numbers as the loop's own eval: uint8 eval transform + model
-    from flowers.train import load_checkpoint, model_from_checkpoint
+    from flowers.checkpoint import load_checkpoint, model_from_checkpoint
     from flowers.data.transforms import Normalize, Preprocessing
 
     ckpt = load_checkpoint(trained_checkpoint)

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO
+from flowers import registry as R
 from flowers import tracking as T
 
 
@@ -22,17 +23,17 @@ def test_import_has_no_side_effects():
 
 def test_resolve_target(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    t = T.resolve_target(None, tmp_path / "h")
+    t = R.resolve_target(None, tmp_path / "h")
     assert t.tracking_uri == f"sqlite:///{tmp_path / 'h' / 'mlflow.db'}" and t.embedded
     assert t.artifact_root == (tmp_path / "h" / "mlartifacts").as_uri()
     assert not (tmp_path / "h").exists()  # resolving creates nothing
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
-    assert T.resolve_target(None, tmp_path).tracking_uri == "http://127.0.0.1:9"
-    assert T.resolve_target("http://x:1").artifact_root is None
+    assert R.resolve_target(None, tmp_path).tracking_uri == "http://127.0.0.1:9"
+    assert R.resolve_target("http://x:1").artifact_root is None
     assert T.clean_metrics({"a": 1, "b": float("nan"), "c": [1], "d": True, "e": 2.5}) == {"a": 1.0, "e": 2.5}
 
 
-def _log_and_load(uri: str, target: T.TrackingTarget, run, study: str) -> None:
+def _log_and_load(uri: str, target: R.TrackingTarget, run, study: str) -> None:
     """Log a real checkpoint in a child run, register it, load it in a fresh process."""
     import mlflow
 
@@ -74,13 +75,13 @@ def _log_and_load(uri: str, target: T.TrackingTarget, run, study: str) -> None:
 
 
 def test_log_register_and_load_embedded_sqlite(trained_run, tmp_path):
-    target = T.embedded_target(tmp_path / "store")
+    target = R.embedded_target(tmp_path / "store")
     _log_and_load(target.tracking_uri, target, trained_run, "embedded")
     assert (tmp_path / "store" / "mlartifacts").is_dir()  # artifacts beside the db, not ./mlruns
 
 
 def test_log_register_and_load_server(trained_run, mlflow_server):
-    _log_and_load(mlflow_server, T.resolve_target(mlflow_server), trained_run, "server")
+    _log_and_load(mlflow_server, R.resolve_target(mlflow_server), trained_run, "server")
 
 
 def test_models_uri_resolves_against_the_embedded_store_without_env(trained_run, tmp_path, monkeypatch):
@@ -93,7 +94,7 @@ def test_models_uri_resolves_against_the_embedded_store_without_env(trained_run,
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # records the original; restored afterwards
     old = mlflow.get_tracking_uri()
     try:
-        target = T.configure(T.resolve_target(None))  # the embedded default under ./.flowers
+        target = T.configure(R.resolve_target(None))  # the embedded default under ./.flowers
         tr = T.StudyTracker("embedded-default", target)
         child = tr.child("l1", "trial")
         version = tr.log_model_dir(child, trained_run.run_dir, "model", "flowers-l1", tags={})

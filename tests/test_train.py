@@ -7,8 +7,9 @@ import torch
 
 from flowers import config as C
 from flowers.evaluate import compute_metrics, confusion_matrix, expected_calibration_error, most_confused
-from flowers.train import (ClassificationTask, fit, load_checkpoint, lr_lambda, model_from_checkpoint,
-                           param_groups)
+from flowers.checkpoint import load_checkpoint, model_from_checkpoint
+from flowers.tasks import ClassificationTask, make_task
+from flowers.train import fit, lr_lambda, param_groups
 
 
 def test_smoke_run_lowers_loss_and_writes_artifacts(trained_run):
@@ -37,10 +38,10 @@ def test_checkpoint_loads_back_and_reproduces(trained_run, smoke_config):
 
 def test_resume_continues_from_last(smoke_config, tmp_path):
     cfg = C.replace(smoke_config, {"train.epochs": 1})
-    first = fit(cfg, run_dir=tmp_path / "r", evaluate_test=False)
+    first = fit(cfg, make_task(cfg), run_dir=tmp_path / "r", evaluate_test=False)
     cfg3 = C.replace(smoke_config, {"train.epochs": 3})
     seen = []
-    res = fit(cfg3, run_dir=tmp_path / "r", resume_from=first.run_dir / "last.pt",
+    res = fit(cfg3, make_task(cfg3), run_dir=tmp_path / "r", resume_from=first.run_dir / "last.pt",
               callback=lambda m, d: seen.append(m["epoch"]), evaluate_test=False)
     assert seen == [2, 3]  # epoch 1 is not rerun
     assert [h["epoch"] for h in res.history] == [1, 2, 3]
@@ -48,7 +49,7 @@ def test_resume_continues_from_last(smoke_config, tmp_path):
 
 def test_attention_level_trains(smoke_config, tmp_path):
     cfg = C.replace(smoke_config, {"model.attention": True, "train.epochs": 1, "data.max_train_batches": 2})
-    res = fit(cfg, run_dir=tmp_path / "att")
+    res = fit(cfg, make_task(cfg), run_dir=tmp_path / "att")
     assert load_checkpoint(res.best_checkpoint)["model_name"] == "attention_mobilenet_v3_small"
 
 
@@ -57,7 +58,7 @@ def test_missing_data_root_is_a_clear_error(smoke_config, tmp_path):
 
     cfg = C.replace(smoke_config, {"data.root": str(tmp_path / "nowhere")})
     with pytest.raises(DataError, match="nowhere"):
-        fit(cfg, run_dir=tmp_path / "x")
+        fit(cfg, make_task(cfg), run_dir=tmp_path / "x")
 
 
 def test_schedule_shapes():
