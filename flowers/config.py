@@ -395,3 +395,34 @@ class ScoreConfig:
     resume: bool = False  # keep the rows already in the output, score only the rest
     overwrite: bool = False  # replace an existing output
     progress: bool = True
+
+
+# ----------------------------------------------------------------------------- serving
+# `flowers serve` / `python -m jobs.deploy` settings, and the Serve app's `args:` block (serve/config.yaml).
+
+
+@dataclass(frozen=True)
+class ServeAppConfig:
+    """The Serve application's arguments: the `args:` block of serve/config.yaml."""
+
+    ensemble_uri: str = "models:/flowers-ensemble@champion"
+    student_uri: str = "models:/flowers-student@champion"
+    tracking_uri: str | None = None  # MLflow store for models:/ URIs; None: the replicas' $MLFLOW_TRACKING_URI
+    max_body_bytes: int = 10 * 1024 * 1024  # larger request bodies get 413
+    default_top_k: int = 5
+    uncertainty_threshold: float | None = None  # None: the threshold stored with each model
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How `flowers serve` / `python -m jobs.deploy` deploy the app; None: the Serve YAML's value."""
+
+    config: str | None = None  # Serve config YAML; None: the packaged serve/config.yaml
+    ensemble_uri: str | None = None
+    student_uri: str | None = None
+    host: str | None = None
+    port: int | None = None
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else the embedded store
+    address: str | None = None  # Ray address; None: $RAY_ADDRESS, else a new embedded Ray
+    proxy: str = "haproxy"  # HTTP front of an embedded Ray: haproxy | serve (serve/ingress_env.py)
+    pin: bool = False  # models:/name@alias -> models:/name/<version> before deploying
