@@ -24,20 +24,22 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from flowers.study import build_trials, load_study, run_tune
+    from flowers import registry
     from flowers import tracking as T
-    from flowers.tune_adapter import init_ray
+    from flowers.study import build_trials, load_study
+    from jobs.cluster import connect
+    from jobs.tune import run_tune
 
     over, desc = data_overrides(args.real, args.classes)
     over.append(f"train.epochs={args.epochs}")
-    init_ray(num_cpus=2)
+    connect(num_cpus=2)
     times = {}
     for conc in (2, 1):
         tmp = Path(tempfile.mkdtemp(prefix="bench-abl-"))
         path = write_study(tmp, f"abl{conc}", args.profile, over,
                            resources={"cpus_per_trial": 2 / conc, "max_concurrent": conc})
         study, d = load_study(path)
-        target = T.configure(T.resolve_target(None, study.home))
+        target = T.configure(registry.resolve_target(None, study.home))
         specs = build_trials(study, d)
         t0 = time.perf_counter()
         failed = run_tune(study, specs, target)

@@ -29,11 +29,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from flowers import config as C
+    from flowers import registry
     from flowers import tracking as T
-    from flowers.study import build_trials, load_study, run_tune
+    from flowers.study import build_trials, load_study
+    from flowers.tasks import make_task
     from flowers.train import fit
-    from flowers.tune_adapter import init_ray
+    from jobs.cluster import connect
+    from jobs.tune import run_tune
 
     over, desc = data_overrides(args.real, args.classes)
     over += [f"train.epochs={args.epochs}", "train.threads=1"]
@@ -44,12 +46,12 @@ def main() -> None:
     study, d = load_study(path)
     spec = build_trials(study, d)[0]
 
-    bare = fit(spec.cfg, run_dir=tmp / "bare")
+    bare = fit(spec.cfg, make_task(spec.cfg), run_dir=tmp / "bare")
     bare_wall = json.loads((tmp / "bare/metrics.json").read_text())["wall_seconds"]
     bare_epochs = sum(h["epoch_seconds"] for h in bare.history)
 
-    init_ray(num_cpus=2)
-    target = T.configure(T.resolve_target(None, study.home))
+    connect(num_cpus=2)
+    target = T.configure(registry.resolve_target(None, study.home))
     t0 = time.perf_counter()
     run_tune(study, [spec], target)
     exp_wall = time.perf_counter() - t0
@@ -61,7 +63,6 @@ def main() -> None:
     print(f"fit() in Tune+MLflow: wall {tune_wall:.1f} s, epochs {tune_epochs:.1f} s "
           f"(whole experiment incl. worker start {exp_wall:.1f} s)")
     print(f"overhead of Tune+MLflow on fit wall: {100 * (tune_wall / bare_wall - 1):+.1f} % (target <= 10 %)")
-    _ = C
 
 
 if __name__ == "__main__":

@@ -161,3 +161,16 @@ def test_resume_after_killing_the_driver(synth_root, tmp_path):
     steps = [m.step for m in client.get_metric_history(l3[0].info.run_id, "train_loss")]
     assert sorted(set(steps)) == list(range(1, 31)) and steps.count(1) == 1, steps
     assert client.get_model_version_by_alias("flowers-l3", "champion").run_id == l3[0].info.run_id
+
+
+def test_search_space_parsing():
+    from ray import tune
+
+    from jobs.tune import parse_space
+
+    space = parse_space(["optim.lr=loguniform:1e-4:1e-2", "data.augment=choice:light,strong", "train.epochs=randint:1:3"])
+    assert set(space) == {"optim.lr", "data.augment", "train.epochs"}
+    assert isinstance(space["data.augment"], tune.search.sample.Categorical)
+    assert space["data.augment"].categories == ["light", "strong"]
+    with pytest.raises(C.ConfigError, match="--param 'optim.lr=normal:0:1'"):
+        parse_space(["optim.lr=normal:0:1"])

@@ -1,0 +1,162 @@
+"""One Tune trial: the trainable around `flowers.train.fit`, and the driver-side MLflow callback.
+
+The trainable is a plain function of `config`: every epoch goes to
+`tune.report(metrics, checkpoint=...)`, and a restarted trial picks up
+`tune.get_checkpoint()`'s `last.pt`. MLflow is written only by the callback, which Tune
+runs in the driver process: one writer, however many trials.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from flowers import config as C
+from flowers import tracking as T
+from flowers.registry import TrackingTarget
+
+log = logging.getLogger(__name__)
+
+# files of a finished trial that travel in its final checkpoint (the driver logs them)
+FINAL_FILES = ("best.pt", "config.yaml", "split.json", "metrics.json", "curves.png", "test_confusion.png",
+               "test_confusion.csv", "test_per_class.csv", "test_most_confused.json")
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "epoch_seconds",
+                 "images_per_s", "best_val_acc")
+
+
+def _link(src: Path, dst: Path) -> None:
+    # last.pt/best.pt are replaced atomically by fit, so a hard link is a consistent snapshot
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _report_with_files(metrics: dict[str, Any], run_dir: Path, names: tuple[str, ...]) -> None:
+    """`tune.report` with a checkpoint of these run files; the staging folder goes once Tune has persisted it."""
+    stage = Path(tempfile.mkdtemp(prefix="flowers-ckpt-"))
+    try:
+        for name in names:
+            if (run_dir / name).is_file():
+                _link(run_dir / name, stage / name)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(stage)))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def trial_key(config: dict[str, Any], trial_id: str) -> str:
+    """Study trials are named by the study; search trials add Tune's trial id."""
+    key = config["trial"]["key"]
+    return f"{key}-{trial_id}" if config.get("overrides") else key
+
+
+def trial_dirname(trial) -> str:
+    """Short trial folder names (the default embeds the whole config)."""
+    return f"{trial.trial_id}_{trial.config['trial']['key']}"
+
+
+def train_trial(config: dict[str, Any]) -> None:
+    """Tune trainable: one trial. `config['trial']` is a `flowers.study.TrialSpec.to_param()`."""
+    from flowers.tasks import make_task
+    from flowers.train import fit
+
+    spec = dict(config["trial"])
+    cfg = C.build(C.Config, spec["cfg"])
+    if config.get("overrides"):  # a search (`flowers tune`): sampled values on top of the base config
+        cfg = C.replace(cfg, config["overrides"])
+        spec["key"] = trial_key(config, tune.get_context().get_trial_id())
+    run_dir = Path(spec["run_root"]) / spec["key"] if spec.get("run_root") else Path(tune.get_context().get_trial_dir()) / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    resume_from = None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            for name in ("last.pt", "best.pt"):
+                if (Path(d) / name).is_file():
+                    shutil.copy2(Path(d) / name, run_dir / name)
+        if (run_dir / "last.pt").is_file():
+            resume_from = run_dir / "last.pt"
+            log.info("trial %s resumes from its checkpoint", spec["key"])
+
+    def report(metrics: dict[str, float], rd: Path) -> None:
+        _report_with_files({**metrics, "key": spec["key"], "final": False}, rd, ("last.pt", "best.pt"))
+
+    res = fit(cfg, make_task(cfg), callback=report, run_dir=run_dir, resume_from=resume_from)
+    last = res.history[-1] if res.history else {}
+    test = {f"test_{k}": v for k, v in res.test_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    _report_with_files({**last, **test, "best_val_acc": res.best_val_acc, "best_epoch": res.best_epoch,
+                        "key": spec["key"], "final": True}, res.run_dir, FINAL_FILES)
+
+
+class MlflowStudyCallback(tune.Callback):
+    """Driver-side logger: per-epoch metrics live, artifacts and the model when a trial ends."""
+
+    def __init__(self, study: str, target: TrackingTarget, study_tags: dict[str, str] | None = None) -> None:
+        self.study = study
+        self.target = target
+        self.study_tags = study_tags or {}
+        self._tracker: T.StudyTracker | None = None
+        self._params_logged: set[str] = set()
+
+    def __getstate__(self) -> dict:
+        # Tune pickles the run config (with callbacks) for `Tuner.restore`; the client is rebuilt lazily
+        return {**self.__dict__, "_tracker": None, "_params_logged": set()}
+
+    @property
+    def tracker(self) -> T.StudyTracker:
+        if self._tracker is None:
+            T.configure(self.target)
+            self._tracker = T.StudyTracker(self.study, self.target, self.study_tags)
+        return self._tracker
+
+    def _run_for(self, trial) -> str:
+        spec = trial.config["trial"]
+        key = trial_key(trial.config, trial.trial_id)
+        run_id = self.tracker.child(key, "trial", {
+            "flowers.roles": ",".join(spec["roles"]), "flowers.level": spec["cfg"]["level"],
+            **{f"axis.{k}": str(v) for k, v in spec.get("axes", {}).items()}})
+        if key not in self._params_logged:  # once per driver process (log_params skips what a restored run has)
+            params = C.to_flat_dict(C.build(C.Config, spec["cfg"]))
+            params.update({f"axis.{k}": v for k, v in spec.get("axes", {}).items()})
+            params.update(trial.config.get("overrides") or {})
+            self.tracker.log_params(run_id, params)
+            self._params_logged.add(key)
+        return run_id
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        try:
+            run_id = self._run_for(trial)
+            if result.get("final"):
+                keep = {k: v for k, v in result.items() if k.startswith("test_") or k in ("best_val_acc", "best_epoch")}
+                self.tracker.log_metrics(run_id, keep)
+            else:
+                keep = {k: v for k, v in result.items() if k in EPOCH_METRICS}
+                self.tracker.log_metrics(run_id, keep, step=int(result.get("epoch", 0)))
+        except Exception:  # tracking must never kill the study
+            log.exception("MLflow logging failed for trial %s", trial)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        try:
+            run_id = self._run_for(trial)
+            ckpt = trial.checkpoint
+            if ckpt is not None:
+                with ckpt.as_directory() as d:
+                    d = Path(d)
+                    T.log_run_dir(self.tracker, run_id, d)
+                    if (d / "best.pt").is_file():
+                        self.tracker.log_model_dir(run_id, d, "model")
+            self.tracker.finish(run_id)
+        except Exception:
+            log.exception("MLflow logging failed at the end of trial %s", trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        try:
+            self.tracker.finish(self._run_for(trial), "FAILED")
+        except Exception:
+            log.exception("MLflow logging failed for errored trial %s", trial)

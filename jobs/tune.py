@@ -1,0 +1,162 @@
+"""Ray Tune: the study's trials as one grid, and `flowers tune`, a search around one level.
+
+    python -m jobs.tune -c configs/level1.yaml -p cpu --param optim.lr=loguniform:1e-4:3e-3 --asha
+    flowers tune ...                                     # the same
+
+Trials are `jobs.trial.train_trial`; the driver-side `MlflowStudyCallback` is the only
+MLflow writer. Both Tuners expect Ray to be connected (`jobs.cluster.connect`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from flowers import config as C
+from flowers import registry
+from flowers import tracking as T
+from flowers.registry import TrackingTarget
+from flowers.study import TrialSpec, pin_data_root, run_root, storage_path
+from jobs import cluster, entry
+from jobs.options import add_tune_arguments, search_settings
+from jobs.trial import MlflowStudyCallback, train_trial, trial_dirname
+
+log = logging.getLogger(__name__)
+
+# Tune saves its experiment state at most every 10 s by default, while each report deletes the
+# trial's older checkpoints beyond num_to_keep: a driver killed in between leaves a state naming a
+# deleted checkpoint, and that trial cannot resume ("does not exist on storage anymore"; seen with
+# short epochs). Saving the state on every controller step and keeping two checkpoints means the
+# state always names one that exists.
+CHECKPOINTS = tune.CheckpointConfig(num_to_keep=2)
+
+
+def fit_tuner(tuner: tune.Tuner) -> tune.ResultGrid:
+    """`tuner.fit()` with the experiment state saved on every step (see CHECKPOINTS)."""
+    old = os.environ.get("TUNE_GLOBAL_CHECKPOINT_S")
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"  # read when fit() builds its controller
+    try:
+        return tuner.fit()
+    finally:
+        if old is None:
+            os.environ.pop("TUNE_GLOBAL_CHECKPOINT_S", None)
+        else:
+            os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = old
+
+
+def trainable(resources: C.ResourcesConfig):
+    """`train_trial` with its per-trial CPUs and GPUs (by default a share of the GPUs, none without)."""
+    gpus = resources.gpus_per_trial
+    if gpus is None:
+        import torch
+
+        n = torch.cuda.device_count()
+        gpus = 0.0 if n == 0 else min(1.0, n / resources.max_concurrent)
+    return tune.with_resources(train_trial, {"cpu": resources.cpus_per_trial, "gpu": gpus})
+
+
+def run_tune(study: C.StudyConfig, specs: list[TrialSpec], target: TrackingTarget, resume: bool = False) -> list[str]:
+    """Run (or continue) the study's trials as one Tune grid; returns the keys of trials that failed for good."""
+    storage = storage_path(study.home, study.storage_path)
+    exp_path = f"{storage.rstrip('/')}/{study.name}"
+    if resume and tune.Tuner.can_restore(exp_path):
+        log.info("restoring the Tune experiment at %s", exp_path)
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable(study.resources), resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        if "://" not in exp_path and Path(exp_path, "tuner.pkl").exists():
+            raise C.ConfigError(f"study '{study.name}' already has a Tune experiment at {exp_path}: "
+                                "continue it with --resume, or choose another name with --set study.name=NEW")
+        tuner = tune.Tuner(
+            trainable(study.resources),
+            param_space={"trial": tune.grid_search([s.to_param(run_root(storage, study.name)) for s in specs])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=study.resources.max_concurrent,
+                                        trial_dirname_creator=trial_dirname),
+            run_config=tune.RunConfig(
+                name=study.name, storage_path=storage,
+                failure_config=tune.FailureConfig(max_failures=study.max_failures),
+                checkpoint_config=CHECKPOINTS,
+                callbacks=[MlflowStudyCallback(study.name, target, {"study": study.name})],
+                verbose=1,
+            ),
+        )
+    grid = fit_tuner(tuner)
+    failed = [r.config["trial"]["key"] for r in grid if r.error is not None]
+    for key in failed:
+        log.warning("trial %s failed after %d retries; the study goes on without it", key, study.max_failures)
+    return failed
+
+
+# ----------------------------------------------------------------------------- flowers tune
+
+
+def parse_space(texts: list[str]) -> dict[str, Any]:
+    """`optim.lr=loguniform:1e-4:1e-2`, `data.augment=choice:light,strong`, `uniform:a:b`, `randint:a:b`."""
+    space: dict[str, Any] = {}
+    for text in texts:
+        key, _, spec = text.partition("=")
+        kind, _, rest = spec.partition(":")
+        try:
+            if kind == "choice":
+                space[key] = tune.choice([C.parse_override(f"x={v}")[1] for v in rest.split(",")])
+            elif kind in ("loguniform", "uniform"):
+                lo, hi = (float(v) for v in rest.split(":"))
+                space[key] = getattr(tune, kind)(lo, hi)
+            elif kind == "randint":
+                lo, hi = (int(v) for v in rest.split(":"))
+                space[key] = tune.randint(lo, hi)
+            else:
+                raise ValueError(kind)
+        except ValueError:
+            raise C.ConfigError(f"--param '{text}': expected KEY=choice:a,b | loguniform:LO:HI | uniform:LO:HI | "
+                                "randint:LO:HI") from None
+    return space
+
+
+def run_search(cfg: C.Config, space: dict[str, Any], search: C.SearchConfig, target: TrackingTarget,
+               home: str = registry.DEFAULT_HOME) -> dict[str, Any]:
+    """A hyperparameter search around `cfg` (ASHA early stopping optional); the best trial's values."""
+    storage = storage_path(home)
+    spec = TrialSpec(cfg.level, [cfg.level, "search"], pin_data_root(cfg))
+    scheduler = (tune.schedulers.ASHAScheduler(time_attr="training_iteration", grace_period=1, reduction_factor=2)
+                 if search.asha else None)
+    tuner = tune.Tuner(
+        trainable(search.resources),
+        param_space={"trial": spec.to_param(run_root(storage, search.name)), "overrides": space},
+        tune_config=tune.TuneConfig(metric="val_acc", mode="max", num_samples=search.num_samples, scheduler=scheduler,
+                                    max_concurrent_trials=search.resources.max_concurrent),
+        run_config=tune.RunConfig(
+            name=search.name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=search.max_failures),
+            checkpoint_config=CHECKPOINTS, verbose=1,
+            callbacks=[MlflowStudyCallback(search.name, target, {"study": search.name, "search": "true"})]))
+    best = fit_tuner(tuner).get_best_result(metric="val_acc", mode="max", scope="all")
+    T.StudyTracker(search.name, target).finish_study()
+    return {"best_config": best.config.get("overrides"), "best_val_acc": best.metrics.get("best_val_acc"),
+            "tracking_uri": target.tracking_uri, "experiment": search.name}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the config, connect, search, print the best values as JSON."""
+    if not args.param:
+        raise C.ConfigError("flowers tune: give at least one --param KEY=SPACE (e.g. optim.lr=loguniform:1e-4:3e-3)")
+    cfg = C.load_config(args.config, args.profile, args.overrides)
+    space = parse_space(args.param)
+    search = search_settings(args)
+    target = T.configure(registry.resolve_target(args.tracking_uri))
+    cluster.connect(args.address, search.resources.num_cpus)
+    print(json.dumps(run_search(cfg, space, search, target), indent=2, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return entry.main("python -m jobs.tune", __doc__, add_tune_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
