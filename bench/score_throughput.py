@@ -119,7 +119,8 @@ def main() -> int:
 
     from flowers.data import list_images
     from flowers.runtime import allocator_env
-    from flowers.scoring import score_folders
+    from flowers.config import ScoreConfig
+    from jobs.score import score_folders
 
     logging.basicConfig(level=logging.WARNING)
     if not args.data or not Path(args.data, "jpg").is_dir():
@@ -152,15 +153,14 @@ def main() -> int:
 
     import ray
 
-    from flowers.runtime import worker_runtime_env
+    from jobs.cluster import connect
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, runtime_env=worker_runtime_env(),
-             log_to_driver=False, configure_logging=False)
+    connect(num_cpus=args.cpus, log_to_driver=False)
     results = {"model": label, "images": len(paths), "batch_size": args.batch_size, "cpus": args.cpus,
                "decode_only": dec, "model_only": mod, "ceiling": ceiling, "pipeline": {}}
     for w in [int(x) for x in args.workers.split(",")]:
-        s = score_folders([src], uri, tmp / f"out-{w}.parquet", batch_size=args.batch_size, workers=w,
-                          overwrite=True, progress=False)
+        s = score_folders([src], uri, tmp / f"out-{w}.parquet",
+                          ScoreConfig(batch_size=args.batch_size, workers=w, overwrite=True, progress=False))
         fb, fr = s.extra.get("first_batch_s") or 0.0, s.extra.get("first_batch_rows") or 0
         steady = (s.scored - fr) / max(s.wall_s - fb, 1e-9)
         results["pipeline"][w] = {"end_to_end": s.images_per_s, "steady": steady, "wall_s": s.wall_s,

@@ -1,34 +1,31 @@
-"""Batch scoring: image folders → one Parquet file, through the shared Predictor.
-
-The library half lives here and has no Ray at import time:
+"""Batch scoring, the Ray-free half: image folders → one Parquet file, through the shared Predictor.
 
 - `SCHEMA`: the output columns (see docs/scoring.md);
-- `Scorer`: the callable class Ray Data runs in an actor pool; it loads the model once
-  and turns a batch of `{path[, bytes]}` rows into output rows, one per input row,
-  with `error` set (and nulls elsewhere) for a file that cannot be read or decoded;
-- `plan_scoring`: the driver-side checks (images found, output/resume/overwrite rules,
-  model loads) that run before any Ray process starts, so bad input fails fast;
-- `OutputWriter`: streams batches into a temp file next to the output and renames
-  it into place only when every row is written (atomic: readers never see half a file);
-- `score_folders`: the thin Ray Data function tying them together.
+- `Scorer`: the callable class that `jobs/score.py` runs in a Ray Data actor pool; it loads
+  the model once and turns a batch of `{path[, bytes]}` rows into output rows, one per
+  input row, with `error` set (and nulls elsewhere) for a file that cannot be read or decoded;
+- `plan_scoring`: the driver-side checks (settings, images found, output/resume/overwrite
+  rules, the model's metadata) that run before any Ray process starts, so bad input fails fast;
+- `write_scores`: streams result batches into a temp file next to the output and renames
+  it into place only when every row is written (atomic: readers never see half a file).
 """
 from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flowers.config import ConfigError
+from flowers import registry
+from flowers.config import ConfigError, ScoreConfig
 from flowers.data import IMAGE_EXTENSIONS, DataError, list_images
 
 log = logging.getLogger(__name__)
@@ -148,9 +145,20 @@ class ScorePlan:
     listed: int                     # images found under the folders
     keep: pa.Table | None = None    # rows carried over from the existing output (--resume)
 
+    @property
+    def skipped(self) -> int:
+        """Images already in the output (--resume)."""
+        return self.listed - len(self.todo)
+
+    def metadata(self) -> dict[bytes, bytes]:
+        """Parquet file metadata: the pinned model URI and k."""
+        return {META_MODEL_URI: self.model_uri.encode(), META_TOP_K: str(self.top_k).encode()}
+
 
 @dataclass
 class ScoreSummary:
+    """What a scoring run did; `line()` is the one-line summary printed at the end."""
+
     out: Path
     listed: int
     scored: int
@@ -172,11 +180,18 @@ class ScoreSummary:
                 f"= {self.images_per_s:.1f} img/s; {self.rows} rows in {self.out}")
 
 
-def _pin_uri(uri: str, version: str | None) -> str:
-    """Actors load the same registry version the driver checked, even if the alias moves meanwhile."""
-    if uri.startswith("models:/") and "@" in uri and version:
-        return f"models:/{uri[len('models:/'):].split('@', 1)[0]}/{version}"
-    return uri
+def check_settings(settings: ScoreConfig) -> None:
+    """Value checks on the scoring settings, named by their command-line options."""
+    if settings.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {settings.batch_size}")
+    if settings.workers is not None and settings.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {settings.workers}")
+    if settings.cpus_per_worker is not None and settings.cpus_per_worker <= 0:
+        raise ConfigError(f"--cpus-per-worker must be > 0, got {settings.cpus_per_worker}")
+    if settings.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {settings.top_k}")
+    if settings.resume and settings.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: resume keeps the output, overwrite replaces it")
 
 
 def read_output(out: str | os.PathLike) -> pa.Table:
@@ -193,17 +208,12 @@ def read_output(out: str | os.PathLike) -> pa.Table:
     return table.select(SCHEMA.names).cast(SCHEMA).replace_schema_metadata(table.schema.metadata)
 
 
-def plan_scoring(dirs: Sequence[str | os.PathLike], model_uri: str, out: str | os.PathLike, *, top_k: int = 5,
-                 resume: bool = False, overwrite: bool = False) -> ScorePlan:
-    """Every check that needs no Ray: folders, output rules, and the model itself."""
-    from flowers.predict import load_model
-
+def plan_scoring(dirs: Sequence[str | os.PathLike], model_uri: str, out: str | os.PathLike,
+                 settings: ScoreConfig = ScoreConfig()) -> ScorePlan:
+    """Every check that needs no Ray: settings, folders, output rules, and the model's metadata."""
+    check_settings(settings)
     if not dirs:
         raise DataError("no folders given; pass one or more image folders")
-    if top_k < 1:
-        raise ConfigError(f"--top-k must be >= 1, got {top_k}")
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite exclude each other: resume keeps the output, overwrite replaces it")
     out = Path(out).expanduser().absolute()
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file path such as {out / 'scores.parquet'}")
@@ -211,24 +221,26 @@ def plan_scoring(dirs: Sequence[str | os.PathLike], model_uri: str, out: str | o
     if not paths:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise DataError(f"no images ({exts}) found under {', '.join(map(str, dirs))}; nothing to score")
-    if out.exists() and not (resume or overwrite):
+    if out.exists() and not (settings.resume or settings.overwrite):
         raise ConfigError(f"output {out} already exists; pass --resume to add the missing images "
                           "or --overwrite to replace it")
-    keep = read_output(out) if (resume and out.exists()) else None
+    keep = read_output(out) if (settings.resume and out.exists()) else None
 
-    model = load_model(model_uri)  # fail here, once, rather than in every actor
-    name, version, k = model.name, model.version, min(top_k, len(model.class_names))
-    del model
+    # actors get the version checked here, even if the alias moves meanwhile; a bad URI or a
+    # model without metadata fails here, once, rather than in every actor (no weights loaded)
+    uri = registry.pin(model_uri)
+    info = registry.describe(uri)
+    k = min(settings.top_k, len(info.class_names))
 
     todo = [str(p.absolute()) for p in paths]
     if keep is not None:
-        _check_same_model(keep, out, name, version, k)
+        _check_same_model(keep, out, info.name, info.version, k)
         err = keep.column("error").to_pylist()
         # rows that failed before are tried again (the file may have been fixed); good rows stay
         done = {p for p, e in zip(keep.column("path").to_pylist(), err) if e is None}
         keep = keep.filter(pa.array([e is None for e in err], pa.bool_()))
         todo = [p for p in todo if p not in done]
-    return ScorePlan(todo, out, _pin_uri(model_uri, version), name, version, k, len(paths), keep)
+    return ScorePlan(todo, out, uri, info.name, info.version, k, len(paths), keep)
 
 
 def _check_same_model(keep: pa.Table, out: Path, name: str, version: str | None, k: int) -> None:
@@ -299,98 +311,24 @@ class Progress:
             self.bar.close()
 
 
-# ----------------------------------------------------------------------------- the Ray Data pipeline
+def write_scores(plan: ScorePlan, batches: Iterable[pa.Table], progress: bool = True) -> ScoreSummary:
+    """Stream result tables (after the rows `--resume` keeps) into `plan.out`, atomically.
 
-
-def default_resources(n_images: int, batch_size: int, workers: int | None,
-                      cpus_per_worker: float | None) -> tuple[int, float]:
-    """Actor count and CPUs per actor for the connected cluster: all CPUs by default, one actor per CPU."""
-    import ray
-
-    total = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    node_max = max([int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [total])
-    batches = max(1, math.ceil(n_images / batch_size))
-    w = workers or max(1, min(total, batches))
-    c = cpus_per_worker or max(1, min(node_max, total // w))
-    return w, float(c)
-
-
-def connect_ray(address: str | None = None) -> None:
-    """ray.init once, giving every worker the fast-allocator env (and MLflow's URI for models:/)."""
-    import ray
-
-    from flowers.runtime import worker_runtime_env
-
-    if ray.is_initialized():
-        return
-    extra = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI",) if os.environ.get(k)}
-    try:
-        ray.init(address=address, runtime_env=worker_runtime_env(extra), log_to_driver=False,
-                 configure_logging=False, include_dashboard=False)
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        where = address or os.environ.get("RAY_ADDRESS") or "a new local Ray"
-        raise ConfigError(f"cannot start or reach Ray at {where}: {str(e).splitlines()[0] if str(e) else e}; "
-                          "check --address (or RAY_ADDRESS) and that the cluster is running") from None
-
-
-def score_folders(dirs: Sequence[str | os.PathLike], model_uri: str, out: str | os.PathLike, *,
-                  batch_size: int = 32, workers: int | None = None, cpus_per_worker: float | None = None,
-                  top_k: int = 5, resume: bool = False, overwrite: bool = False, address: str | None = None,
-                  progress: bool = True) -> ScoreSummary:
-    """Score every image under `dirs` with `model_uri` into the Parquet file `out`.
-
-    Checks run before Ray starts; then Ray Data feeds batches of paths to an actor pool of
-    `Scorer`s (one model load per actor) and the driver streams the rows into a temp file
-    that replaces `out` at the end. Connects to Ray (`address`) unless already connected.
+    `batches` is consumed lazily, so the wall time includes producing them; `extra` says
+    how long the first batch took (worker start-up and model load) and how many rows it had.
     """
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    if workers is not None and workers < 1:
-        raise ConfigError(f"--workers must be >= 1, got {workers}")
-    t0 = time.perf_counter()
-    plan = plan_scoring(dirs, model_uri, out, top_k=top_k, resume=resume, overwrite=overwrite)
-    skipped = plan.listed - len(plan.todo)
-    kept = plan.keep.num_rows if plan.keep is not None else 0
-    if not plan.todo:
-        log.info("all %d images under the folders are already in %s; nothing to do", plan.listed, plan.out)
-        return ScoreSummary(plan.out, plan.listed, 0, 0, skipped, kept, time.perf_counter() - t0)
-
-    import ray
-    from flowers.runtime import worker_runtime_env
-
-    connect_ray(address)
-    w, cpus = default_resources(len(plan.todo), batch_size, workers, cpus_per_worker)
-    log.info("scoring %d images with %s (v%s) on %d worker(s) x %g CPU, batch %d%s", len(plan.todo),
-             plan.model_name, plan.model_version, w, cpus, batch_size,
-             f", {skipped} already in the output" if skipped else "")
-    ctx = ray.data.DataContext.get_current()
-    bars_before, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # ours counts errors too
-
-    # one block per batch, so the actor pool sees work in batch-sized units from the start
-    blocks = max(1, min(len(plan.todo), math.ceil(len(plan.todo) / batch_size)))
-    ds = ray.data.from_items([{"path": p} for p in plan.todo], override_num_blocks=blocks)
-    ds = ds.map_batches(
-        Scorer,
-        fn_constructor_kwargs={"model_uri": plan.model_uri, "top_k": plan.top_k, "threads": max(1, int(cpus))},
-        compute=ray.data.ActorPoolStrategy(size=w),
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_cpus=cpus,
-        runtime_env=worker_runtime_env(),
-    )
-    meta = {META_MODEL_URI: plan.model_uri.encode(), META_TOP_K: str(plan.top_k).encode()}
-    writer = OutputWriter(plan.out, meta)
+    writer = OutputWriter(plan.out, plan.metadata())
     bar = Progress(len(plan.todo), progress)
-    scored = errors = 0
-    t_run = time.perf_counter()
-    t_first = None  # actor start-up + model load ends when the first batch arrives
+    scored = errors = first_rows = 0
+    first_s = None
+    t0 = time.perf_counter()
     try:
         if plan.keep is not None:
             writer.write(plan.keep)
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for table in batches:
             e = table.num_rows - table.column("error").null_count
-            if t_first is None:
-                t_first, first_rows = time.perf_counter() - t_run, table.num_rows
+            if first_s is None:
+                first_s, first_rows = time.perf_counter() - t0, table.num_rows
             writer.write(table)
             scored += table.num_rows
             errors += e
@@ -401,10 +339,5 @@ def score_folders(dirs: Sequence[str | os.PathLike], model_uri: str, out: str | 
         raise
     finally:
         bar.close()
-        ctx.enable_progress_bars = bars_before
-    summary = ScoreSummary(plan.out, plan.listed, scored, errors, skipped, writer.rows,
-                           time.perf_counter() - t_run, workers=w, batch_size=batch_size,
-                           extra={"cpus_per_worker": cpus, "total_s": time.perf_counter() - t0,
-                                  "first_batch_s": t_first, "first_batch_rows": first_rows if t_first else 0})
-    log.info(summary.line())
-    return summary
+    return ScoreSummary(plan.out, plan.listed, scored, errors, plan.skipped, writer.rows, time.perf_counter() - t0,
+                        extra={"first_batch_s": first_s, "first_batch_rows": first_rows})

@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from flowers.config import ConfigError
+from flowers.config import ConfigError, ScoreConfig
 from flowers.data import DataError
-from flowers.scoring import SCHEMA, Scorer, plan_scoring, score_folders
+from flowers.scoring import SCHEMA, Scorer, plan_scoring
+from jobs.score import score_folders
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,8 +64,8 @@ def folder(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def scored(folder, trained_checkpoint, ray_session, tmp_path_factory):
     out = tmp_path_factory.mktemp("score_out") / "scores.parquet"
-    summary = score_folders([folder["root"]], str(trained_checkpoint), out, batch_size=3, workers=2,
-                            cpus_per_worker=1, top_k=3, progress=False)
+    summary = score_folders([folder["root"]], str(trained_checkpoint), out,
+                            ScoreConfig(batch_size=3, workers=2, cpus_per_worker=1, top_k=3, progress=False))
     return summary, out
 
 
@@ -142,30 +143,31 @@ def test_resume_overwrite_and_refusal(folder, trained_checkpoint, ray_session, t
     src = tmp_path / "imgs"
     first = [_img(src / f"{i}.jpg", (40 + i, 40)) for i in range(3)]
     out = tmp_path / "out" / "s.parquet"
-    s1 = score_folders([src], str(trained_checkpoint), out, batch_size=2, workers=1, progress=False)
+    s1 = score_folders([src], str(trained_checkpoint), out, ScoreConfig(batch_size=2, workers=1, progress=False))
     assert s1.scored == 3 and s1.errors == 0
     before = {r["path"]: r for r in pq.read_table(out).to_pylist()}
 
     # an existing output is never replaced silently
     with pytest.raises(ConfigError, match="already exists.*--resume.*--overwrite"):
-        score_folders([src], str(trained_checkpoint), out, progress=False)
+        score_folders([src], str(trained_checkpoint), out, ScoreConfig(progress=False))
     # a different top-k would mix list lengths in one file
     with pytest.raises(ConfigError, match="top-5"):
-        plan_scoring([src], str(trained_checkpoint), out, top_k=2, resume=True)
+        plan_scoring([src], str(trained_checkpoint), out, ScoreConfig(top_k=2, resume=True))
 
     new = [_img(src / "sub" / f"n{i}.PNG", (30, 30 + i)) for i in range(2)]
-    s2 = score_folders([src], str(trained_checkpoint), out, batch_size=2, workers=1, resume=True, progress=False)
+    s2 = score_folders([src], str(trained_checkpoint), out,
+                       ScoreConfig(batch_size=2, workers=1, resume=True, progress=False))
     assert (s2.scored, s2.skipped, s2.rows) == (2, 3, 5)
     after = {r["path"]: r for r in pq.read_table(out).to_pylist()}
     assert set(after) == {str(p.absolute()) for p in first + new}
     for p in first:  # kept as they were, not rescored
         assert after[str(p.absolute())]["scored_at"] == before[str(p.absolute())]["scored_at"]
 
-    s3 = score_folders([src], str(trained_checkpoint), out, resume=True, progress=False)
+    s3 = score_folders([src], str(trained_checkpoint), out, ScoreConfig(resume=True, progress=False))
     assert s3.scored == 0 and s3.rows == 5  # nothing left to do; output untouched
 
-    s4 = score_folders([src / "sub"], str(trained_checkpoint), out, batch_size=8, workers=1, overwrite=True,
-                       progress=False)
+    s4 = score_folders([src / "sub"], str(trained_checkpoint), out,
+                       ScoreConfig(batch_size=8, workers=1, overwrite=True, progress=False))
     assert s4.scored == 2 and pq.read_table(out).num_rows == 2
 
 
@@ -247,3 +249,43 @@ def test_scorer_parity_for_ensemble_and_student(kind, other_kinds, folder):
     for r, e in zip(rows[:2], ref[:2]):
         assert r["label"] == e["label"] and r["top_k_labels"] == [t["label"] for t in e["top_k"]]
         np.testing.assert_allclose(r["top_k_probs"], [t["probability"] for t in e["top_k"]], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "ensemble", "student"])
+def test_plan_reads_metadata_only_and_names_the_model_as_the_scorer_does(kind, other_kinds, trained_checkpoint, folder,
+                                                                         tmp_path, monkeypatch):
+    """The driver's check loads no weights, and names the model as the actors will (resume relies on it)."""
+    import flowers.predict
+
+    uri = str(trained_checkpoint if kind == "checkpoint" else other_kinds[kind])
+    scorer = Scorer(uri, top_k=2, threads=1)
+
+    def no_load(*a, **k):
+        raise AssertionError("plan_scoring loaded the model")
+
+    monkeypatch.setattr(flowers.predict, "load_model", no_load)
+    plan = plan_scoring([folder["root"]], uri, tmp_path / "o.parquet", ScoreConfig(top_k=2))
+    assert (plan.model_name, plan.model_version) == (scorer.model_name, scorer.model_version)
+    assert plan.model_uri == uri and plan.top_k == 2 and plan.listed == len(plan.todo) == 9
+
+
+def test_write_scores_is_atomic(folder, trained_checkpoint, tmp_path):
+    """Rows stream into a temp file renamed at the end; a failure midway leaves no output and no temp file."""
+    from flowers.scoring import write_scores
+
+    out = tmp_path / "w.parquet"
+    plan = plan_scoring([folder["root"]], str(trained_checkpoint), out, ScoreConfig(top_k=2, progress=False))
+    scorer = Scorer(plan.model_uri, top_k=plan.top_k, threads=1)
+    batches = [scorer({"path": np.array(plan.todo[i:i + 4], dtype=object)}) for i in range(0, len(plan.todo), 4)]
+
+    def failing():
+        yield batches[0]
+        raise RuntimeError("worker died")
+
+    with pytest.raises(RuntimeError, match="worker died"):
+        write_scores(plan, failing(), progress=False)
+    assert list(tmp_path.iterdir()) == []
+    summary = write_scores(plan, iter(batches), progress=False)
+    table = pq.read_table(out)
+    assert (summary.scored, summary.errors, summary.rows, table.num_rows) == (9, 3, 9, 9)
+    assert table.schema.metadata[b"flowers.top_k"] == b"2" and list(tmp_path.iterdir()) == [out]
