@@ -1,4 +1,4 @@
-"""Ray Jobs: submit the study/score/deploy entry points and manage the queue.
+"""Ray Jobs SDK: submit the `python -m jobs.X` entry points and manage the queue.
 
 Token authentication: Ray 2.60 turns it on for clusters started by `ray.init()`,
 and for `ray start --head` whenever a token exists (RAY_AUTH_TOKEN,
@@ -12,12 +12,17 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
+from ray.job_submission import JobSubmissionClient
+
+from flowers.runtime import worker_runtime_env
+from jobs.options import ENTRYPOINTS
+
 log = logging.getLogger(__name__)
 
-ENTRYPOINTS = ("study", "score", "deploy")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # never upload these with the working_dir (size limit, secrets, local state)
 EXCLUDES = [".venv", "venv", ".git", "runs", "mlruns", "mlartifacts", ".flowers", "shared", "**/__pycache__",
@@ -54,8 +59,6 @@ def resolve_address(address: str | None = None) -> str:
 
 def client(address: str | None = None):
     """A JobSubmissionClient for `address`, with the auth header when a token is available."""
-    from ray.job_submission import JobSubmissionClient
-
     addr = resolve_address(address)
     tok = auth_token()
     headers = {"Authorization": f"Bearer {tok}"} if tok else None
@@ -82,8 +85,6 @@ def entrypoint(kind: str, args: list[str] | None = None, python: str = "python")
 
 def runtime_env(working_dir: str | Path = ".", extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """working_dir upload (minus local state) + the workers' allocator env + tracking/data env."""
-    from flowers.runtime import worker_runtime_env
-
     env = dict(worker_runtime_env()["env_vars"])
     for k in ("MLFLOW_TRACKING_URI", "FLOWERS_DATA"):
         if os.environ.get(k):
@@ -96,8 +97,6 @@ def submit(kind: str, args: list[str] | None = None, address: str | None = None,
            submission_id: str | None = None, entrypoint_num_cpus: float | None = None, python: str = "python",
            extra_env: dict[str, str] | None = None) -> str:
     """Submit `python -m jobs.<kind> ...`; returns the submission id."""
-    import time
-
     c = client(address)
     deadline = time.time() + 60
     while True:
@@ -147,8 +146,6 @@ def stop(job_id: str, address: str | None = None) -> bool:
 
 def wait(job_id: str, address: str | None = None, timeout_s: float = 600, poll_s: float = 2.0) -> str:
     """Poll until the job is SUCCEEDED/FAILED/STOPPED; returns the final status."""
-    import time
-
     deadline = time.time() + timeout_s
     while True:
         st = status(job_id, address)

@@ -10,26 +10,27 @@ the old one drains, so no request is dropped). The app keeps running after the j
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+
+from jobs import entry
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`flowers serve`'s options, pinning aliases by default."""
+    from flowers.commands.serve import add_arguments as add_serve_arguments
+
+    add_serve_arguments(p)
+    p.set_defaults(pin=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flowers.commands.serve import deploy
+
+    return deploy(args, block=False)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flowers.cli import _user_errors
-    from flowers.commands.serve import add_arguments, deploy
-
-    parser = argparse.ArgumentParser(prog="python -m jobs.deploy", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.set_defaults(pin=True)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    try:
-        return deploy(args, block=False)
-    except _user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return entry.main("python -m jobs.deploy", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

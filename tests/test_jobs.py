@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, free_port, write_small_study
-from flowers import jobs_client as J
+from jobs import client as J
 
 
 def test_auth_token_sources(tmp_path, monkeypatch):
@@ -36,6 +36,8 @@ def test_entrypoint_address_and_runtime_env(monkeypatch):
     assert J.entrypoint("study", ["--profile", "study-cpu", "--set", "a=b c"]) == \
         "python -m jobs.study --profile study-cpu --set 'a=b c'"
     assert J.entrypoint("score", []) == "python -m jobs.score"
+    assert J.entrypoint("tune", ["--param", "optim.lr=loguniform:1e-4:1e-2"]) == \
+        "python -m jobs.tune --param optim.lr=loguniform:1e-4:1e-2"
     with pytest.raises(J.JobsError, match="unknown job"):
         J.entrypoint("nope")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -123,3 +125,24 @@ def test_submit_study_job_to_a_real_head(ray_head, synth_root, mlflow_server, tm
     runs = client.search_runs([exp.experiment_id])
     assert {r.data.tags.get("flowers.role") for r in runs} == {"study", "trial"}
     assert client.get_model_version_by_alias("flowers-l1", "champion") is not None
+
+
+def test_library_imports_no_ray():
+    """Ray lives in jobs/ and serve/: no `import ray` under flowers/, and the study/scoring library loads without it."""
+    offenders = [str(p.relative_to(REPO)) for p in (REPO / "flowers").rglob("*.py")
+                 if any(line.strip().startswith(("import ray", "from ray")) for line in p.read_text().splitlines())]
+    assert offenders == []
+    code = ("import sys, flowers.study, flowers.study_steps, flowers.scoring, flowers.cli; flowers.cli.build_parser(); "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:] or out.stdout
+
+
+def test_workers_get_the_allocator_and_the_drivers_store(monkeypatch):
+    from flowers.runtime import worker_runtime_env
+    from jobs.cluster import worker_env
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert worker_env() == {**worker_runtime_env()["env_vars"], "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert "MLFLOW_TRACKING_URI" not in worker_env()

@@ -1,4 +1,4 @@
-"""`flowers jobs list|status|logs|stop`: the Ray job queue."""
+"""`flowers jobs list|status|logs|stop`: the Ray job queue (`jobs.client`)."""
 from __future__ import annotations
 
 
@@ -11,8 +11,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from flowers import jobs_client as J
     from flowers.config import ConfigError
+    from jobs import client as J
 
     try:
         if args.action == "list":

@@ -1,12 +1,14 @@
-"""`flowers submit study|score|deploy`: queue an entry point as a Ray job."""
+"""`flowers submit study|tune|score|deploy`: queue an entry point as a Ray job (`jobs.client.submit`)."""
 from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("submit", help="submit a Ray job: study | score | deploy (python -m jobs.<name>)",
+    from jobs.options import ENTRYPOINTS
+
+    p = sub.add_parser("submit", help="submit a Ray job: study | tune | score | deploy (python -m jobs.<name>)",
                        description="Everything after `--` goes to the entry point, e.g. "
                                    "`flowers submit study -- --profile study-cpu`. Token auth: RAY_AUTH_TOKEN or ~/.ray/auth_token.")
-    p.add_argument("job", choices=["study", "score", "deploy"])
+    p.add_argument("job", choices=ENTRYPOINTS)
     p.add_argument("args", nargs="*", help="arguments for the entry point (after --)")
     p.add_argument("--address", help="Ray dashboard/Jobs address (default $RAY_ADDRESS, else http://127.0.0.1:8265)")
     p.add_argument("--working-dir", default=".", help="folder uploaded as the job's working_dir (default .)")
@@ -22,7 +24,8 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from flowers import jobs_client as J
+    from flowers.config import ConfigError
+    from jobs import client as J
 
     extra = list(args.args)
     if args.job == "study" and args.local_store and not any(a.startswith("study.home=") for a in extra):
@@ -39,11 +42,5 @@ def run(args) -> int:
             print(f"job {sid}: {st}")
             return 0 if st == "SUCCEEDED" else 1
     except J.JobsError as e:
-        raise _user_error(e)
+        raise ConfigError(str(e)) from None
     return 0
-
-
-def _user_error(e):
-    from flowers.config import ConfigError
-
-    return ConfigError(str(e))
