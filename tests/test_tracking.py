@@ -13,14 +13,6 @@ from flowers import registry as R
 from flowers import tracking as T
 
 
-def test_import_has_no_side_effects():
-    code = ("import os, flowers.tracking, flowers.study, flowers.report, flowers.jobs_client;"
-            "assert 'MLFLOW_TRACKING_URI' not in os.environ; assert not os.path.exists('.flowers'); print('ok')")
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO / "tests", env=env, capture_output=True, text=True)
-    assert out.stdout.strip() == "ok", out.stderr[-1500:]
-
-
 def test_resolve_target(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     t = R.resolve_target(None, tmp_path / "h")

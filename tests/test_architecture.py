@@ -1,0 +1,137 @@
+"""The shape the design asks for: a Ray-free library without import cycles, side effects at
+import, or private names used across modules; Ray only in jobs/ and serve/."""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("flowers", "jobs", "serve")
+
+
+def _modules(package: str) -> dict[str, Path]:
+    out = {}
+    for p in sorted((REPO / package).rglob("*.py")):
+        name = ".".join(p.relative_to(REPO).with_suffix("").parts)
+        out[name[: -len(".__init__")] if name.endswith(".__init__") else name] = p
+    return out
+
+
+def _imports(name: str, path: Path) -> list[tuple[str, list[str], ast.AST]]:
+    """(module, imported names, node) for every import statement, relative ones made absolute."""
+    pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            out.append((base, [a.name for a in node.names], node))
+        elif isinstance(node, ast.Import):
+            out.extend((a.name, [], node) for a in node.names)
+    return out
+
+
+def test_library_import_graph_has_no_cycle():
+    mods = _modules("flowers")
+    graph = {m: set() for m in mods}
+    for m, p in mods.items():
+        for base, names, _ in _imports(m, p):
+            for cand in [base, *(f"{base}.{n}" for n in names)]:
+                if cand in mods and cand != m and not m.startswith(cand + "."):
+                    graph[m].add(cand)
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(u: str) -> None:
+        state[u] = 1
+        path.append(u)
+        for v in sorted(graph[u]):
+            assert state.get(v) != 1, "import cycle: " + " -> ".join(path[path.index(v):] + [v])
+            if v not in state:
+                visit(v)
+        path.pop()
+        state[u] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_library_imports_no_ray_anywhere():
+    """Not even lazily inside a function: Ray lives in jobs/ and serve/."""
+    offenders = [f"{m}:{node.lineno}" for m, p in _modules("flowers").items()
+                 for base, _, node in _imports(m, p) if base.split(".")[0] == "ray"]
+    assert not offenders, f"flowers/ must stay Ray-free; Ray imported at {offenders}"
+
+
+def test_no_private_name_used_across_modules():
+    project = {m for pkg in PACKAGES for m in _modules(pkg)}
+    bad = []
+    for pkg in PACKAGES:
+        for m, p in _modules(pkg).items():
+            aliases = {}
+            for base, names, node in _imports(m, p):
+                if base in project or base.split(".")[0] in PACKAGES:
+                    bad += [f"{m}:{node.lineno} imports {base}.{n}" for n in names
+                            if n.startswith("_") and not n.startswith("__")]
+                    if isinstance(node, ast.ImportFrom):
+                        aliases.update({(a.asname or a.name): f"{base}.{a.name}" for a in node.names})
+                    else:
+                        aliases.update({(a.asname or a.name.split(".")[0]): a.name for a in node.names})
+            for node in ast.walk(ast.parse(p.read_text())):
+                if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                        and isinstance(node.value, ast.Name) and node.value.id in aliases
+                        and aliases[node.value.id] in project):
+                    bad.append(f"{m}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
+    assert not bad, "private names used across modules: " + "; ".join(bad)
+
+
+def _private_names_defined() -> set[str]:
+    """`_x` names the project defines: functions, classes, and attributes set on self."""
+    out = set()
+    for pkg in PACKAGES:
+        for p in _modules(pkg).values():
+            for node in ast.walk(ast.parse(p.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    out.add(node.name)
+                elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+                    out.add(node.attr)
+    return {n for n in out if n.startswith("_") and not n.startswith("__")}
+
+
+def test_no_private_attribute_of_another_object():
+    """`tracker._children`-style reach-ins: only `self`/`cls` touch their own private attributes."""
+    private = _private_names_defined()
+    bad = []
+    for pkg in PACKAGES:
+        for m, p in _modules(pkg).items():
+            for node in ast.walk(ast.parse(p.read_text())):
+                if (isinstance(node, ast.Attribute) and node.attr in private
+                        and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                    bad.append(f"{m}:{node.lineno} .{node.attr}")
+    assert not bad, "private attributes used from outside their object: " + "; ".join(bad)
+
+
+def test_no_sys_path_edits():
+    bad = [str(p.relative_to(REPO)) for pkg in PACKAGES for p in _modules(pkg).values()
+           if "sys.path.insert" in p.read_text() or "sys.path.append" in p.read_text()]
+    assert not bad, f"sys.path edited in {bad}; install the package instead"
+
+
+def test_importing_every_library_module_has_no_side_effects(tmp_path):
+    """No folders, no tracking URI, no Ray: importing the library only defines things."""
+    names = sorted(_modules("flowers"))
+    code = ("import importlib, os, sys\n"
+            f"for n in {names!r}: importlib.import_module(n)\n"
+            "assert 'MLFLOW_TRACKING_URI' not in os.environ, 'tracking URI set at import'\n"
+            "assert not os.listdir('.'), os.listdir('.')\n"
+            "assert 'ray' not in sys.modules, 'ray imported by the library'\n"
+            "print('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
