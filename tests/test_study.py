@@ -88,19 +88,16 @@ def test_registered_level_loads_in_fresh_process_and_reproduces_test_accuracy(sm
 
 # evaluate a registered model on its own test split (config inside the checkpoint) in a fresh interpreter
 REPRO = """
-import json, torch
-from flowers.predict import load_model
-from flowers.train import build_data, make_loader, predict_loader
+import json
 from flowers.config import build, DataConfig
+from flowers.data.bundle import build_data
 from flowers.evaluate import compute_metrics
+from flowers.predict import load_model, predict_dataset
 m = load_model('models:/flowers-l1@champion')
 dc = build(DataConfig, m.meta['config']['data'])
 data = build_data(dc, m.preprocessing)
-probs, labels = [], []
-for x, y, _ in make_loader(data.test, dc.eval_batch_size, False, 0):
-    probs.append(m.predict_proba(x)); labels.append(y.numpy())
-import numpy as np
-met = compute_metrics(np.concatenate(probs), np.concatenate(labels))
+probs, labels = predict_dataset(m.predict_proba, data.test, batch_size=dc.eval_batch_size)
+met = compute_metrics(probs, labels)
 print(json.dumps({'top1': met['top1'], 'name': m.name}))
 """
 
