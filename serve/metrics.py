@@ -1,0 +1,40 @@
+"""The app's own Prometheus metrics (Serve's request, latency and queue metrics stay on too).
+
+Ray exports them on each node's metrics port; names and tags are listed in docs/serving.md.
+"""
+from __future__ import annotations
+
+from ray.serve.metrics import Counter, Histogram
+
+
+class ModelMetrics:
+    """Per model deployment: items per batched forward pass, and predictions flagged uncertain."""
+
+    def __init__(self, role: str) -> None:
+        self.uncertain = Counter("flowers_uncertain_predictions",
+                                 description="predictions flagged uncertain (entropy above threshold)",
+                                 tag_keys=("model",))
+        self.uncertain.set_default_tags({"model": role})
+        self.batch_size = Histogram("flowers_batch_size", description="items per batched forward pass",
+                                    boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("model",))
+        self.batch_size.set_default_tags({"model": role})
+
+    def record_batch(self, results: list[dict]) -> None:
+        self.batch_size.observe(len(results))
+        flagged = sum(1 for r in results if r.get("uncertain"))
+        if flagged:
+            self.uncertain.inc(flagged)
+
+
+class CompareMetrics:
+    """`/v1/compare`: answers, and those where the ensemble and the student disagree on top-1."""
+
+    def __init__(self) -> None:
+        self.compares = Counter("flowers_compare_requests", description="/v1/compare requests answered")
+        self.disagreements = Counter("flowers_compare_disagreements",
+                                     description="/v1/compare requests where ensemble and student top-1 differ")
+
+    def record(self, agree: bool) -> None:
+        self.compares.inc()
+        if not agree:
+            self.disagreements.inc()
