@@ -8,5 +8,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from flowers.config import ConfigError
     from flowers.data import DataError
     from flowers.models import ModelError
+    from flowers.storage import StorageError
 
-    return (ConfigError, DataError, ModelError, ModelLoadError, FileNotFoundError, PermissionError)
+    return (ConfigError, DataError, ModelError, ModelLoadError, StorageError, FileNotFoundError, PermissionError)

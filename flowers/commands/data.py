@@ -1,4 +1,4 @@
-"""`flowers data download | verify | synth`."""
+"""`flowers data download | verify | synth | publish | fetch`."""
 from __future__ import annotations
 
 
@@ -21,6 +21,17 @@ def register(sub) -> None:
     y.add_argument("--size", type=int, default=96)
     y.add_argument("--seed", type=int, default=0)
     y.set_defaults(func=synth)
+    u = s.add_parser("publish", help="upload a dataset folder to s3://... or a shared folder, with an MD5 manifest",
+                     description="Copies every file, then writes flowers-dataset.json (sizes and MD5s) last. Trials "
+                                 "on a cluster then use --set data.root=URI and each node caches a verified copy. "
+                                 "S3-compatible servers: set AWS_ENDPOINT_URL_S3.")
+    u.add_argument("src", help="local dataset folder (e.g. $FLOWERS_DATA)")
+    u.add_argument("uri", help="destination: s3://bucket/prefix or a folder every node mounts")
+    u.set_defaults(func=publish)
+    f = s.add_parser("fetch", help="materialise a dataset URI into this node's cache (checksum-verified) and print the path")
+    f.add_argument("uri", help="s3://bucket/prefix, https://host/prefix or a folder holding flowers-dataset.json")
+    f.add_argument("--cache", help="cache folder (default: $FLOWERS_CACHE/datasets or ~/.cache/flowers/datasets)")
+    f.set_defaults(func=fetch)
 
 
 def download(args) -> int:
@@ -51,4 +62,23 @@ def synth(args) -> int:
 
     ds = write_synthetic(args.root, num_classes=args.classes, per_class=args.per_class, size=args.size, seed=args.seed)
     print(f"synthetic dataset at {ds.root}: {len(ds.paths)} images, {ds.num_classes} classes")
+    return 0
+
+
+def publish(args) -> int:
+    from flowers.data.remote import publish as publish_dataset
+
+    manifest = publish_dataset(args.src, args.uri)
+    total = sum(f["size"] for f in manifest["files"].values())
+    print(f"published {len(manifest['files'])} files ({total / 1e6:.1f} MB) to {args.uri}")
+    print(f"use it with: --set data.root={args.uri}")
+    return 0
+
+
+def fetch(args) -> int:
+    from pathlib import Path
+
+    from flowers.data.remote import materialize
+
+    print(materialize(args.uri, Path(args.cache) if args.cache else None))
     return 0

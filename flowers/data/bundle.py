@@ -1,6 +1,7 @@
 """One run's data: the split parts with their transforms, and the loaders over them."""
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -10,11 +11,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from flowers import config as C
+from flowers.storage import is_remote
 
 from .folder import LabeledImages, load_image_folder
 from .splits import make_split
 from .transforms import Preprocessing, eval_transform, train_transform
-from .vgg import load_vgg, resolve_data_root
+from .remote import materialize
+from .vgg import ENV_DATA_ROOT, load_vgg, resolve_data_root
 
 
 @dataclass
@@ -44,7 +47,9 @@ class DataBundle:
 
 def build_data(cfg: C.DataConfig, pp: Preprocessing, seed: int = 0) -> DataBundle:
     """Read the dataset named by `cfg`, split it, and wrap each part with its transform."""
-    root = resolve_data_root(cfg.root)
+    given = cfg.root or os.environ.get(ENV_DATA_ROOT)
+    # a dataset URI (s3://, https://) is materialised once per node into its local cache
+    root = materialize(given) if is_remote(given) else resolve_data_root(cfg.root)
     if cfg.format == "vgg":
         ds = load_vgg(root)
         paths, labels, names, setid = ds.paths, ds.labels, ds.class_names, ds.setid
@@ -74,7 +79,7 @@ def build_data(cfg: C.DataConfig, pp: Preprocessing, seed: int = 0) -> DataBundl
         class_names=list(names),
         split={k: [int(i) for i in v] for k, v in split.items()},
         preprocessing=pp,
-        source=f"{cfg.format}:{root} split={cfg.split} seed={cfg.seed}"
+        source=f"{cfg.format}:{given if is_remote(given) else root} split={cfg.split} seed={cfg.seed}"
         + (f" classes={cfg.classes}" if cfg.classes else ""),
     )
 
