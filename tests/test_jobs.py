@@ -127,13 +127,10 @@ def test_submit_study_job_to_a_real_head(ray_head, synth_root, mlflow_server, tm
     assert client.get_model_version_by_alias("flowers-l1", "champion") is not None
 
 
-def test_library_imports_no_ray():
-    """Ray lives in jobs/ and serve/: no `import ray` under flowers/, and the study/scoring library loads without it."""
-    offenders = [str(p.relative_to(REPO)) for p in (REPO / "flowers").rglob("*.py")
-                 if any(line.strip().startswith(("import ray", "from ray")) for line in p.read_text().splitlines())]
-    assert offenders == []
-    code = ("import sys, flowers.study, flowers.study_steps, flowers.scoring, flowers.cli; flowers.cli.build_parser(); "
-            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+def test_cli_builds_its_parser_without_ray_or_torch():
+    """`flowers --help` stays fast: the commands take their options from jobs/options.py, not the Ray jobs."""
+    code = ("import sys, flowers.cli; flowers.cli.build_parser(); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch', 'mlflow'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:] or out.stdout
 
