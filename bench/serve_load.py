@@ -12,8 +12,9 @@ lowest-overhead client, so its p50 is the server's latency plus loopback); highe
 an asyncio client. Images: Flowers-102 JPEGs from $FLOWERS_DATA/jpg, else synthetic JPEGs.
 Prints:
   1. req/s and p50/p95/p99 per endpoint and concurrency, side by side with their ratio;
-  2. the ensemble at concurrency 16 with batching on (config) vs off (max_batch_size=1,
-     applied live through user_config), in interleaved rounds (--rounds);
+  2. the ensemble at concurrency 16 with batching off (max_batch_size=1), on (config), and on
+     without the admission gate (Serve's batching alone, `admission_gate: false`), each applied
+     live through user_config, in interleaved rounds (--rounds);
   3. the student's HTTP p50 at concurrency 1 vs its in-process Predictor latency, in
      alternating blocks while Serve runs.
 """
@@ -29,8 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def load_images(n: int) -> tuple[list[bytes], str]:
@@ -134,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="off/on rounds for the batching comparison")
     p.add_argument("--overhead-rounds", type=int, default=12, help="HTTP/in-process block pairs for the overhead")
     p.add_argument("--cpus-per-model", type=float, default=1.0, help="num_cpus (= torch threads) per model replica")
-    p.add_argument("--config", default=str(REPO / "serve" / "config.yaml"),
-                   help="batching defaults come from each deployment's user_config here")
+    p.add_argument("--config", help="Serve config YAML (default serve/config.yaml); batching defaults come "
+                                    "from each deployment's user_config there")
     p.add_argument("--max-batch-size", type=int, help="override max_batch_size for both models")
     p.add_argument("--ensemble-wait-s", type=float, help="override the ensemble's batch_wait_timeout_s")
     p.add_argument("--student-wait-s", type=float, help="override the student's batch_wait_timeout_s")
@@ -158,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from flowers.runtime import worker_runtime_env
-    from serve.app import build_app, load_serve_config
+    from serve import config as serve_config
+    from serve.app import build_app
 
-    batching = {d["name"]: dict(d.get("user_config") or {})
-                for d in load_serve_config(args.config)["applications"][0].get("deployments") or []}
+    deployments = serve_config.read(args.config or serve_config.DEFAULT_CONFIG).deployments
+    batching = {name: dict(d.get("user_config") or {}) for name, d in deployments.items()}
     for name, wait in (("Ensemble", args.ensemble_wait_s), ("Student", args.student_wait_s)):
         b = batching.setdefault(name, {})
         b.setdefault("max_batch_size", 16)
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             b["batch_wait_timeout_s"] = wait
 
     images, source = load_images(64)
-    renv = worker_runtime_env({"PYTHONPATH": str(REPO)})
+    renv = worker_runtime_env()
     need = 2 * args.cpus_per_model + 0.1
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False, runtime_env=renv,
              log_to_driver=False, configure_logging=False)
@@ -181,13 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://127.0.0.1:{port}"
     app_args = {"ensemble_uri": args.ensemble, "student_uri": args.student}
 
-    def deploy(ens_batch: int) -> None:
+    def deploy(ens_batch: int, gate: bool = True) -> None:
         model = {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": args.cpus_per_model}}
-        opts = {"Ensemble": {**model, "user_config": {**batching["Ensemble"], "max_batch_size": ens_batch}},
+        opts = {"Ensemble": {**model, "user_config": {**batching["Ensemble"], "max_batch_size": ens_batch,
+                                                      "admission_gate": gate}},
                 "Student": {**model, "max_ongoing_requests": 128, "user_config": batching["Student"]}}
         serve.run(build_app(app_args, opts), name="bench", route_prefix="/")
 
-    results: dict = {"images": source, "proxy": proxy, "cpus": os.cpu_count(), "cpus_per_model": args.cpus_per_model,
+    results: dict = {"images": source, "proxy": proxy, "cpus": os.cpu_count(), "cpu": cpu_info(),
+                     "cpus_per_model": args.cpus_per_model,
                      "batching": {k: batching[k] for k in ("Ensemble", "Student")}, "levels": {}}
     try:
         t_start = time.time()
@@ -206,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                 after = batches()[route]  # this level's batches (warm-up included)
                 level["batches"] = {k: after[k] - before.get(k, 0) for k in after if after[k] - before.get(k, 0)}
                 results["levels"][route].append(level)
-        # batching on vs off at the highest concurrency, interleaved (off, on, off, on, ...) so a
-        # drift in machine speed hits both alike; Serve reconfigures the live replica each time
+        # batching off / on / on without the gate at the highest concurrency, interleaved so a
+        # drift in machine speed hits all alike; Serve reconfigures the live replica each time
         c_hi = max(args.concurrency)
         rounds = []
         for _ in range(args.rounds):
@@ -215,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
             off = run_level(base, "ensemble", images, c_hi, args)
             deploy(batching["Ensemble"]["max_batch_size"])
             on = run_level(base, "ensemble", images, c_hi, args)
-            rounds.append({"off": off, "on": on})
+            deploy(batching["Ensemble"]["max_batch_size"], gate=False)
+            serve_only = run_level(base, "ensemble", images, c_hi, args)
+            rounds.append({"off": off, "on": on, "serve_only": serve_only})
         results["batching_rounds"] = rounds
         results["student_overhead"] = student_overhead(base, images, args)
         results["serve_seconds"] = round(time.time() - t_start, 1)
@@ -281,8 +285,25 @@ def student_overhead(base: str, images: list[bytes], args) -> dict:
             "in_process_paced_p50": round(pct(paced, 50), 2)}
 
 
+def cpu_info() -> str:
+    """CPU model and the vector-instruction flags that decide INT8/fp32 speed."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
+    return f"{model}; flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + ' '.join(wanted)}"
+
+
 def print_report(r: dict) -> None:
-    print(f"\nimages: {r['images']}; {r['cpus']} CPUs; {r['cpus_per_model']} CPU(s)/model replica; "
+    print(f"\nCPU: {r['cpu']}")
+    print(f"images: {r['images']}; {r['cpus']} CPUs; {r['cpus_per_model']} CPU(s)/model replica; "
           f"HTTP front: {r['proxy']}")
     for name, b in r["batching"].items():
         print(f"  {name}: max_batch_size {b['max_batch_size']}, batch_wait_timeout_s {b['batch_wait_timeout_s']}")
@@ -308,13 +329,17 @@ def print_report(r: dict) -> None:
     def rate(key: str) -> float:
         return sum(x[key]["ok"] for x in rounds) / sum(x[key]["seconds"] for x in rounds)
 
-    on, off = rate("on"), rate("off")
+    on, off, serve_only = rate("on"), rate("off"), rate("serve_only")
     c_hi = rounds[0]["on"]["concurrency"]
-    print(f"\nensemble @ concurrency {c_hi}, batching on vs off ({len(rounds)} interleaved rounds of off, on): "
-          f"{on:.2f} vs {off:.2f} req/s → {on / off:.2f}x (target ≥ 1.5x)")
+    print(f"\nensemble @ concurrency {c_hi}, batching on vs off ({len(rounds)} interleaved rounds of off, on, "
+          f"on without the gate): {on:.2f} vs {off:.2f} req/s → {on / off:.2f}x (target ≥ 1.5x)")
+    print(f"  without the admission gate (Serve's batching alone): {serve_only:.2f} req/s → "
+          f"{serve_only / off:.2f}x")
     for i, x in enumerate(rounds, 1):
         print(f"  round {i}: on {x['on']['rps']} req/s (p50 {x['on']['p50']} ms) / off {x['off']['rps']} req/s "
-              f"(p50 {x['off']['p50']} ms) = {x['on']['rps'] / x['off']['rps']:.2f}x")
+              f"(p50 {x['off']['p50']} ms) = {x['on']['rps'] / x['off']['rps']:.2f}x; no gate "
+              f"{x['serve_only']['rps']} req/s (p50 {x['serve_only']['p50']} ms) = "
+              f"{x['serve_only']['rps'] / x['off']['rps']:.2f}x")
     o = r["student_overhead"]
     print(f"student @ concurrency 1 ({o['requests']} requests in blocks alternating with in-process calls): "
           f"HTTP p50 {o['http_p50']} ms vs in-process {o['in_process_p50']} ms → overhead "
@@ -322,7 +347,7 @@ def print_report(r: dict) -> None:
     print(f"  the replica's own forward pass (decode included) p50 {o['replica_forward_p50']} ms; in process with "
           f"a 3 ms idle gap before each call {o['in_process_paced_p50']} ms (overhead vs that: "
           f"{o['http_p50'] - o['in_process_paced_p50']:.2f} ms)")
-    errs = sum(x["errors"] for x in ens + stu) + sum(x[k]["errors"] for x in rounds for k in ("on", "off"))
+    errs = sum(x["errors"] for x in ens + stu) + sum(v["errors"] for x in rounds for v in x.values())
     print(f"errors: {errs}")
 
 
