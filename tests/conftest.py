@@ -147,7 +147,8 @@ def small_study(ray_session, synth_root, tmp_path_factory):
     """A real 5-trial study (4 concurrent trials at 0.5 CPU) on the embedded SQLite store."""
     import mlflow
 
-    from flowers.study import load_study, run_study
+    from flowers.study import load_study
+    from jobs.study import run_study
 
     tmp = tmp_path_factory.mktemp("study")
     study, config_dir = load_study(write_small_study(tmp, synth_root, "small"))
