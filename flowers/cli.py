@@ -67,7 +67,18 @@ def _maybe_reexec(argv: list[str]) -> None:
 def main(argv: list[str] | None = None, allow_reexec: bool = False) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `flowers submit study --address URL -- --profile x`: argparse cannot put flags between a
+    # `nargs="*"` positional and `--`, so what follows `--` is handed to the command as is
+    passthrough: list[str] | None = None
+    own = argv
+    if "--" in argv:
+        cut = argv.index("--")
+        own, passthrough = argv[:cut], argv[cut + 1:]
+    args = parser.parse_args(own)
+    if passthrough is not None:
+        if not hasattr(args, "args"):
+            parser.error(f"'--' passes arguments to a job; `flowers {args.command or ''}` takes none")
+        args.args = [*args.args, *passthrough]
     if not args.command:
         parser.print_help()
         return 0

@@ -349,6 +349,8 @@ class ResourcesConfig:
     gpus_per_trial: float | None = None  # None: 0 on CPU machines, 1/max_concurrent of a GPU otherwise
     max_concurrent: int = 2
     num_cpus: int | None = None  # size of a local Ray (None: all cores); ignored on a cluster
+    stage_cpus: float | None = None  # the L4/L5 stage task (None: the largest node's CPUs)
+    stage_gpus: float | None = None  # None: 1 when the cluster has a GPU, else 0
 
 
 @dataclass(frozen=True)
@@ -368,9 +370,14 @@ class StudyConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     max_failures: int = 2
     home: str = ".flowers"  # embedded MLflow store, Tune storage and reports live here by default
-    storage_path: str | None = None  # Tune storage; None: <home>/tune. A shared path or URI on clusters
+    storage_path: str | None = None  # Tune storage; None: <home>/tune. A URI (s3://...) on clusters
+    # true: home, storage_path and data.root are folders every node mounts at the same path (NFS...)
+    shared_storage: bool = False
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under home
     report_dir: str | None = None  # None: <home>/reports/<name>
+    # champion gate: a challenger is kept out only when shown worse by more than this accuracy
+    # fraction (0.005 = half a point) on the same test images (flowers/governance.py)
+    gate_margin: float = 0.005
 
 
 @dataclass(frozen=True)

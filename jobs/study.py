@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flowers import config as C
 from flowers import registry
@@ -24,7 +27,8 @@ from flowers import report as R
 from flowers import study_steps as S
 from flowers import tracking as T
 from flowers.study import build_trials, load_study
-from jobs import cluster, entry
+from flowers.registry import TrackingTarget
+from jobs import cluster, entry, preflight
 from jobs.options import add_study_arguments
 from jobs.tune import run_tune
 
@@ -45,14 +49,44 @@ class StudyOutcome:
     failed_trials: list[str] = field(default_factory=list)
 
 
-def _run_stages(study: C.StudyConfig, config_dir: Path, tracker: T.StudyTracker, outcome: StudyOutcome,
-                resume: bool) -> None:
-    """L4 then L5; a resumed study skips a stage whose run finished."""
+def _stage(fn_name: str, study: C.StudyConfig, config_dir: Path, target: TrackingTarget, arg: Any,
+           out_dir: str | None) -> str | None:
+    """One L4/L5 stage inside a Ray task: its own tracker (same study runs, found by tag), its outputs
+    in `out_dir` or, when the cluster spans nodes, in a scratch folder that goes once MLflow has them."""
+    T.configure(target)
+    tracker = T.StudyTracker(study.name, target, {"study": study.name})
+    scratch = None if out_dir else tempfile.mkdtemp(prefix=f"flowers-{fn_name}-")
+    try:
+        return getattr(S, fn_name)(study, config_dir, tracker, arg, Path(out_dir or scratch))
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_stage(fn_name: str, study: C.StudyConfig, config_dir: Path, target: TrackingTarget, arg: Any,
+               out_dir: Path) -> str | None:
+    """Run a stage as scheduled Ray work with declared resources and retries (on a worker of a cluster)."""
+    import ray
+
+    res = study.resources
+    cpus = res.stage_cpus or cluster.largest_node_cpus()
+    gpus = res.stage_gpus if res.stage_gpus is not None else (1.0 if cluster.cluster_gpus() >= 1 else 0.0)
+    multi = cluster.spans_nodes()
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=study.max_failures,
+                      retry_exceptions=False)(_stage)
+    log.info("stage %s as a Ray task (%g CPU, %g GPU, %d retries)", fn_name, cpus, gpus, study.max_failures)
+    return ray.get(task.remote(fn_name, study, config_dir, target, arg, None if multi else str(out_dir)))
+
+
+def _run_stages(study: C.StudyConfig, config_dir: Path, target: TrackingTarget, tracker: T.StudyTracker,
+                outcome: StudyOutcome, resume: bool) -> None:
+    """L4 then L5, each a Ray task; a resumed study skips a stage whose run finished."""
     out_root = Path(study.home).expanduser().resolve() / "stages" / study.name
     if "ensemble" in study.stages:
         if resume and S.stage_done(tracker, S.ENSEMBLE_KEY):
             outcome.registered["ensemble"] = S.champion_uri("ensemble")
-        elif uri := S.run_ensemble(study, config_dir, tracker, dict(outcome.registered), out_root / "ensemble"):
+        elif uri := _run_stage("run_ensemble", study, config_dir, target, dict(outcome.registered),
+                               out_root / "ensemble"):
             outcome.registered["ensemble"] = uri
         else:
             outcome.skipped["ensemble"] = "fewer than two registered levels"
@@ -63,19 +97,22 @@ def _run_stages(study: C.StudyConfig, config_dir: Path, tracker: T.StudyTracker,
         elif teacher is None:
             log.warning("distill stage skipped: no registered teacher")
             outcome.skipped["distill"] = "no teacher"
-        elif uri := S.run_distill(study, config_dir, tracker, teacher, out_root / "distill"):
+        elif uri := _run_stage("run_distill", study, config_dir, target, teacher, out_root / "distill"):
             outcome.registered["distill"] = uri
         else:
             outcome.skipped["distill"] = "no student config"
 
 
 def run_study(study: C.StudyConfig, config_dir: Path, resume: bool = False, address: str | None = None) -> StudyOutcome:
-    """Tune trials → registry → L4 → L5 → report. Safe to call again with `resume=True`."""
-    target = T.configure(registry.resolve_target(study.tracking_uri, study.home))
+    """Preflight → Tune trials → registry → L4 → L5 → report. Safe to call again with `resume=True`."""
+    target = registry.resolve_target(study.tracking_uri, study.home)
+    specs = build_trials(study, config_dir)
+    cluster.connect(address, study.resources.num_cpus)
+    preflight.check_study(study, specs, target, cluster.spans_nodes())  # before anything is written
+    T.configure(target)
     tracker = T.StudyTracker(study.name, target, {"study": study.name})
     tracker.set_tags(tracker.parent_id, {"hardware": S.hardware()})
     outcome = StudyOutcome(study.name, target.tracking_uri, tracker.experiment_id, tracker.parent_id)
-    specs = build_trials(study, config_dir)
     tracker.log_params(tracker.parent_id, {
         "trials": ",".join(s.key for s in specs), "stages": ",".join(study.stages),
         "profile": study.profile, "overrides": " ".join(study.overrides), "l2_select": study.l2_select,
@@ -84,10 +121,9 @@ def run_study(study: C.StudyConfig, config_dir: Path, resume: bool = False, addr
     status = "FAILED"
     try:
         if "tune" in study.stages:
-            cluster.connect(address, study.resources.num_cpus)
             outcome.failed_trials = run_tune(study, specs, target, resume)
         outcome.registered.update(S.register_levels(study, tracker, S.trial_records(tracker)))
-        _run_stages(study, config_dir, tracker, outcome, resume)
+        _run_stages(study, config_dir, target, tracker, outcome, resume)
         tracker.log_metrics(tracker.parent_id, {"study_wall_seconds": time.perf_counter() - t0})
         report_dir = Path(study.report_dir or Path(study.home) / "reports" / study.name)
         outcome.report = R.write_report(study.name, report_dir, tracker=tracker)

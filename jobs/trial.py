@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 
 from flowers import config as C
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 # files of a finished trial that travel in its final checkpoint (the driver logs them)
 FINAL_FILES = ("best.pt", "config.yaml", "split.json", "metrics.json", "curves.png", "test_confusion.png",
                "test_confusion.csv", "test_per_class.csv", "test_most_confused.json")
+NODE_TAG = "ray.node_id"  # the node a trial's last result came from
+NODES_TAG = "ray.node_ids"  # every node it ran on, in order (a node failure moves it)
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "epoch_seconds",
                  "images_per_s", "best_val_acc")
 
@@ -84,14 +87,16 @@ def train_trial(config: dict[str, Any]) -> None:
             resume_from = run_dir / "last.pt"
             log.info("trial %s resumes from its checkpoint", spec["key"])
 
+    node = ray.get_runtime_context().get_node_id()  # recorded on the trial's MLflow run
+
     def report(metrics: dict[str, float], rd: Path) -> None:
-        _report_with_files({**metrics, "key": spec["key"], "final": False}, rd, ("last.pt", "best.pt"))
+        _report_with_files({**metrics, "key": spec["key"], "final": False, "node_id": node}, rd, ("last.pt", "best.pt"))
 
     res = fit(cfg, make_task(cfg), callback=report, run_dir=run_dir, resume_from=resume_from)
     last = res.history[-1] if res.history else {}
     test = {f"test_{k}": v for k, v in res.test_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     _report_with_files({**last, **test, "best_val_acc": res.best_val_acc, "best_epoch": res.best_epoch,
-                        "key": spec["key"], "final": True}, res.run_dir, FINAL_FILES)
+                        "key": spec["key"], "final": True, "node_id": node}, res.run_dir, FINAL_FILES)
 
 
 class MlflowStudyCallback(tune.Callback):
@@ -103,10 +108,11 @@ class MlflowStudyCallback(tune.Callback):
         self.study_tags = study_tags or {}
         self._tracker: T.StudyTracker | None = None
         self._params_logged: set[str] = set()
+        self._nodes: dict[str, list[str]] = {}
 
     def __getstate__(self) -> dict:
         # Tune pickles the run config (with callbacks) for `Tuner.restore`; the client is rebuilt lazily
-        return {**self.__dict__, "_tracker": None, "_params_logged": set()}
+        return {**self.__dict__, "_tracker": None, "_params_logged": set(), "_nodes": {}}
 
     @property
     def tracker(self) -> T.StudyTracker:
@@ -129,9 +135,22 @@ class MlflowStudyCallback(tune.Callback):
             self._params_logged.add(key)
         return run_id
 
+    def _record_node(self, run_id: str, node: str | None) -> None:
+        """Tag the run with the Ray node it ran on (every node, in order, if a restart moved it)."""
+        if not node:
+            return
+        seen = self._nodes.setdefault(run_id, [])
+        if not seen:  # after a driver restart: continue the list the run already has
+            prior = self.tracker.client.get_run(run_id).data.tags.get(NODES_TAG, "")
+            seen.extend(x for x in prior.split(",") if x)
+        if not seen or seen[-1] != node:
+            seen.append(node)
+            self.tracker.set_tags(run_id, {NODE_TAG: node, NODES_TAG: ",".join(seen)})
+
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         try:
             run_id = self._run_for(trial)
+            self._record_node(run_id, result.get("node_id"))
             if result.get("final"):
                 keep = {k: v for k, v in result.items() if k.startswith("test_") or k in ("best_val_acc", "best_epoch")}
                 self.tracker.log_metrics(run_id, keep)

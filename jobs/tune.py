@@ -19,7 +19,7 @@ from typing import Any
 from ray import tune
 
 from flowers import config as C
-from flowers import registry
+from flowers import registry, storage
 from flowers import tracking as T
 from flowers.registry import TrackingTarget
 from flowers.study import TrialSpec, pin_data_root, run_root, storage_path
@@ -51,35 +51,44 @@ def fit_tuner(tuner: tune.Tuner) -> tune.ResultGrid:
 
 
 def trainable(resources: C.ResourcesConfig):
-    """`train_trial` with its per-trial CPUs and GPUs (by default a share of the GPUs, none without)."""
+    """`train_trial` with its per-trial CPUs and GPUs (by default a share of the cluster's GPUs,
+    counted by Ray across all nodes: a CPU-only head may drive GPU workers)."""
     gpus = resources.gpus_per_trial
     if gpus is None:
-        import torch
-
-        n = torch.cuda.device_count()
+        n = cluster.cluster_gpus()
         gpus = 0.0 if n == 0 else min(1.0, n / resources.max_concurrent)
     return tune.with_resources(train_trial, {"cpu": resources.cpus_per_trial, "gpu": gpus})
 
 
+def tune_storage(uri: str) -> tuple[str, dict[str, Any]]:
+    """(storage_path, extra kwargs) for Tune: object storage goes through our filesystem resolver,
+    so an S3-compatible endpoint (AWS_ENDPOINT_URL_S3) and bounded retries apply."""
+    if not storage.is_remote(uri):
+        return uri, {}
+    fs, path = storage.filesystem(uri)
+    return path, {"storage_filesystem": fs}
+
+
 def run_tune(study: C.StudyConfig, specs: list[TrialSpec], target: TrackingTarget, resume: bool = False) -> list[str]:
     """Run (or continue) the study's trials as one Tune grid; returns the keys of trials that failed for good."""
-    storage = storage_path(study.home, study.storage_path)
-    exp_path = f"{storage.rstrip('/')}/{study.name}"
-    if resume and tune.Tuner.can_restore(exp_path):
-        log.info("restoring the Tune experiment at %s", exp_path)
+    store = storage_path(study.home, study.storage_path)
+    where, fs_kw = tune_storage(store)
+    exp_path = f"{where.rstrip('/')}/{study.name}"
+    if resume and tune.Tuner.can_restore(exp_path, **fs_kw):
+        log.info("restoring the Tune experiment at %s/%s", store.rstrip("/"), study.name)
         tuner = tune.Tuner.restore(exp_path, trainable=trainable(study.resources), resume_unfinished=True,
-                                   resume_errored=True)
+                                   resume_errored=True, **fs_kw)
     else:
-        if "://" not in exp_path and Path(exp_path, "tuner.pkl").exists():
+        if not fs_kw and Path(exp_path, "tuner.pkl").exists():
             raise C.ConfigError(f"study '{study.name}' already has a Tune experiment at {exp_path}: "
                                 "continue it with --resume, or choose another name with --set study.name=NEW")
         tuner = tune.Tuner(
             trainable(study.resources),
-            param_space={"trial": tune.grid_search([s.to_param(run_root(storage, study.name)) for s in specs])},
+            param_space={"trial": tune.grid_search([s.to_param(run_root(store, study.name)) for s in specs])},
             tune_config=tune.TuneConfig(max_concurrent_trials=study.resources.max_concurrent,
                                         trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
-                name=study.name, storage_path=storage,
+                name=study.name, storage_path=where, **fs_kw,
                 failure_config=tune.FailureConfig(max_failures=study.max_failures),
                 checkpoint_config=CHECKPOINTS,
                 callbacks=[MlflowStudyCallback(study.name, target, {"study": study.name})],
@@ -122,17 +131,18 @@ def parse_space(texts: list[str]) -> dict[str, Any]:
 def run_search(cfg: C.Config, space: dict[str, Any], search: C.SearchConfig, target: TrackingTarget,
                home: str = registry.DEFAULT_HOME) -> dict[str, Any]:
     """A hyperparameter search around `cfg` (ASHA early stopping optional); the best trial's values."""
-    storage = storage_path(home)
+    store = storage_path(home)
+    where, fs_kw = tune_storage(store)
     spec = TrialSpec(cfg.level, [cfg.level, "search"], pin_data_root(cfg))
     scheduler = (tune.schedulers.ASHAScheduler(time_attr="training_iteration", grace_period=1, reduction_factor=2)
                  if search.asha else None)
     tuner = tune.Tuner(
         trainable(search.resources),
-        param_space={"trial": spec.to_param(run_root(storage, search.name)), "overrides": space},
+        param_space={"trial": spec.to_param(run_root(store, search.name)), "overrides": space},
         tune_config=tune.TuneConfig(metric="val_acc", mode="max", num_samples=search.num_samples, scheduler=scheduler,
                                     max_concurrent_trials=search.resources.max_concurrent),
         run_config=tune.RunConfig(
-            name=search.name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=search.max_failures),
+            name=search.name, storage_path=where, **fs_kw, failure_config=tune.FailureConfig(max_failures=search.max_failures),
             checkpoint_config=CHECKPOINTS, verbose=1,
             callbacks=[MlflowStudyCallback(search.name, target, {"study": search.name, "search": "true"})]))
     best = fit_tuner(tuner).get_best_result(metric="val_acc", mode="max", scope="all")

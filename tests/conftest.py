@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -15,8 +16,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def free_port() -> int:
     """A free port outside the ephemeral range, so Ray's own servers cannot take it meanwhile."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     from serve.ingress_env import pick_port
 
     return pick_port()
@@ -163,3 +162,31 @@ def small_study(ray_session, synth_root, tmp_path_factory):
             os.environ["MLFLOW_TRACKING_URI"] = old_env
         mlflow.set_tracking_uri(old_uri)
     return study, outcome
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on loopback with a bucket `flowers`, and the env that points at it."""
+    import boto3
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"]).create_bucket(Bucket="flowers")
+        yield env
+    finally:
+        proc.kill()
+        proc.wait()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

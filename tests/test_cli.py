@@ -1,5 +1,6 @@
 """`flowers` command line: help tells the story, bad configs give one line and exit 2."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +47,15 @@ def test_data_synth_and_verify(tmp_path):
     assert r.returncode == 0
     r = flowers("data", "verify", "--root", str(tmp_path / "s"))
     assert r.returncode == 0 and "images: 18" in r.stdout
+
+
+def test_submit_takes_its_flags_before_the_double_dash_and_requires_a_tracking_server():
+    """`flowers submit study --address URL -- ARGS`: the job's args follow `--`; a submitted study
+    without a tracking URI would lose its store with the job's temporary working dir."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    cmd = [sys.executable, "-m", "flowers.cli", "submit", "study", "--address", "http://127.0.0.1:1", "--",
+           "--profile", "smoke"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "needs a tracking server" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = subprocess.run(cmd + ["--tracking-uri", "http://127.0.0.1:2"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "cannot reach the Ray Jobs API at http://127.0.0.1:1" in r.stderr, r.stderr

@@ -8,9 +8,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,6 +18,7 @@ from flowers import config as C
 from flowers import storage
 from flowers.data import DataError
 from flowers.data.remote import MANIFEST_NAME, build_manifest, materialize, publish
+from conftest import free_port
 
 
 class _Counting(http.server.SimpleHTTPRequestHandler):
@@ -117,41 +115,7 @@ def test_missing_dataset_says_how_to_publish(http_dataset, tmp_path):
         materialize(uri + "-missing", tmp_path / "cache")
 
 
-# ----------------------------------------------------------------------------- S3-compatible server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """moto's S3 server on loopback with a bucket `flowers`, and the env that points at it."""
-    import boto3
-
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"]).create_bucket(Bucket="flowers")
-        yield env
-    finally:
-        proc.kill()
-        proc.wait()
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+# ----------------------------------------------------------------------------- S3-compatible server (conftest: s3_server)
 
 
 def test_publish_to_s3_and_train_data_from_the_uri(s3_server, synth_root, tmp_path, monkeypatch):
@@ -169,7 +133,7 @@ def test_object_store_errors_are_one_line(s3_server, synth_root, monkeypatch):
     with pytest.raises(storage.StorageError, match="not usable"):
         storage.check_writable("s3://no-such-bucket/prefix")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")  # moto accepts any key; a closed port does not
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
     t0 = time.monotonic()
     with pytest.raises(storage.StorageError, match="object store running") as e:
         storage.check_writable("s3://flowers/prefix")

@@ -22,12 +22,19 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    import os
     from pathlib import Path
 
     from flowers.config import ConfigError
     from jobs import client as J
 
     extra = list(args.args)
+    tracked = any(a == "--tracking-uri" or a.startswith("--tracking-uri=") for a in extra) or \
+        bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    if args.job in ("study", "tune") and not (tracked or args.local_store):
+        # the job runs in a temporary copy of the working dir: an embedded store there is lost with it
+        raise ConfigError(f"a submitted {args.job} needs a tracking server: add `-- --tracking-uri http://MLFLOW:5000` "
+                          "(or set MLFLOW_TRACKING_URI), or pass --local-store when the Ray head runs on this machine")
     if args.job == "study" and args.local_store and not any(a.startswith("study.home=") for a in extra):
         # the job runs in a copy of the working dir; a relative .flowers would vanish with it
         extra += ["--set", f"study.home={Path('.flowers').resolve()}"]
