@@ -9,5 +9,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from flowers.data import DataError
     from flowers.models import ModelError
     from flowers.storage import StorageError
+    from flowers.tracking import TrackingError
 
-    return (ConfigError, DataError, ModelError, ModelLoadError, StorageError, FileNotFoundError, PermissionError)
+    return (ConfigError, DataError, ModelError, ModelLoadError, StorageError, TrackingError, FileNotFoundError,
+            PermissionError)

@@ -22,6 +22,10 @@ from flowers.registry import CHAMPION, TrackingTarget, register
 
 log = logging.getLogger(__name__)
 
+class TrackingError(RuntimeError):
+    """The tracking server could not record what a study produced; the message says what to do."""
+
+
 STUDY_TAG = "flowers.study"
 ROLE_TAG = "flowers.role"  # study | trial | stage
 KEY_TAG = "flowers.key"  # stable trial/stage name: finds the same child run after a restore

@@ -7,12 +7,14 @@ runs in the driver process: one writer, however many trials.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray import tune
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 # files of a finished trial that travel in its final checkpoint (the driver logs them)
 FINAL_FILES = ("best.pt", "config.yaml", "split.json", "metrics.json", "curves.png", "test_confusion.png",
                "test_confusion.csv", "test_per_class.csv", "test_most_confused.json")
+PENDING_WAIT_S = 300  # at the end, how long queued MLflow writes wait for the server to come back
 NODE_TAG = "ray.node_id"  # the node a trial's last result came from
 NODES_TAG = "ray.node_ids"  # every node it ran on, in order (a node failure moves it)
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "epoch_seconds",
@@ -102,6 +105,8 @@ def train_trial(config: dict[str, Any]) -> None:
 class MlflowStudyCallback(tune.Callback):
     """Driver-side logger: per-epoch metrics live, artifacts and the model when a trial ends."""
 
+    undelivered: dict[str, int] = {}  # study → MLflow writes left queued at the end of its experiment
+
     def __init__(self, study: str, target: TrackingTarget, study_tags: dict[str, str] | None = None) -> None:
         self.study = study
         self.target = target
@@ -109,10 +114,11 @@ class MlflowStudyCallback(tune.Callback):
         self._tracker: T.StudyTracker | None = None
         self._params_logged: set[str] = set()
         self._nodes: dict[str, list[str]] = {}
+        self._pending: list[tuple[str, Callable[[], None]]] = []
 
     def __getstate__(self) -> dict:
         # Tune pickles the run config (with callbacks) for `Tuner.restore`; the client is rebuilt lazily
-        return {**self.__dict__, "_tracker": None, "_params_logged": set(), "_nodes": {}}
+        return {**self.__dict__, "_tracker": None, "_params_logged": set(), "_nodes": {}, "_pending": []}
 
     @property
     def tracker(self) -> T.StudyTracker:
@@ -147,35 +153,57 @@ class MlflowStudyCallback(tune.Callback):
             seen.append(node)
             self.tracker.set_tags(run_id, {NODE_TAG: node, NODES_TAG: ",".join(seen)})
 
+    # MLflow writes are queued in order and retried on the next event when the server is away
+    # (MLflow's client already retries each request for a while): nothing is lost to an outage.
+
+    def _deliver(self, what: str, write: Callable[[], None]) -> None:
+        self._pending.append((what, write))
+        while self._pending:
+            name, fn = self._pending[0]
+            try:
+                fn()
+            except Exception as e:  # tracking must never kill the study
+                log.warning("MLflow write '%s' failed (%s); %d queued, retried on the next event",
+                            name, str(e).splitlines()[0] if str(e) else type(e).__name__, len(self._pending))
+                return
+            self._pending.pop(0)
+
+    def _log_result(self, trial, result: dict[str, Any]) -> None:
+        run_id = self._run_for(trial)
+        self._record_node(run_id, result.get("node_id"))
+        if result.get("final"):
+            keep = {k: v for k, v in result.items() if k.startswith("test_") or k in ("best_val_acc", "best_epoch")}
+            self.tracker.log_metrics(run_id, keep)
+        else:
+            keep = {k: v for k, v in result.items() if k in EPOCH_METRICS}
+            self.tracker.log_metrics(run_id, keep, step=int(result.get("epoch", 0)))
+
+    def _log_final(self, trial, ckpt) -> None:
+        run_id = self._run_for(trial)
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                d = Path(d)
+                T.log_run_dir(self.tracker, run_id, d)
+                if (d / "best.pt").is_file():
+                    self.tracker.log_model_dir(run_id, d, "model")
+        self.tracker.finish(run_id)
+
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        try:
-            run_id = self._run_for(trial)
-            self._record_node(run_id, result.get("node_id"))
-            if result.get("final"):
-                keep = {k: v for k, v in result.items() if k.startswith("test_") or k in ("best_val_acc", "best_epoch")}
-                self.tracker.log_metrics(run_id, keep)
-            else:
-                keep = {k: v for k, v in result.items() if k in EPOCH_METRICS}
-                self.tracker.log_metrics(run_id, keep, step=int(result.get("epoch", 0)))
-        except Exception:  # tracking must never kill the study
-            log.exception("MLflow logging failed for trial %s", trial)
+        self._deliver(f"metrics of {trial}", functools.partial(self._log_result, trial, dict(result)))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        try:
-            run_id = self._run_for(trial)
-            ckpt = trial.checkpoint
-            if ckpt is not None:
-                with ckpt.as_directory() as d:
-                    d = Path(d)
-                    T.log_run_dir(self.tracker, run_id, d)
-                    if (d / "best.pt").is_file():
-                        self.tracker.log_model_dir(run_id, d, "model")
-            self.tracker.finish(run_id)
-        except Exception:
-            log.exception("MLflow logging failed at the end of trial %s", trial)
+        self._deliver(f"artifacts of {trial}", functools.partial(self._log_final, trial, trial.checkpoint))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        try:
-            self.tracker.finish(self._run_for(trial), "FAILED")
-        except Exception:
-            log.exception("MLflow logging failed for errored trial %s", trial)
+        self._deliver(f"status of {trial}", lambda: self.tracker.finish(self._run_for(trial), "FAILED"))
+
+    def on_experiment_end(self, trials, **info) -> None:
+        """Last chance for queued writes: wait for the server a while, then say what is missing."""
+        deadline = time.monotonic() + PENDING_WAIT_S
+        while self._pending and time.monotonic() < deadline:
+            time.sleep(5)
+            self._deliver("queued writes", lambda: None)
+        # Tune may run a copy of this callback (a restored Tuner unpickles its own): report by study name
+        MlflowStudyCallback.undelivered[self.study] = len(self._pending)
+        if self._pending:
+            log.error("%d MLflow writes could not be delivered (first: %s)", len(self._pending), self._pending[0][0])

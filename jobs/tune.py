@@ -73,6 +73,8 @@ def run_tune(study: C.StudyConfig, specs: list[TrialSpec], target: TrackingTarge
     """Run (or continue) the study's trials as one Tune grid; returns the keys of trials that failed for good."""
     store = storage_path(study.home, study.storage_path)
     where, fs_kw = tune_storage(store)
+    callback = MlflowStudyCallback(study.name, target, {"study": study.name})
+    MlflowStudyCallback.undelivered.pop(study.name, None)
     exp_path = f"{where.rstrip('/')}/{study.name}"
     if resume and tune.Tuner.can_restore(exp_path, **fs_kw):
         log.info("restoring the Tune experiment at %s/%s", store.rstrip("/"), study.name)
@@ -91,11 +93,15 @@ def run_tune(study: C.StudyConfig, specs: list[TrialSpec], target: TrackingTarge
                 name=study.name, storage_path=where, **fs_kw,
                 failure_config=tune.FailureConfig(max_failures=study.max_failures),
                 checkpoint_config=CHECKPOINTS,
-                callbacks=[MlflowStudyCallback(study.name, target, {"study": study.name})],
+                callbacks=[callback],
                 verbose=1,
             ),
         )
     grid = fit_tuner(tuner)
+    if MlflowStudyCallback.undelivered.get(study.name):
+        raise T.TrackingError(f"the MLflow server {target.tracking_uri} stayed unreachable; trial metrics or "
+                              "artifacts were not recorded. Start it again and rerun with --resume (finished "
+                              "trials are not trained again)")
     failed = [r.config["trial"]["key"] for r in grid if r.error is not None]
     for key in failed:
         log.warning("trial %s failed after %d retries; the study goes on without it", key, study.max_failures)
