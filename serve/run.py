@@ -42,7 +42,7 @@ def deploy(settings: ServeConfig, block: bool) -> int:
     if settings.pin:
         uris = {k: registry.pin(v) for k, v in uris.items()}
     for uri in uris.values():  # fail here with one line, not in a replica constructor retry loop
-        registry.resolve(uri)
+        registry.describe(uri)  # the manifest and its files, without loading weights
     overrides = {**uris, "tracking_uri": tracking or os.environ.get("MLFLOW_TRACKING_URI")}
 
     import ray
@@ -67,15 +67,15 @@ def deploy(settings: ServeConfig, block: bool) -> int:
         if not block:
             print("note: no --address/RAY_ADDRESS: deploying on a temporary local Ray that stops when this "
                   "process exits (use `flowers serve` to serve locally)", file=sys.stderr)
-    if block:
+    # embedded Ray: offer at least what the minimum replicas ask for, even on a 2-core laptop
+    # (torch threads follow each replica's num_cpus, so this oversubscribes nothing)
+    connect(address, num_cpus=max(os.cpu_count() or 1, math.ceil(spec.required_cpus())))
+    if block:  # after ray.init, which installs a SIGTERM handler of its own that skips the message
         def _stop(signum, frame):  # SIGTERM (systemd, kill), and SIGINT even when started with `&`
             raise KeyboardInterrupt
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _stop)
-    # embedded Ray: offer at least what the minimum replicas ask for, even on a 2-core laptop
-    # (torch threads follow each replica's num_cpus, so this oversubscribes nothing)
-    connect(address, num_cpus=max(os.cpu_count() or 1, math.ceil(spec.required_cpus())))
     try:
         serve.start(http_options={"host": http["host"], "port": int(http["port"])})
         try:
