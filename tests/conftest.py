@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ["tests.cluster_fixture"]  # `test_cluster`: the local multi-node cluster
 
 
 def free_port() -> int:
