@@ -45,9 +45,10 @@ BUCKET = "flowers"
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "flowers-test", "AWS_SECRET_ACCESS_KEY": "flowers-test-secret",
            "AWS_DEFAULT_REGION": "us-east-1"}
 STATE_FILE = "cluster.json"
-# the driver's settings that a node on another machine would not have
-DRIVER_ONLY_ENV = ("FLOWERS_DATA", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS",
-                   "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+# the driver's settings that a node on another machine would not have; every inherited RAY_*
+# goes too (a pytest process that started a local Ray carries its Serve ports and job flags),
+# and what the nodes should get comes through `node_env`
+DRIVER_ONLY_ENV = ("FLOWERS_DATA", "MLFLOW_TRACKING_URI")
 NODE_LABEL = "flowers.node"
 # Ray puts unix sockets at <temp-dir>/session_<date>_<time>_<pid>/sockets/plasma_store; Linux caps
 # a socket path at 107 bytes, which leaves about 45 for the temp dir
@@ -317,12 +318,14 @@ def _mlflow_cmd(state: dict, port: int) -> list[str]:
 
 
 def _node_env(state: dict) -> dict[str, str]:
-    """What every node process gets: no driver-only settings; allocator, token auth, storage credentials."""
+    """What every node process gets: the launching env without driver-only settings and RAY_*; the
+    allocator setting, token auth, storage credentials and `node_env`."""
     from flowers.runtime import allocator_env
 
-    env = {k: v for k, v in os.environ.items() if k not in DRIVER_ONLY_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in DRIVER_ONLY_ENV and not k.startswith("RAY_")}
     env.update(allocator_env())
     env.update(storage_env(state))
+    env.update(state.get("node_env", {}))
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=state["token_path"], RAY_USAGE_STATS_ENABLED="0")
     return env
 
@@ -519,10 +522,12 @@ class TestCluster:
 
 def up(state_dir: str | Path | None = None, workers: int = 2, cpus_per_worker: float = 1, gpus_per_worker: int = 0,
        masks: list[str | Path] | None = None, workdir: str | Path | None = None,
-       object_store_mb: int = 300, head_object_store_mb: int = 100, timeout: float = 120.0) -> TestCluster:
+       object_store_mb: int = 300, head_object_store_mb: int = 100, node_env: dict[str, str] | None = None,
+       timeout: float = 120.0) -> TestCluster:
     """Start the cluster (PostgreSQL, S3, MLflow, Ray head + `workers` nodes); see the module docstring.
 
     `masks` None means `default_masks(workdir)`; [] starts workers without a mount namespace.
+    `node_env`: extra variables for every node (Serve's front, Ray settings like RAY_health_check_*).
     Refuses when a cluster from `state_dir` still runs. On any failure, stops what it started.
     """
     sd = Path(state_dir or default_state_dir()).absolute()
@@ -543,7 +548,8 @@ def up(state_dir: str | Path | None = None, workers: int = 2, cpus_per_worker: f
     (sd / "logs").mkdir()
     state = {"state_dir": str(sd), "ray": ray_binary(), "token_path": str(token), "masks": [str(m) for m in mounted],
              "worker_spec": {"cpus": cpus_per_worker, "gpus": gpus_per_worker, "object_store_mb": object_store_mb},
-             "head_object_store_mb": head_object_store_mb, "workers": {}, "node_ids": {}, "created": time.time()}
+             "head_object_store_mb": head_object_store_mb, "node_env": dict(node_env or {}), "workers": {},
+             "node_ids": {}, "created": time.time()}
     cluster = TestCluster(sd, state)
     t0 = time.monotonic()
     try:
