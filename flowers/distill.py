@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from flowers import config as C
+from flowers.checkpoint import PER_IMAGE, per_image_record, write_json
 from flowers.data.bundle import build_data
 from flowers.evaluate import compute_metrics, write_eval_artifacts
 from flowers.export import REGISTERED_NAME, export_student, latency, load_variant, sync_onnx_metadata
@@ -46,7 +47,9 @@ def run_distill_stage(cfg: C.Config, out_dir: Path, callback: Callable | None = 
     pp = student.preprocessing
     data = build_data(cfg.data, pp, seed=cfg.train.seed)
     model_dir = export_student(res.best_checkpoint, out_dir / "model", data.eval_part("train"),
-                               extra={"teacher": cfg.distill.teacher, "distill_mode": task.mode},
+                               extra={"teacher": cfg.distill.teacher, "distill_mode": task.mode,
+                                      "lineage": {"parents": [{"name": task.teacher.name, "version": task.teacher.version,
+                                                               "uri": cfg.distill.teacher}]}},
                                **(export_kwargs or {}))
     variants = {"int8": load_variant(model_dir, "int8"), "dynamic_int8": load_variant(model_dir, "dynamic_int8"),
                 "onnx_fp32": load_variant(model_dir, "fp32")}
@@ -88,6 +91,8 @@ def run_distill_stage(cfg: C.Config, out_dir: Path, callback: Callable | None = 
         metrics[f"latency_{key}_p95_ms"] = lat["p95_ms"]
     metrics["speedup_int8_vs_teacher"] = metrics["latency_teacher_p50_ms"] / metrics["latency_int8_p50_ms"]
 
+    # the deployed (INT8) model's per-image results: the registry gate compares versions on them
+    write_json(model_dir / PER_IMAGE, per_image_record(data.test.paths, labels, probs["int8"].argmax(1)))
     # uncertainty on the deployed (INT8) model: threshold on val, judged on test
     metrics, tail_files = stage_tail(
         out_dir, model_dir, variants["int8"], (val_int8, val_labels), (probs["int8"], labels),

@@ -3,7 +3,8 @@
 An ensemble is a self-contained model folder::
 
     flowers_model.json   {"kind": "ensemble", "members": [{"uri", "name", "version", "file"}], "weights", ...}
-    members/0_l1.pt      each member's checkpoint (or exported folder), copied in
+    members/0_l1/        each member's model folder, copied in (a training checkpoint becomes
+                         model.safetensors + manifest: no pickle, no optimizer state)
 
 so `flowers.predict.load_model(folder)` (or `models:/flowers-ensemble@champion` once
 logged) needs nothing else. Every member sees its own eval preprocessing: the ensemble's
@@ -31,7 +32,8 @@ import numpy as np
 import torch
 
 from flowers import registry
-from flowers.checkpoint import ModelLoadError, find_manifest, read_manifest, write_manifest
+from flowers.checkpoint import (PER_IMAGE, ModelLoadError, find_manifest, load_checkpoint, per_image_record, read_manifest,
+                                verify_folder, write_checkpoint_folder, write_json, write_manifest)
 from flowers.config import ConfigError, DataConfig
 from flowers.data.transforms import Preprocessing
 from flowers.predict import Batch, LoadedModel, load_model
@@ -122,9 +124,10 @@ def build_ensemble(member_uris: Sequence[str], out_dir: Path, weights: Sequence[
     soft_vote([np.ones((1, 1))] * len(weights), weights)  # validates the weights
     out_dir = Path(out_dir)
     (out_dir / "members").mkdir(parents=True, exist_ok=True)
-    members, class_names, pps = [], None, []
+    members, class_names, pps, infos = [], None, [], []
     for i, uri in enumerate(member_uris):
         info = registry.describe(uri)
+        infos.append(info)
         if class_names is None:
             class_names = list(info.class_names)
         elif list(info.class_names) != class_names:
@@ -134,10 +137,17 @@ def build_ensemble(member_uris: Sequence[str], out_dir: Path, weights: Sequence[
         src = _member_source(registry.resolve(uri).path, str(uri))
         config = info.manifest.get("config") or {}
         mname = (member_names[i] if member_names else None) or config.get("level") or info.name
-        dest = out_dir / "members" / f"{i}_{_safe(str(mname))}{src.suffix if src.is_file() else ''}"
+        as_folder = src.is_dir() or src.suffix != ".onnx"  # a checkpoint file becomes a model folder
+        dest = out_dir / "members" / f"{i}_{_safe(str(mname))}{'' if as_folder else src.suffix}"
         if dest.exists():
             shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
-        (shutil.copy2 if src.is_file() else shutil.copytree)(src, dest)
+        if src.is_dir():
+            verify_folder(src, read_manifest(src))  # copy only a member that is what it was written as
+            shutil.copytree(src, dest)
+        elif as_folder:
+            write_checkpoint_folder(load_checkpoint(src), dest)
+        else:
+            shutil.copy2(src, dest)
         pp = Preprocessing.from_dict(info.preprocessing)
         pps.append(pp)
         members.append({
@@ -147,9 +157,11 @@ def build_ensemble(member_uris: Sequence[str], out_dir: Path, weights: Sequence[
             **({"run_id": info.run_id} if info.run_id else {}),
         })
     views, _ = member_views(pps)
+    parents = [{"name": (info.name if info.version else m["name"]), "version": m["version"], "uri": m["uri"]}
+               for info, m in zip(infos, members)]
     write_manifest(out_dir, "ensemble", "", name=name, members=members, weights=weights, class_names=class_names,
                    preprocessing=views[0].to_dict(), views=[v.to_dict() for v in views],
-                   created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                   created=time.strftime("%Y-%m-%dT%H:%M:%S"), lineage={"parents": parents})
     log.info("ensemble of %d members (%d input views) written to %s", len(members), len(views), out_dir)
     return out_dir
 
@@ -350,6 +362,7 @@ def run_ensemble_stage(member_uris: dict[str, str], data_cfg: DataConfig, out_di
     """
     from flowers.data.bundle import build_data
     from flowers.evaluate import compute_metrics, write_eval_artifacts
+    from flowers.governance import data_lineage
     from flowers.predict import predict_dataset
     from flowers.stages import Explained, stage_tail
 
@@ -376,6 +389,8 @@ def run_ensemble_stage(member_uris: dict[str, str], data_cfg: DataConfig, out_di
             log.info("member %s %s top-1 %.4f", key, split, (probs[split][key].argmax(1) == labels[split]).mean())
     ens = {s: soft_vote([probs[s][k] for k in keys], w) for s in probs}
     test_m, files = write_eval_artifacts(ens["test"], labels["test"], data.class_names, out_dir, prefix="test")
+    # per-image results in the model folder: the registry gate compares versions on them
+    write_json(model_dir / PER_IMAGE, per_image_record(data.test.paths, labels["test"], ens["test"].argmax(1)))
     val_m = compute_metrics(ens["val"], labels["val"])
     metrics: dict[str, float] = {
         "val_top1": val_m["top1"], "test_top1": test_m["top1"], "test_top5": test_m["top5"],
@@ -395,6 +410,7 @@ def run_ensemble_stage(member_uris: dict[str, str], data_cfg: DataConfig, out_di
     (out_dir / "test_diversity.json").write_text(json.dumps(report, indent=2))
     artifacts += [out_dir / "test_diversity.json", plot_diversity(report, out_dir / "test_diversity.png")]
 
+    data_config = {"data": {f: getattr(data_cfg, f) for f in data_cfg.__dataclass_fields__}}
     explain = [Explained(k, m, data.eval_part("test", m.transform(), m.draft_size), probs["test"][k])
                for k, m in members.items() if m.module is not None]
     metrics, tail_files = stage_tail(
@@ -402,7 +418,8 @@ def run_ensemble_stage(member_uris: dict[str, str], data_cfg: DataConfig, out_di
         {"ensemble": ens["test"], **probs["test"]}, policy=threshold_policy, target=threshold_target,
         ood_images=ood_images, explain=explain, explain_images=explain_images, metrics=metrics,
         manifest={"test_accuracy": metrics["test_top1"], "val_accuracy": metrics["val_top1"], "data": data.source,
-                  "config": {"data": {f: getattr(data_cfg, f) for f in data_cfg.__dataclass_fields__}}})
+                  "config": data_config,
+                  "lineage": {**data_lineage(data, data_config), **(manifest.get("lineage") or {})}})
     artifacts += tail_files
     params = {"members": ",".join(keys), "weights": ",".join(f"{x:g}" for x in w),
               "uncertainty_policy": threshold_policy, "uncertainty_target": threshold_target,

@@ -43,7 +43,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from flowers.checkpoint import ModelLoadError, load_checkpoint, model_from_checkpoint, read_manifest, write_manifest
+from flowers.checkpoint import (ModelLoadError, load_checkpoint, model_from_checkpoint, read_manifest, update_manifest,
+                                write_manifest)
 from flowers.data.transforms import Preprocessing
 from flowers.predict import LoadedModel, TorchProbModel
 from flowers.runtime import cpu_share
@@ -215,6 +216,9 @@ def export_student(checkpoint: Path, out_dir: Path, calibration: Dataset | Seque
         if key in files:
             _embed_metadata(out_dir / files[key], embedded)
     test = ckpt.get("test_metrics", {})
+    extra = dict(extra or {})
+    # the student's data/split/config hashes from training, plus what the caller adds (its teacher)
+    lineage = {**(ckpt.get("lineage") or {}), **(extra.pop("lineage", None) or {})}
     write_manifest(
         out_dir, "onnx", files["int8"],
         name=name,
@@ -229,7 +233,8 @@ def export_student(checkpoint: Path, out_dir: Path, calibration: Dataset | Seque
         config=ckpt["config"],
         source_checkpoint=str(checkpoint),
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        **(extra or {}),
+        lineage=lineage,
+        **extra,
     )
     log.info("exported %s to %s in %.1fs (%s)", checkpoint, out_dir, time.perf_counter() - t0, ", ".join(files.values()))
     return out_dir
@@ -242,6 +247,7 @@ def sync_onnx_metadata(model_dir: Path) -> None:
     for f in manifest.get("files", {}).values():
         if f.endswith(".onnx"):
             _embed_metadata(Path(model_dir) / f, embedded)
+    update_manifest(model_dir)  # the ONNX files changed: their checksums too
 
 
 # ----------------------------------------------------------------------------- loading

@@ -19,7 +19,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from flowers import registry
-from flowers.checkpoint import ModelLoadError, load_checkpoint, locate_model, model_from_checkpoint
+from flowers.checkpoint import (ModelLoadError, find_manifest, load_checkpoint, locate_model, model_from_checkpoint,
+                                model_from_folder, sha256_file)
 from flowers.data import ImageDecodeError, open_image
 from flowers.data.transforms import Normalize, Preprocessing, eval_transform, resize_crop
 from flowers.runtime import progress_bar
@@ -130,11 +131,21 @@ class TorchProbModel(torch.nn.Module):
 
 
 def load_torch_checkpoint(path: Path, manifest: dict, device: str) -> LoadedModel:
-    """Loader for manifest kind `checkpoint` (or a bare `best.pt`)."""
-    ckpt = load_checkpoint(path, device)
+    """Loader for manifest kind `checkpoint`: `model.safetensors` + manifest (registered models),
+    or a training checkpoint (`best.pt`, read with `weights_only=True`)."""
+    if Path(path).suffix == ".safetensors":
+        # a model folder: weights from safetensors, everything else from the (verified) manifest
+        ckpt = {"model_name": manifest["model_name"], "class_names": manifest["class_names"],
+                "preprocessing": manifest["preprocessing"], "config": manifest.get("config") or {},
+                "test_metrics": manifest.get("test_metrics") or {"top1": manifest.get("test_accuracy")},
+                "uncertainty_threshold": manifest.get("uncertainty_threshold")}
+        net = model_from_folder(path, manifest)
+    else:
+        ckpt = load_checkpoint(path, device)
+        net = model_from_checkpoint(ckpt)
     pp = Preprocessing.from_dict(ckpt["preprocessing"])
     # channels_last lets oneDNN pick its blocked conv kernels (measured: README performance table)
-    module = TorchProbModel(model_from_checkpoint(ckpt), pp).to(device, memory_format=torch.channels_last).eval()
+    module = TorchProbModel(net, pp).to(device, memory_format=torch.channels_last).eval()
 
     @torch.inference_mode()
     def proba(x: torch.Tensor) -> np.ndarray:
@@ -166,6 +177,12 @@ def _loader(kind: str) -> Callable[[Path, dict, str], LoadedModel]:
 def load_model(uri: str | Path, device: str = "cpu") -> LoadedModel:
     """The one way to load a model for inference."""
     resolved = registry.resolve(uri)
+    if resolved.manifest_sha256:
+        # the registry pinned this version's manifest when it was registered: a rewritten one is refused
+        found = find_manifest(resolved.path)
+        if found is None or sha256_file(found) != resolved.manifest_sha256:
+            raise ModelLoadError(f"model '{uri}': its manifest does not match the checksum the registry recorded "
+                                 "for this version; the artifacts were changed after registration, refusing them")
     kind, target, manifest = locate_model(resolved.path)
     try:
         loaded = _loader(kind)(target, manifest, device)

@@ -20,7 +20,9 @@ from flowers.checkpoint import ModelLoadError, locate_model
 log = logging.getLogger(__name__)
 
 DEFAULT_HOME = ".flowers"  # the embedded store lives under the working folder
-CHAMPION = "champion"
+CHAMPION = "champion"  # what serving and scoring follow; moved only by the gate (flowers.governance)
+CHALLENGER = "challenger"  # every newly registered version
+MANIFEST_TAG = "flowers.manifest_sha256"  # version tag: SHA-256 of the version's model manifest
 # the study registers each level's model under these names
 REGISTERED = {"l1": "flowers-l1", "l2": "flowers-l2", "l3": "flowers-l3",
               "ensemble": "flowers-ensemble", "distill": "flowers-student"}
@@ -114,6 +116,7 @@ class Resolved:
     version: str | None = None
     alias: str | None = None
     run_id: str | None = None
+    manifest_sha256: str | None = None  # recorded at registration; loaders check the manifest against it
 
 
 def _split_models_uri(uri: str) -> tuple[str, str | None, str | None]:
@@ -167,7 +170,8 @@ def resolve(uri: str | Path) -> Resolved:
         if uri.startswith("models:/"):
             c = client(tracking)
             mv, alias = _version(c, uri)
-            facts = {"name": mv.name, "version": str(mv.version), "alias": alias, "run_id": mv.run_id}
+            facts = {"name": mv.name, "version": str(mv.version), "alias": alias, "run_id": mv.run_id,
+                     "manifest_sha256": (mv.tags or {}).get(MANIFEST_TAG)}
             # MLflow resolves models:/ against the global registry URI, ignoring the argument;
             # resolving the version's artifact location ourselves keeps this side-effect free
             source = c.get_model_version_download_uri(mv.name, mv.version)
@@ -220,7 +224,7 @@ def describe(uri: str | Path) -> ModelInfo:
     a bare checkpoint is read once (still no network is built).
     """
     r = resolve(uri)
-    kind, target, manifest = locate_model(r.path)
+    kind, target, manifest = locate_model(r.path, verify=False)  # reads the manifest only, no weights
     classes, pp = manifest.get("class_names"), manifest.get("preprocessing")
     name = manifest.get("name")
     if kind == "checkpoint" and not (classes and pp):  # a bare local checkpoint: read its header fields
@@ -248,13 +252,19 @@ def describe(uri: str | Path) -> ModelInfo:
 # ----------------------------------------------------------------------------- registering
 
 
-def register(c, name: str, run_id: str, artifact_path: str = "model", alias: str | None = CHAMPION,
-             tags: dict[str, str] | None = None, description: str | None = None) -> str:
-    """Register `runs:/<run_id>/<artifact_path>` as a new version of `name` and set `alias` on it."""
+def register(c, name: str, run_id: str, artifact_path: str = "model", alias: str | None = CHALLENGER,
+             tags: dict[str, str] | None = None, description: str | None = None,
+             model_tags: dict[str, str] | None = None) -> str:
+    """Register `runs:/<run_id>/<artifact_path>` as a new version of `name` and set `alias` on it.
+
+    `tags` go on the version; `model_tags` (default: the same) on the registered model. New
+    versions are challengers: `flowers.governance.decide` is what moves `champion`.
+    """
     from mlflow.exceptions import MlflowException
 
+    model_tags = dict(tags or {}) if model_tags is None else dict(model_tags)
     try:
-        c.create_registered_model(name, tags=dict(tags or {}), description=description)
+        c.create_registered_model(name, tags=model_tags, description=description)
     except MlflowException as e:
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise
@@ -262,7 +272,7 @@ def register(c, name: str, run_id: str, artifact_path: str = "model", alias: str
     mv = c.create_model_version(name, source=source, run_id=run_id, tags=tags or {}, description=description)
     if alias:
         c.set_registered_model_alias(name, alias, mv.version)
-    for k, v in (tags or {}).items():
+    for k, v in model_tags.items():
         c.set_registered_model_tag(name, k, v)
     log.info("registered %s version %s%s", name, mv.version, f" @{alias}" if alias else "")
     return str(mv.version)

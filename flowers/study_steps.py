@@ -1,9 +1,10 @@
 """The study's steps after Tune, Ray-free: champions, the L4/L5 stages, the hardware line.
 
 `trial_records` reads the finished trials back from MLflow, `register_levels` registers
-each level's best one as `flowers-lN@champion`, and `run_ensemble` / `run_distill` run
-the L4 and L5 stages (`flowers.ensemble`, `flowers.distill`) as child runs of the study
-and register their models. `jobs/study.py` calls them in order after the Tune step.
+each level's best one as a challenger of `flowers-lN` and runs the champion gate
+(`flowers.governance`), and `run_ensemble` / `run_distill` run the L4 and L5 stages
+(`flowers.ensemble`, `flowers.distill`) as child runs of the study and register their models
+the same way. `jobs/study.py` calls them in order after the Tune step.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from flowers import config as C
+from flowers import governance
 from flowers import registry
 from flowers import tracking as T
 from flowers.study import study_path, trial_config
@@ -61,23 +63,48 @@ def select_champions(study: C.StudyConfig, records: list[dict[str, Any]]) -> dic
     return chosen
 
 
-def _champion_run(client, name: str) -> str | None:
+def _version_of_run(client, name: str, run_id: str):
+    """The version of `name` already registered from `run_id` (a resumed study registers it once)."""
     try:
-        return client.get_model_version_by_alias(name, registry.CHAMPION).run_id
-    except Exception:  # no such model or alias yet
+        found = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except Exception:  # no such model yet
         return None
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def gate(study: C.StudyConfig, tracker: T.StudyTracker, name: str, version: str):
+    """The champion/challenger gate for a version the study just registered (`flowers.governance`).
+
+    A version the gate cannot compare (tested on another split, no per-image results) stays
+    a challenger, with the reason in its `gate.*` tags; the champion does not move.
+    """
+    try:
+        return governance.decide(name, version, tracker.target.tracking_uri, study.gate_margin, client=tracker.client)
+    except governance.GateError as e:
+        log.warning("%s version %s stays a challenger: %s", name, version, e)
+        refused = governance.Decision(name, str(version), "refused", False, str(e), margin=study.gate_margin)
+        for k, v in refused.tags().items():
+            tracker.client.set_model_version_tag(name, str(version), k, v)
+        return refused
 
 
 def register_levels(study: C.StudyConfig, tracker: T.StudyTracker, records: list[dict[str, Any]]) -> dict[str, str]:
-    """Register each level's champion (`flowers-lN@champion`, tagged with the study); level → URI."""
+    """Register each level's best trial as a challenger of `flowers-lN` and run the gate; level → champion URI."""
     out = {}
     for level, rec in select_champions(study, records).items():
         name = registry.REGISTERED[level]
-        if _champion_run(tracker.client, name) != rec["run_id"]:
-            registry.register(tracker.client, name, rec["run_id"], "model", registry.CHAMPION,
-                              {T.STUDY_TAG: study.name, "trial": rec["key"],
-                               "val_acc": f"{rec['metrics']['best_val_acc']:.4f}",
-                               "test_top1": f"{rec['metrics'].get('test_top1', float('nan')):.4f}"})
+        mv = _version_of_run(tracker.client, name, rec["run_id"])
+        if mv is None:
+            version = registry.register(
+                tracker.client, name, rec["run_id"], "model", registry.CHALLENGER,
+                {T.STUDY_TAG: study.name, "trial": rec["key"], "val_acc": f"{rec['metrics']['best_val_acc']:.4f}",
+                 "test_top1": f"{rec['metrics'].get('test_top1', float('nan')):.4f}",
+                 **T.version_tags(tracker.client, rec["run_id"])},
+                model_tags={T.STUDY_TAG: study.name})
+        else:
+            version = str(mv.version)
+        if mv is None or governance.GATE_PREFIX + "decision" not in (mv.tags or {}):
+            gate(study, tracker, name, version)
         out[level] = champion_uri(level)
     return out
 
@@ -88,13 +115,16 @@ def stage_done(tracker: T.StudyTracker, key: str) -> bool:
     return bool(rid) and tracker.client.get_run(rid).info.status == "FINISHED"
 
 
-def _log_stage(tracker: T.StudyTracker, run_id: str, result, stage: str) -> str:
+def _log_stage(study: C.StudyConfig, tracker: T.StudyTracker, run_id: str, result, stage: str) -> str:
+    """Log a stage's results, register its model as a challenger and run the gate; the champion URI."""
     tracker.log_params(run_id, result.params)
     tracker.log_metrics(run_id, result.metrics)
     tracker.set_tags(run_id, result.tags)
     tracker.log_artifacts(run_id, result.artifacts, "artifacts")
-    tracker.log_model_dir(run_id, result.model_dir, "model", registry.REGISTERED[stage], registry.CHAMPION,
-                          {T.STUDY_TAG: tracker.study})
+    name = registry.REGISTERED[stage]
+    version = tracker.log_model_dir(run_id, result.model_dir, "model", name, registry.CHALLENGER,
+                                    {T.STUDY_TAG: tracker.study})
+    gate(study, tracker, name, version)
     tracker.finish(run_id)
     return champion_uri(stage)
 
@@ -114,7 +144,7 @@ def run_ensemble(study: C.StudyConfig, config_dir: Path, tracker: T.StudyTracker
     data_cfg = trial_config(study, config_dir, next(iter(study.levels.values()))).data
     result = run_ensemble_stage(members, data_cfg, out_dir)
     run_id = tracker.child(ENSEMBLE_KEY, "stage", {"flowers.stage": ENSEMBLE_KEY})
-    return _log_stage(tracker, run_id, result, "ensemble")
+    return _log_stage(study, tracker, run_id, result, "ensemble")
 
 
 def run_distill(study: C.StudyConfig, config_dir: Path, tracker: T.StudyTracker, teacher: str,
@@ -136,7 +166,7 @@ def run_distill(study: C.StudyConfig, config_dir: Path, tracker: T.StudyTracker,
         tracker.log_metrics(run_id, metrics, step=int(metrics.get("epoch", 0)))
 
     result = run_distill_stage(cfg, out_dir, callback=callback)
-    return _log_stage(tracker, run_id, result, "distill")
+    return _log_stage(study, tracker, run_id, result, "distill")
 
 
 def hardware() -> str:

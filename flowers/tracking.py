@@ -17,8 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from flowers.checkpoint import MANIFEST, checkpoint_fields, load_checkpoint, write_manifest
-from flowers.registry import CHAMPION, TrackingTarget, register
+from flowers import governance as G
+from flowers import mlflow_model
+from flowers.checkpoint import (MANIFEST, PER_IMAGE, load_checkpoint, read_manifest, read_per_image, sha256_file,
+                                update_manifest, verify_folder, write_checkpoint_folder)
+from flowers.registry import CHALLENGER, MANIFEST_TAG, TrackingTarget, register
 
 log = logging.getLogger(__name__)
 
@@ -155,36 +158,59 @@ class StudyTracker:
     # --------------------------------------------------------------------- models
 
     def log_model_dir(self, run_id: str, model_dir: Path, artifact_path: str = "model",
-                      registered_name: str | None = None, alias: str | None = CHAMPION,
+                      registered_name: str | None = None, alias: str | None = CHALLENGER,
                       tags: dict[str, str] | None = None, description: str | None = None) -> str | None:
-        """Log a model folder and optionally register it; returns the new version.
+        """Log a model folder as an MLflow Model and optionally register it; returns the new version.
 
-        `model_dir` holds `flowers_model.json` (ensemble, exported student) or a
-        `best.pt`; for a bare checkpoint a manifest is written next to it so
-        `flowers.predict.load_model('models:/NAME@champion')` resolves it.
+        `model_dir` holds `flowers_model.json` (ensemble, exported student) or a `best.pt`,
+        which becomes a pickle-free folder (`model.safetensors` + manifest, no optimizer).
+        The logged artifact is an MLflow Model (`flowers.mlflow_model`) wrapping that folder,
+        with lineage in its manifest and a model card; lineage also goes on the run (and on
+        the version when registered) as `lineage.*` tags. Registration makes a `challenger`:
+        `flowers.governance.decide` is what moves `champion`.
         """
         model_dir = Path(model_dir)
         with tempfile.TemporaryDirectory() as tmp:
-            src = model_dir
-            if not (model_dir / MANIFEST).is_file():
-                if not (model_dir / "best.pt").is_file():
-                    raise FileNotFoundError(f"{model_dir}: no {MANIFEST} or best.pt to log as a model")
-                src = Path(tmp) / "model"
-                src.mkdir()
-                _link_or_copy(model_dir / "best.pt", src / "best.pt")
-                write_manifest(src, "checkpoint", "best.pt", **checkpoint_fields(load_checkpoint(src / "best.pt")))
-            self.client.log_artifacts(run_id, str(src), artifact_path)
+            folder = Path(tmp) / mlflow_model.FOLDER
+            if (model_dir / MANIFEST).is_file():
+                shutil.copytree(model_dir, folder)
+            elif (model_dir / "best.pt").is_file():
+                write_checkpoint_folder(load_checkpoint(model_dir / "best.pt"), folder)
+            else:
+                raise FileNotFoundError(f"{model_dir}: no {MANIFEST} or best.pt to log as a model")
+            manifest = read_manifest(folder)
+            verify_folder(folder, manifest)  # register exactly what the stage wrote
+            record = read_per_image(folder) if (folder / PER_IMAGE).is_file() else None
+            lineage = {**(manifest.get("lineage") or {}), **G.git_state(), "study": self.study,
+                       "study_run_id": self.parent_id, "run_id": run_id}
+            if record:
+                lineage["split_hash"] = record["split_hash"]
+            manifest = update_manifest(folder, lineage=lineage)
+            card = Path(tmp) / mlflow_model.CARD
+            card.write_text(G.model_card(manifest, record, registered_name or manifest.get("name")))
+            out = mlflow_model.save(folder, Path(tmp) / "mlflow", card, {
+                "kind": manifest.get("kind"), "name": manifest.get("name"), "lineage": lineage})
+            run_tags = {MANIFEST_TAG: sha256_file(out / mlflow_model.FOLDER_PATH / MANIFEST),
+                        "flowers.kind": str(manifest.get("kind")), **G.lineage_tags(lineage)}
+            accuracy = (float(sum(p == y for p, y in zip(record["preds"], record["labels"])) / len(record["ids"]))
+                        if record else manifest.get("test_accuracy"))
+            if accuracy is not None:
+                run_tags[G.ACCURACY_TAG] = f"{accuracy:.6g}"
+            self.client.log_artifacts(run_id, str(out), artifact_path)
+        self.set_tags(run_id, run_tags)
         if not registered_name:
             return None
         return register(self.client, registered_name, run_id, artifact_path, alias,
-                        {STUDY_TAG: self.study, **(tags or {})}, description)
+                        {STUDY_TAG: self.study, **run_tags, **(tags or {})}, description,
+                        model_tags={STUDY_TAG: self.study, **(tags or {})})
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+def version_tags(client, run_id: str) -> dict[str, str]:
+    """The tags `log_model_dir` put on a run that belong on a version registered from it (lineage,
+    manifest checksum, test accuracy)."""
+    tags = client.get_run(run_id).data.tags
+    return {k: v for k, v in tags.items()
+            if k.startswith(G.LINEAGE_PREFIX) or k in (MANIFEST_TAG, G.ACCURACY_TAG, "flowers.kind")}
 
 
 def log_run_dir(tracker: StudyTracker, run_id: str, run_dir: Path) -> None:

@@ -21,9 +21,10 @@ from torch import nn
 
 from flowers import config as C
 from flowers import evaluate as E
-from flowers.checkpoint import load_checkpoint, save_checkpoint
+from flowers.checkpoint import load_checkpoint, per_image_record, save_checkpoint
 from flowers.data.bundle import build_data, make_loader
 from flowers.data.transforms import Normalize, Preprocessing
+from flowers.governance import data_lineage
 from flowers.models import build_model, model_spec
 from flowers.predict import predict_dataset
 from flowers.runtime import configure_torch_threads, progress_bar
@@ -213,6 +214,7 @@ def fit(
         "config": C.to_dict(cfg),
         "task": task.name,
     }
+    base["lineage"] = data_lineage(data, base["config"])  # dataset checksum, split and config hashes
     history: list[dict[str, float]] = []
     start_epoch, best_val, best_epoch = 0, -1.0, -1
     if resume_from:
@@ -278,6 +280,8 @@ def fit(
         artifacts.update(files)
         # record the test result inside the checkpoint so a model file carries its own accuracy
         best["test_metrics"] = {k: v for k, v in test_metrics.items() if isinstance(v, (int, float))}
+        # per-image results: the registry gate compares two versions image by image
+        best["test_per_image"] = per_image_record(data.test.paths[: len(labels)], labels, probs.argmax(1))
         save_checkpoint(best_path, best)
     summary = {
         "level": cfg.level,

@@ -72,7 +72,12 @@ def test_ensemble_stage_end_to_end(trained_checkpoint, smoke_config, synth_root,
     manifest = json.loads((res.model_dir / "flowers_model.json").read_text())
     assert manifest["kind"] == "ensemble" and len(manifest["members"]) == 2
     assert manifest["test_accuracy"] == m["test_top1"] and "uncertainty_threshold" in manifest
-    assert all((res.model_dir / mm["file"]).is_file() for mm in manifest["members"])  # self-contained
+    # self-contained and pickle-free: each member a safetensors model folder, covered by the ensemble's checksums
+    assert all((res.model_dir / mm["file"] / "model.safetensors").is_file() for mm in manifest["members"])
+    assert {f"{mm['file']}/flowers_model.json" for mm in manifest["members"]} <= set(manifest["sha256"])
+    assert manifest["lineage"]["split_hash"] and [p["uri"] for p in manifest["lineage"]["parents"]] == [
+        str(trained_checkpoint), str(run_dir)]
+    assert (res.model_dir / "test_per_image.json").is_file()
     for name in ("test_diversity.md", "test_diversity_pairs.csv", "test_diversity_fixes.csv", "test_risk_coverage.png",
                  "test_diversity.png", "explain/l1/sample_explain.png"):
         assert (tmp_path / "l4" / name).is_file(), name

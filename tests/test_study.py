@@ -67,6 +67,13 @@ def test_concurrent_trials_log_to_sqlite_and_register_levels(small_study):
     assert client.get_run(mv.run_id).data.tags["flowers.key"] == "l1"
     assert client.get_registered_model("flowers-l1").tags["flowers.study"] == "small"
     assert set(outcome.registered) >= {"l1", "l3"}
+    # registered as challengers, made champion by the gate (first versions), with lineage; real MLflow Models
+    assert mv.tags["gate.decision"] == "first" and mv.tags["lineage.study"] == "small"
+    assert mv.tags["lineage.split_hash"] and mv.tags["lineage.data_checksum"] and mv.tags["lineage.config_hash"]
+    assert {"model/MLmodel", "model/model_card.md"} <= {a.path for a in client.list_artifacts(mv.run_id, "model")}
+    ens = client.get_model_version_by_alias("flowers-ensemble", "champion")
+    assert ens.tags["gate.decision"] == "first"
+    assert sorted(ens.tags["lineage.parents"].split(",")) == ["flowers-l1/1", "flowers-l3/1"]
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO
+from flowers import governance as G
 from flowers import registry as R
 from flowers import tracking as T
 
@@ -46,13 +47,20 @@ def _log_and_load(uri: str, target: R.TrackingTarget, run, study: str) -> None:
         T.log_run_dir(tr, child, run.run_dir)
         # the session's MLflow server is shared with other tests that may register flowers-l1 too
         before = len(tr.client.search_model_versions("name='flowers-l1'"))
-        version = tr.log_model_dir(child, run.run_dir, "model", "flowers-l1", tags={"trial": "l1"})
+        # a new version is a challenger; champion is set directly here (the gate is tests/test_governance.py)
+        version = tr.log_model_dir(child, run.run_dir, "model", "flowers-l1", alias=R.CHAMPION, tags={"trial": "l1"})
         tr.finish(child)
         tr.finish_study()
         assert version == str(before + 1)
         client = tr.client
         assert str(client.get_model_version_by_alias("flowers-l1", "champion").version) == version
         assert client.get_registered_model("flowers-l1").tags[T.STUDY_TAG] == study
+        # an MLflow Model with lineage, checksum-pinned manifest and a model card
+        mv = client.get_model_version("flowers-l1", version)
+        assert {"lineage.split_hash", "lineage.data_checksum", "lineage.config_hash", R.MANIFEST_TAG,
+                "flowers.test_accuracy"} <= set(mv.tags)
+        arts = {a.path for a in client.list_artifacts(child, "model")}
+        assert {"model/MLmodel", "model/model_card.md", "model/artifacts"} <= arts
         assert len(client.get_metric_history(child, "val_acc")) == len(run.history)
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -91,6 +99,7 @@ def test_models_uri_resolves_against_the_embedded_store_without_env(trained_run,
         child = tr.child("l1", "trial")
         version = tr.log_model_dir(child, trained_run.run_dir, "model", "flowers-l1", tags={})
         tr.finish(child)
+        assert G.decide("flowers-l1", version, target.tracking_uri, client=tr.client).decision == "first"
         # a decoy global URI proves the lookup does not depend on process-global MLflow state
         mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'decoy.db'}")
         os.environ.pop("MLFLOW_TRACKING_URI")  # set by T.configure
