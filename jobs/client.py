@@ -47,8 +47,9 @@ def auth_token() -> str | None:
 
 
 def resolve_address(address: str | None = None) -> str:
-    """The Jobs API URL: http(s) as given; `host:port` / `ray://host:port` / `auto` → the dashboard on 8265."""
-    addr = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    """The Jobs API URL: http(s) as given; else $RAY_API_SERVER_ADDRESS (Ray's own name for it); a
+    `host:port` / `ray://host:port` / `auto` address → the dashboard on 8265."""
+    addr = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     if addr.startswith(("http://", "https://")):
         return addr
     if addr == "auto":

@@ -497,6 +497,26 @@ class TestCluster:
         log.info("worker %s back as node %s (%.1fs)", name, self.node_id(name)[:12], time.monotonic() - t0)
         return self.node_id(name)
 
+    def stop_mlflow(self) -> None:
+        """SIGKILL the MLflow server (a crash, not a clean stop); PostgreSQL and S3 keep its data."""
+        rec = self.state["mlflow"]
+        if alive(rec):
+            _signal_session(rec["pid"], signal.SIGKILL)
+            _wait_gone([rec["pid"]], 10.0)
+        log.info("MLflow server stopped")
+
+    def start_mlflow(self, timeout: float = 120.0) -> None:
+        """Start the MLflow server again on the same port and stores."""
+        port = self.state["mlflow"]["port"]
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        env.update(storage_env(self.state), MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        rec = _launch(_mlflow_cmd(self.state, port), env, self.state_dir / "logs" / "mlflow-restart.log")
+        rec["port"] = port
+        self.state["mlflow"] = rec
+        self.save()
+        _wait("MLflow server", lambda: _http_ok(f"http://127.0.0.1:{port}/health"), timeout, rec)
+        log.info("MLflow server back on :%d", port)
+
     def _worker(self, name: str) -> dict:
         if name not in self.state.get("workers", {}):
             raise ClusterError(f"no worker {name!r}: this cluster has {self.workers}")
