@@ -123,7 +123,8 @@ def run_study(study: C.StudyConfig, config_dir: Path, resume: bool = False, addr
     status = "FAILED"
     try:
         if "tune" in study.stages:
-            outcome.failed_trials = run_tune(study, specs, target, resume)
+            finished = {r["key"] for r in S.trial_records(tracker) if r["status"] == "FINISHED"} if resume else set()
+            outcome.failed_trials = run_tune(study, specs, target, resume, finished)
         outcome.registered.update(S.register_levels(study, tracker, S.trial_records(tracker)))
         _run_stages(study, config_dir, target, tracker, outcome, resume)
         tracker.log_metrics(tracker.parent_id, {"study_wall_seconds": time.perf_counter() - t0})

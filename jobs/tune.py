@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,31 @@ def tune_storage(uri: str) -> tuple[str, dict[str, Any]]:
     return path, {"storage_filesystem": fs}
 
 
-def run_tune(study: C.StudyConfig, specs: list[TrialSpec], target: TrackingTarget, resume: bool = False) -> list[str]:
-    """Run (or continue) the study's trials as one Tune grid; returns the keys of trials that failed for good."""
+def _new_tuner(study: C.StudyConfig, specs: list[TrialSpec], name: str, store: str, where: str,
+               fs_kw: dict[str, Any], callback: MlflowStudyCallback) -> tune.Tuner:
+    return tune.Tuner(
+        trainable(study.resources),
+        param_space={"trial": tune.grid_search([s.to_param(run_root(store, name)) for s in specs])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=study.resources.max_concurrent,
+                                    trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(
+            name=name, storage_path=where, **fs_kw,
+            failure_config=tune.FailureConfig(max_failures=study.max_failures),
+            checkpoint_config=CHECKPOINTS,
+            callbacks=[callback],
+            verbose=1,
+        ),
+    )
+
+
+def run_tune(study: C.StudyConfig, specs: list[TrialSpec], target: TrackingTarget, resume: bool = False,
+             finished: set[str] | None = None) -> list[str]:
+    """Run (or continue) the study's trials as one Tune grid; returns the keys of trials that failed for good.
+
+    `finished`: trial keys MLflow records as finished (resume). The Tune experiment is restored
+    so interrupted trials continue from their last checkpoint; if its saved state cannot be read
+    (a driver killed while writing it), only the trials not in `finished` run again, afresh.
+    """
     store = storage_path(study.home, study.storage_path)
     where, fs_kw = tune_storage(store)
     callback = MlflowStudyCallback(study.name, target, {"study": study.name})
@@ -78,26 +102,23 @@ def run_tune(study: C.StudyConfig, specs: list[TrialSpec], target: TrackingTarge
     exp_path = f"{where.rstrip('/')}/{study.name}"
     if resume and tune.Tuner.can_restore(exp_path, **fs_kw):
         log.info("restoring the Tune experiment at %s/%s", store.rstrip("/"), study.name)
-        tuner = tune.Tuner.restore(exp_path, trainable=trainable(study.resources), resume_unfinished=True,
-                                   resume_errored=True, **fs_kw)
+        try:
+            grid = fit_tuner(tune.Tuner.restore(exp_path, trainable=trainable(study.resources),
+                                                resume_unfinished=True, resume_errored=True, **fs_kw))
+        except Exception as e:  # Tune's own state is unreadable; MLflow still says what finished
+            todo = [s for s in specs if s.key not in (finished or set())]
+            log.warning("the saved Tune state of %s cannot be restored (%s); running the %d unfinished trials "
+                        "again from scratch", study.name, str(e).splitlines()[0] if str(e) else type(e).__name__,
+                        len(todo))
+            if not todo:
+                return []
+            name = f"{study.name}-resumed-{time.strftime('%Y%m%d-%H%M%S')}"
+            grid = fit_tuner(_new_tuner(study, todo, name, store, where, fs_kw, callback))
     else:
         if not fs_kw and Path(exp_path, "tuner.pkl").exists():
             raise C.ConfigError(f"study '{study.name}' already has a Tune experiment at {exp_path}: "
                                 "continue it with --resume, or choose another name with --set study.name=NEW")
-        tuner = tune.Tuner(
-            trainable(study.resources),
-            param_space={"trial": tune.grid_search([s.to_param(run_root(store, study.name)) for s in specs])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=study.resources.max_concurrent,
-                                        trial_dirname_creator=trial_dirname),
-            run_config=tune.RunConfig(
-                name=study.name, storage_path=where, **fs_kw,
-                failure_config=tune.FailureConfig(max_failures=study.max_failures),
-                checkpoint_config=CHECKPOINTS,
-                callbacks=[callback],
-                verbose=1,
-            ),
-        )
-    grid = fit_tuner(tuner)
+        grid = fit_tuner(_new_tuner(study, specs, study.name, store, where, fs_kw, callback))
     if MlflowStudyCallback.undelivered.get(study.name):
         raise T.TrackingError(f"the MLflow server {target.tracking_uri} stayed unreachable; trial metrics or "
                               "artifacts were not recorded. Start it again and rerun with --resume (finished "
