@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# `python bench/X.py` puts bench/ first on the import path
 from _common import REPO, data_overrides, write_study  # noqa: E402
 
 

@@ -65,11 +65,9 @@ def ray_session():
     Serve runs as `flowers serve` does: HAProxy in front (serve/ingress_env.py), on ports of
     its own so a `flowers serve` or another test run on this machine does not collide.
     """
-    ray = pytest.importorskip("ray")
+    import ray  # a hard dependency: a broken install fails here instead of skipping
     from flowers.runtime import worker_runtime_env
 
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     from serve.ingress_env import LOCAL_DRAIN_S, ingress_env
 
     if not ray.is_initialized():
