@@ -184,7 +184,7 @@ def test_study_resumes_after_its_driver_is_killed(test_cluster, cluster_env, dat
 
     env = cluster_env
     name = "cl-resume"
-    path = _study_yaml(tmp_path, name, dataset_uri, ["tune", "ensemble"])
+    path = _study_yaml(tmp_path, name, dataset_uri, ["tune"])
     sid = _submit(path, env)
     mc = MlflowClient(env["MLFLOW_TRACKING_URI"])
 
