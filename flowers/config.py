@@ -433,3 +433,4 @@ class ServeConfig:
     address: str | None = None  # Ray address; None: $RAY_ADDRESS, else a new embedded Ray
     proxy: str = "haproxy"  # HTTP front of an embedded Ray: haproxy | serve (serve/ingress_env.py)
     pin: bool = False  # models:/name@alias -> models:/name/<version> before deploying
+    gpus: float | None = None  # GPUs per model replica (ray_actor_options.num_gpus); None: the YAML's

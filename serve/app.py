@@ -81,6 +81,17 @@ class ServeSpec:
         return total
 
 
+    def required_gpus(self) -> float:
+        """GPUs the minimum replica counts ask for."""
+        total = 0.0
+        for name in DEFAULT_ACTOR_OPTIONS:
+            o = self.deployment_options.get(name, {})
+            auto = o.get("autoscaling_config") or {}
+            n = o.get("num_replicas", auto.get("min_replicas", 1))
+            total += float((o.get("ray_actor_options") or {}).get("num_gpus") or 0) * max(1, int(n))
+        return total
+
+
 def app_from_config(path: str | Path = serve_config.DEFAULT_CONFIG, overrides: dict[str, Any] | None = None,
                     deployment_overrides: dict[str, dict[str, Any]] | None = None) -> ServeSpec:
     """Build the app as `serve deploy` would, from the YAML, with `args` overrides (None: keep)."""

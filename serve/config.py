@@ -18,6 +18,7 @@ import yaml
 from flowers.config import ConfigError, ServeAppConfig, build
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
+CLUSTER_CONFIG = Path(__file__).with_name("config.cluster.yaml")  # binds 0.0.0.0, ships the code, autoscales
 MAX_TOP_K = 102  # Flowers-102 has 102 classes
 # the files a replica runs: a change in any of them is new code for Serve (a rolling update)
 CODE_FILES = ("app.py", "deployments.py", "gate.py", "http.py", "metrics.py", "config.py")
@@ -31,6 +32,7 @@ class ServeFile:
     name: str = "flowers"
     route_prefix: str = "/"
     http_options: dict[str, Any] = field(default_factory=dict)
+    proxy_location: str | None = None  # EveryNode | HeadOnly | Disabled; None: Serve's default
     args: dict[str, Any] = field(default_factory=dict)  # the `args:` block, unchecked
     deployments: dict[str, dict[str, Any]] = field(default_factory=dict)  # name → options
 
@@ -50,7 +52,8 @@ def read(path: str | Path = DEFAULT_CONFIG) -> ServeFile:
         d = dict(d)
         deployments[d.pop("name")] = d
     return ServeFile(path, app.get("name", "flowers"), app.get("route_prefix", "/"),
-                     dict(cfg.get("http_options") or {}), dict(app.get("args") or {}), deployments)
+                     dict(cfg.get("http_options") or {}), cfg.get("proxy_location"), dict(app.get("args") or {}),
+                     deployments)
 
 
 def app_config(args: dict[str, Any] | None) -> ServeAppConfig:

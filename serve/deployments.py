@@ -19,6 +19,7 @@ import logging
 import time
 from typing import Any
 
+import ray
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -55,7 +56,9 @@ class BatchedModel:
         # Ray sets OMP_NUM_THREADS from num_cpus; more torch threads than that oversubscribe the node
         self.threads = configure_torch_threads()
         self.uri = model_uri
-        self.predictor = Predictor.from_uri(model_uri, threshold=uncertainty_threshold)
+        # a replica given a GPU (ray_actor_options.num_gpus) runs its model there
+        self.device = "cuda" if ray.get_gpu_ids() else "cpu"
+        self.predictor = Predictor.from_uri(model_uri, device=self.device, threshold=uncertainty_threshold)
         self.predictor.predict_proba(self.predictor.model.example_batch(1))  # warm-up: lazy init off the request path
         self.gate = AdmissionGate(DEFAULT_MAX_BATCH_SIZE)
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # debug: observed batch sizes
@@ -106,7 +109,7 @@ class BatchedModel:
         return {"route": self.role, "name": m.name, "version": m.version, "alias": m.meta.get("alias"),
                 "uri": self.uri, "kind": m.meta.get("kind"), "test_accuracy": m.meta.get("test_accuracy"),
                 "num_classes": len(m.class_names), "image_size": m.preprocessing.image_size,
-                "uncertainty_threshold": self.predictor.threshold, "torch_threads": self.threads,
+                "uncertainty_threshold": self.predictor.threshold, "torch_threads": self.threads, "device": self.device,
                 **self.gate.settings(), "batch_sizes_seen": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
 
     async def ping(self) -> str:

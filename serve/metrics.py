@@ -8,9 +8,13 @@ from ray.serve.metrics import Counter, Histogram
 
 
 class ModelMetrics:
-    """Per model deployment: items per batched forward pass, and predictions flagged uncertain."""
+    """Per model deployment: images answered, those flagged uncertain, and items per batched forward pass."""
 
     def __init__(self, role: str) -> None:
+        # uncertain-prediction rate = rate(uncertain) / rate(predictions), per model (docs/serving.md)
+        self.predictions = Counter("flowers_predictions", description="images answered (decoded and classified)",
+                                   tag_keys=("model",))
+        self.predictions.set_default_tags({"model": role})
         self.uncertain = Counter("flowers_uncertain_predictions",
                                  description="predictions flagged uncertain (entropy above threshold)",
                                  tag_keys=("model",))
@@ -21,13 +25,17 @@ class ModelMetrics:
 
     def record_batch(self, results: list[dict]) -> None:
         self.batch_size.observe(len(results))
+        answered = sum(1 for r in results if "error" not in r)
+        if answered:
+            self.predictions.inc(answered)
         flagged = sum(1 for r in results if r.get("uncertain"))
         if flagged:
             self.uncertain.inc(flagged)
 
 
 class CompareMetrics:
-    """`/v1/compare`: answers, and those where the ensemble and the student disagree on top-1."""
+    """`/v1/compare`: answers, and those where the ensemble and the student disagree on top-1
+    (disagreement rate = rate(disagreements) / rate(compares))."""
 
     def __init__(self) -> None:
         self.compares = Counter("flowers_compare_requests", description="/v1/compare requests answered")

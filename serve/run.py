@@ -51,10 +51,13 @@ def deploy(settings: ServeConfig, block: bool) -> int:
     from jobs.cluster import connect
     from serve.app import app_from_config
 
-    try:
-        spec = app_from_config(path, overrides)
-    except ValueError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    def build(gpus: float | None):
+        try:
+            return app_from_config(path, overrides, gpu_overrides(f, gpus))
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    spec = build(settings.gpus)
     http = {**spec.http_options, **{k: v for k, v in (("host", settings.host), ("port", settings.port)) if v is not None}}
     http.setdefault("host", "127.0.0.1")
     http.setdefault("port", 8000)
@@ -70,6 +73,11 @@ def deploy(settings: ServeConfig, block: bool) -> int:
     # embedded Ray: offer at least what the minimum replicas ask for, even on a 2-core laptop
     # (torch threads follow each replica's num_cpus, so this oversubscribes nothing)
     connect(address, num_cpus=max(os.cpu_count() or 1, math.ceil(spec.required_cpus())))
+    if spec.required_gpus() and not ray.cluster_resources().get("GPU"):
+        # replicas that ask for a GPU the cluster lacks would wait for one forever
+        print(f"note: the config asks for {spec.required_gpus():g} GPU(s) but the cluster has none: serving on CPU",
+              file=sys.stderr)
+        spec = build(0)
     if block:  # after ray.init, which installs a SIGTERM handler of its own that skips the message
         def _stop(signum, frame):  # SIGTERM (systemd, kill), and SIGINT even when started with `&`
             raise KeyboardInterrupt
@@ -77,7 +85,8 @@ def deploy(settings: ServeConfig, block: bool) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _stop)
     try:
-        serve.start(http_options={"host": http["host"], "port": int(http["port"])})
+        start = {"proxy_location": f.proxy_location} if f.proxy_location else {}
+        serve.start(http_options={"host": http["host"], "port": int(http["port"])}, **start)
         try:
             serve.run(spec.app, name=spec.name, route_prefix=spec.route_prefix)
         except Exception as e:  # Serve reports replica failures as RuntimeError with a long log
@@ -101,6 +110,16 @@ def deploy(settings: ServeConfig, block: bool) -> int:
         if block:  # a detached deploy (jobs.deploy) leaves the app running on the cluster
             serve.shutdown()
             ray.shutdown()
+
+
+def gpu_overrides(f: serve_config.ServeFile, gpus: float | None) -> dict[str, dict]:
+    """Per model deployment: the config's ray_actor_options with num_gpus set (None: the config's own)."""
+    if gpus is None:
+        return {}
+    if gpus < 0:
+        raise ConfigError(f"--gpus must be >= 0, got {gpus:g}")
+    return {name: {"ray_actor_options": {**(f.deployments.get(name, {}).get("ray_actor_options") or {}),
+                                         "num_gpus": gpus}} for name in ("Ensemble", "Student")}
 
 
 def use_proxy(requested: str, max_body_bytes: int) -> str:
