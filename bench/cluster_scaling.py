@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -80,6 +81,8 @@ def main() -> None:
     from flowers.data.remote import publish
     from jobs import testcluster as TC
 
+    # SIGTERM (timeout, kill) must still stop the cluster below: turn it into SystemExit
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(f"machine: {cpu_line()}")
     tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     cluster = TC.up(Path(tempfile.mkdtemp(prefix="bcl-", dir="/tmp")), workers=2, cpus_per_worker=1, workdir=REPO)
