@@ -393,15 +393,20 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    """Batch scoring settings (`flowers score`); the folders, model and output are the job's inputs."""
+    """Batch scoring settings (`flowers score`); the inputs, model and output are the job's inputs."""
 
     batch_size: int = 32  # images per model call
-    workers: int | None = None  # model actors; None: one per cluster CPU, at most one per batch
+    workers: int | None = None  # model actors; None: one per cluster CPU (or GPU share), at most one per batch
     cpus_per_worker: float | None = None  # CPUs (= torch threads) per actor; None: cluster CPUs / workers
+    gpus_per_worker: float | None = None  # GPUs per actor; None/0: CPU only (also when the cluster has no GPUs)
     top_k: int = 5
     resume: bool = False  # keep the rows already in the output, score only the rest
     overwrite: bool = False  # replace an existing output
     progress: bool = True
+    dataset_threshold: int = 10_000  # more images than this: a folder of part files instead of one file
+    part_rows: int = 1024  # rows per part file in a dataset folder (also what a crash can lose)
+    path_column: str | None = None  # column of a Parquet listing; None: `path`, else its only string column
+    shared_fs: bool = False  # every Ray node mounts the local inputs, output and model at the same paths
 
 
 # ----------------------------------------------------------------------------- serving

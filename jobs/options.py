@@ -44,20 +44,43 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
 def add_score_arguments(p: argparse.ArgumentParser) -> None:
     """`flowers score` / `python -m jobs.score`."""
     d = ScoreConfig()
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="image folders, searched recursively "
-                   "(.jpg .jpeg .png .webp .bmp, any case)")
+    p.add_argument("dirs", nargs="+", metavar="INPUT",
+                   help="image folders or s3:// prefixes (searched recursively: .jpg .jpeg .png .webp .bmp, any "
+                        "case), single images, or listing files naming one path/URI per line (.txt) or in a "
+                        "Parquet column (.parquet)")
     p.add_argument("--model", required=True, help="models:/name@alias, models:/name/3, runs:/..., or a path")
-    p.add_argument("--out", required=True, help="output Parquet file (written atomically)")
+    p.add_argument("--out", required=True,
+                   help="output: a .parquet file (small local jobs, written atomically), or a folder or "
+                        "s3://BUCKET/PREFIX for a dataset of part files committed by _manifest.json")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per model call (default {d.batch_size})")
     p.add_argument("--workers", type=int, default=d.workers,
-                   help="model actors (default: one per cluster CPU, at most one per batch)")
+                   help="model actors (default: one per cluster CPU, or per --gpus-per-worker GPUs; at most one "
+                        "per batch)")
     p.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker,
-                   help="CPUs (= torch threads) per actor (default: cluster CPUs / workers)")
+                   help="CPUs (= torch threads) per actor (default: cluster CPUs / workers; 1 with GPUs)")
+    p.add_argument("--gpus-per-worker", type=float, default=d.gpus_per_worker,
+                   help="GPUs per actor, e.g. 1 or 0.5 (default: CPU only); a cluster without GPUs scores on "
+                        "CPU and says so")
     p.add_argument("--top-k", type=int, default=d.top_k, help=f"labels and probabilities kept per image (default {d.top_k})")
+    p.add_argument("--dataset-threshold", type=int, default=d.dataset_threshold, metavar="N",
+                   help=f"more than N images to a local --out: write a dataset folder of part files instead of "
+                        f"one file (default {d.dataset_threshold}; 0: always)")
+    p.add_argument("--part-rows", type=int, default=d.part_rows, metavar="N",
+                   help=f"rows per part file of a dataset output, the most a crash can lose (default {d.part_rows})")
+    p.add_argument("--path-column", default=d.path_column, metavar="NAME",
+                   help="the column of a Parquet listing that holds the paths (default: path, or its only string "
+                        "column)")
+    p.add_argument("--shared-fs", action="store_true",
+                   help="every Ray node mounts the local inputs, output and model at the same paths (else a "
+                        "cluster that spans nodes refuses driver-local paths)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: RAY_ADDRESS, a running local cluster, or a new local Ray)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI: models:/ resolve there and the summary is logged as a run of the "
+                        "flowers-scoring experiment (default: $MLFLOW_TRACKING_URI; unset: no run is logged)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="keep the rows already in --out and score only the rest")
+    mode.add_argument("--resume", action="store_true",
+                      help="keep what --out already holds (complete part files after a crash) and score only the rest")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar/log lines")
 
@@ -65,7 +88,9 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
 def score_settings(args: argparse.Namespace) -> ScoreConfig:
     """The parsed score options as settings."""
     return ScoreConfig(batch_size=args.batch_size, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                       top_k=args.top_k, resume=args.resume, overwrite=args.overwrite, progress=args.progress)
+                       gpus_per_worker=args.gpus_per_worker, top_k=args.top_k, resume=args.resume,
+                       overwrite=args.overwrite, progress=args.progress, dataset_threshold=args.dataset_threshold,
+                       part_rows=args.part_rows, path_column=args.path_column, shared_fs=args.shared_fs)
 
 
 def search_settings(args: argparse.Namespace) -> SearchConfig:
