@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from flowers.runtime import worker_runtime_env
     from serve import config as serve_config
-    from serve.app import build_app
+    from serve.app import make_app
 
     deployments = serve_config.read(args.config or serve_config.DEFAULT_CONFIG).deployments
     batching = {name: dict(d.get("user_config") or {}) for name, d in deployments.items()}
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = {"Ensemble": {**model, "user_config": {**batching["Ensemble"], "max_batch_size": ens_batch,
                                                       "admission_gate": gate}},
                 "Student": {**model, "max_ongoing_requests": 128, "user_config": batching["Student"]}}
-        serve.run(build_app(app_args, opts), name="bench", route_prefix="/")
+        serve.run(make_app(app_args, opts), name="bench", route_prefix="/")
 
     results: dict = {"images": source, "proxy": proxy, "cpus": os.cpu_count(), "cpu": cpu_info(),
                      "cpus_per_model": args.cpus_per_model,

@@ -1,8 +1,9 @@
 """The Serve application builder: the Ensemble bound into the Student ingress.
 
-`build_app(args)` is the import path for `serve deploy serve/config.yaml`;
-`app_from_config(path)` builds the same app with the YAML's per-deployment options applied in
-Python (used by `flowers serve`, `python -m jobs.deploy`, the tests and the bench). How HTTP
+`build_app(args)` is the import path for `serve deploy serve/config.yaml`; `make_app(args, options)`
+builds it with per-deployment options in Python; `app_from_config(path)` builds the same app with
+the YAML's per-deployment options applied in Python (used by `flowers serve`,
+`python -m jobs.deploy`, the tests and the bench). How HTTP
 reaches the Student replicas (HAProxy or Ray's Python proxy) is decided when Ray starts:
 see serve/ingress_env.py.
 """
@@ -38,13 +39,20 @@ def _versioned(dep: serve.Deployment, opts: dict[str, Any], init_args: tuple) ->
     return with_version(dep, opts, serve_config.code_version(dep.name, init_args))
 
 
-def build_app(args: dict[str, Any] | None = None,
-              deployment_options: dict[str, dict[str, Any]] | None = None) -> serve.Application:
-    """The Serve application: `serve deploy` imports this with the config's `args:` block.
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """The Serve application: `serve deploy` imports this with the config's `args:` block
+    (Serve applies the config's per-deployment options itself).
 
-    `deployment_options` maps a deployment name (Ensemble, Student) to `.options()`
-    keyword arguments, for callers that build the app in Python.
+    Serve accepts a builder of exactly one parameter; callers that build the app in Python with
+    per-deployment options use `make_app`.
     """
+    return make_app(args)
+
+
+def make_app(args: dict[str, Any] | None = None,
+             deployment_options: dict[str, dict[str, Any]] | None = None) -> serve.Application:
+    """The app with `deployment_options`: a deployment name (Ensemble, Student) → `.options()`
+    keyword arguments."""
     a = serve_config.app_config(args)
     opts = {name: {"ray_actor_options": dict(DEFAULT_ACTOR_OPTIONS[name])} for name in DEFAULT_ACTOR_OPTIONS}
     for name, o in (deployment_options or {}).items():
@@ -103,5 +111,5 @@ def app_from_config(path: str | Path = serve_config.DEFAULT_CONFIG, overrides: d
     for o in dep_opts.values():  # Serve refuses both; a fixed count overrides autoscaling
         if "num_replicas" in o and o.get("autoscaling_config"):
             o.pop("autoscaling_config")
-    return ServeSpec(build_app(args, dep_opts), f.name, f.route_prefix, f.http_options,
+    return ServeSpec(make_app(args, dep_opts), f.name, f.route_prefix, f.http_options,
                      serve_config.app_config(args), dep_opts)

@@ -88,16 +88,25 @@ def registered(cluster_env, trained_run, tmp_path_factory):
     return {role: f"models:/{name}@champion" for role, name in NAMES.items()}
 
 
-def _config(tmp: Path, port: int) -> Path:
+@pytest.fixture(scope="module")
+def serve_port(test_cluster) -> int:
+    """One HTTP port for the module: Serve keeps the http_options it started with."""
+    return free_port()
+
+
+def _config(tmp: Path, port: int, working_dir: str | None = None, args: dict | None = None) -> Path:
     """serve/config.cluster.yaml sized for the test cluster: all nodes share one host (one proxy, on
     the head), 0.25 CPU a replica (two of each fit on one 1-CPU worker), and every prediction flagged
-    uncertain (threshold 0) so that counter moves."""
+    uncertain (threshold 0) so that counter moves. `working_dir`: the code zip URI for `serve deploy`
+    (None: none, the job ships its own working_dir)."""
     cfg = yaml.safe_load((REPO / "serve/config.cluster.yaml").read_text())
     cfg["proxy_location"] = "HeadOnly"
     cfg["http_options"]["port"] = port
     app = cfg["applications"][0]
-    app["runtime_env"].pop("working_dir")  # the job ships its own working_dir
-    app["args"]["uncertainty_threshold"] = 0.0
+    app["runtime_env"].pop("working_dir")
+    if working_dir:
+        app["runtime_env"]["working_dir"] = working_dir
+    app["args"].update(uncertainty_threshold=0.0, **(args or {}))
     for d in app["deployments"]:
         d["ray_actor_options"]["num_cpus"] = 0.25
         d["autoscaling_config"].update(min_replicas=2, max_replicas=2)
@@ -135,14 +144,15 @@ ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
 out = {"replicas": [[a.class_name.split(":")[-1], a.node_id, a.state] for a in list_actors(limit=10000)
                     if a.class_name.startswith("ServeReplica:flowers:") and a.state == "ALIVE"],
        "nodes": {n["NodeID"]: [n["NodeManagerAddress"], n["MetricsExportPort"]] for n in ray.nodes() if n["Alive"]}}
-print(json.dumps(out))
+print("STATE " + json.dumps(out))
 """
 
 
 def _state(test_cluster) -> dict:
     out = test_cluster.run_python(_STATE, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # Ray may print its own notices (a dead node's) on stdout too
+    return json.loads(next(ln for ln in reversed(out.stdout.splitlines()) if ln.startswith("STATE "))[6:])
 
 
 def _scrape(nodes: dict) -> str:
@@ -157,7 +167,7 @@ def _scrape(nodes: dict) -> str:
 
 
 def test_submitted_app_serves_exports_metrics_and_survives_a_worker_kill(test_cluster, cluster_env, registered,
-                                                                        synth_root, tmp_path):
+                                                                        synth_root, serve_port, tmp_path):
     """`flowers submit deploy` puts the app on the cluster; both routes answer over HTTP; Serve's and
     the project's metrics appear on the nodes' metrics ports; a worker node that hosts replicas is
     killed under load: each route answers again within RECOVER_S (errors: only requests caught by the
@@ -165,7 +175,7 @@ def test_submitted_app_serves_exports_metrics_and_survives_a_worker_kill(test_cl
     from jobs import client as J
 
     env = cluster_env
-    port = free_port()
+    port = serve_port
     base = f"http://127.0.0.1:{port}"
     r = subprocess.run([sys.executable, "-m", "flowers.cli", "submit", "deploy", "--address",
                         env["RAY_API_SERVER_ADDRESS"], "--python", sys.executable, "--wait", "--",
@@ -276,7 +286,38 @@ def test_submitted_app_serves_exports_metrics_and_survives_a_worker_kill(test_cl
     finally:
         stop.set()
         test_cluster.restart_worker(victim)
-        test_cluster.run_python("import os, ray; from ray import serve; "
-                                "ray.init(address=os.environ['RAY_ADDRESS'], log_to_driver=False); "
-                                f"serve.delete({APP!r})", timeout=120)
+        _delete_app(test_cluster)
     J.list_jobs(env["RAY_API_SERVER_ADDRESS"])  # the Jobs API still answers
+
+
+def _delete_app(test_cluster) -> None:
+    test_cluster.run_python("import os, ray; from ray import serve; "
+                            "ray.init(address=os.environ['RAY_ADDRESS'], log_to_driver=False); "
+                            f"serve.delete({APP!r})", timeout=120)
+
+
+def test_serve_deploy_ships_the_code_as_a_zip_uri(test_cluster, cluster_env, registered, synth_root, serve_port,
+                                                  tmp_path):
+    """`serve deploy` (Serve's own CLI, through the dashboard's REST API) with the cluster config's
+    `runtime_env.working_dir` pointing at a zip of the committed code (`git archive`, as
+    docs/serving.md builds it): the nodes fetch and unpack it, and the app answers. A file:// URI
+    stands in for s3:// (every test node reads /tmp; s3:// needs smart_open on the nodes)."""
+    env = cluster_env
+    code = tmp_path / "flowers-code.zip"
+    subprocess.run(["git", "archive", "--format=zip", "--prefix=flowers/", "-o", str(code), "HEAD"], cwd=REPO,
+                   check=True, timeout=120)
+    cfg = _config(tmp_path, serve_port, working_dir=code.as_uri(),
+                  args={"ensemble_uri": registered["ensemble"], "student_uri": registered["student"],
+                        "tracking_uri": env["MLFLOW_TRACKING_URI"]})
+    serve_cli = Path(sys.executable).with_name("serve")
+    r = subprocess.run([str(serve_cli), "deploy", str(cfg), "-a", env["RAY_API_SERVER_ADDRESS"]],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, **env})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    base = f"http://127.0.0.1:{serve_port}"
+    image = sorted((synth_root / "jpg").glob("*.jpg"))[0].read_bytes()
+    try:
+        _wait_ready(base, image)
+        status, body = _post(f"{base}/v1/compare", image)
+        assert status == 200 and body["agree"] is False, body
+    finally:
+        _delete_app(test_cluster)

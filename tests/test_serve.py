@@ -37,11 +37,11 @@ def _args(ckpt: Path, **kw) -> dict:
 def served(ray_session, trained_checkpoint):
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import make_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(_args(trained_checkpoint), _opts()), name=APP, route_prefix="/")
+    serve.run(make_app(_args(trained_checkpoint), _opts()), name=APP, route_prefix="/")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         yield client, trained_checkpoint
     serve.delete(APP)
@@ -223,12 +223,12 @@ def test_compare_models_and_health(served, jpegs):
 def test_live_reconfigure_then_model_swap_without_dropped_requests(served, jpegs, trained_checkpoint, tmp_path):
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import make_app
 
     client, ckpt = served
     before = client.get("/v1/models").json()["models"][0]
     # 1) user_config change: same replica (same observed-batch history), new batching
-    serve.run(build_app(_args(ckpt), _opts(batch=1, wait=0.0)), name=APP, route_prefix="/")
+    serve.run(make_app(_args(ckpt), _opts(batch=1, wait=0.0)), name=APP, route_prefix="/")
     after = client.get("/v1/models").json()["models"][0]
     assert (after["max_batch_size"], after["batch_wait_timeout_s"]) == (1, 0.0)
     assert after["batch_sizes_seen"] == before["batch_sizes_seen"]  # not restarted
@@ -248,7 +248,7 @@ def test_live_reconfigure_then_model_swap_without_dropped_requests(served, jpegs
     t = threading.Thread(target=hammer)
     t.start()
     try:
-        serve.run(build_app(_args(ckpt, student_uri=str(swapped)), _opts()), name=APP, route_prefix="/")
+        serve.run(make_app(_args(ckpt, student_uri=str(swapped)), _opts()), name=APP, route_prefix="/")
         deadline = time.time() + 60
         while time.time() < deadline:
             uris = [m["uri"] for m in client.get("/v1/models").json()["models"]]

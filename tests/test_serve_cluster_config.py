@@ -60,3 +60,14 @@ def test_deploy_parses_gpus():
     add_arguments(p, pin=True)
     assert settings(p.parse_args(["--gpus", "1"])).gpus == 1.0
     assert settings(p.parse_args([])).gpus is None
+
+
+def test_build_app_is_a_builder_serve_deploy_accepts():
+    """`serve deploy` calls the import path with the `args:` dict and refuses a builder of more than
+    one parameter (a config deploy failed that way); Python callers pass options to make_app."""
+    import inspect
+
+    from serve.app import build_app, make_app
+
+    assert len(inspect.signature(build_app).parameters) == 1
+    assert list(inspect.signature(make_app).parameters) == ["args", "deployment_options"]
