@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, free_port
+from conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -90,8 +90,11 @@ def registered(cluster_env, trained_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def serve_port(test_cluster) -> int:
-    """One HTTP port for the module: Serve keeps the http_options it started with."""
-    return free_port()
+    """One HTTP port for the module (Serve keeps the http_options it started with), free on every
+    interface: the proxy binds 0.0.0.0."""
+    from serve.ingress_env import pick_port
+
+    return pick_port("0.0.0.0")
 
 
 def _config(tmp: Path, port: int, working_dir: str | None = None, args: dict | None = None) -> Path:
