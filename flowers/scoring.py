@@ -591,9 +591,9 @@ def check_cluster_paths(plan: ScorePlan, model_uri: str, multi_node: bool, share
     if not multi_node or shared_fs:
         return
     hint = "or pass --shared-fs if every node mounts it at the same path"
-    local = [s for s in plan.sources if not storage.is_remote(s)]
+    local = next((u for u in plan.todo if not storage.is_remote(u)), None)  # a local listing of URIs is fine
     if local:
-        raise ConfigError(f"input {local[0]} is on the driver's disk, but the cluster spans several nodes and the "
+        raise ConfigError(f"input {local} is on the driver's disk, but the cluster spans several nodes and the "
                           f"workers read the images; copy them to object storage (s3://BUCKET/PREFIX) {hint}")
     if plan.layout == "dataset" and not storage.is_remote(plan.out):
         raise ConfigError(f"--out {plan.out} is a folder on the driver, but the cluster spans several nodes and the "

@@ -176,12 +176,13 @@ def test_resources_gpu_fallback_and_counts():
 
 
 def test_driver_local_paths_refused_on_a_multi_node_cluster(tmp_path):
-    plan = ScorePlan(["/x.jpg"], str(tmp_path / "o"), "m", "m", "1", 5, 1, layout="dataset", sources=[str(tmp_path)])
+    plan = ScorePlan(["/x.jpg"], str(tmp_path / "o"), "m", "m", "1", 5, 1, layout="dataset",
+                     sources=[str(tmp_path / "list.txt")])
     check_cluster_paths(plan, "/model", multi_node=False, shared_fs=False)  # one node: all fine
     check_cluster_paths(plan, "/model", multi_node=True, shared_fs=True)    # every node mounts them
-    with pytest.raises(ConfigError, match="input .* on the driver's disk.*--shared-fs"):
+    with pytest.raises(ConfigError, match="input /x.jpg is on the driver's disk.*--shared-fs"):
         check_cluster_paths(plan, "models:/m@champion", multi_node=True, shared_fs=False)
-    plan.sources = ["s3://b/in"]
+    plan.todo = ["s3://b/in/x.jpg"]  # named by a local listing: the workers read only the URIs
     with pytest.raises(ConfigError, match="--out .* workers write its part files.*s3://"):
         check_cluster_paths(plan, "models:/m@champion", multi_node=True, shared_fs=False)
     plan.layout = "file"  # the driver writes a single file itself
