@@ -182,10 +182,15 @@ def score_folders(inputs: Sequence[str | os.PathLike], model_uri: str, out: str 
             dest = prepare_dataset(plan)
             if plan.todo:
                 ds = build_dataset(plan, res, settings.batch_size)
-                ds.write_parquet(dest.path, filesystem=dest.fs, filename_provider=PartNames(),
-                                 min_rows_per_file=settings.part_rows,
-                                 ray_remote_args={"num_cpus": IO_CPUS, "runtime_env": task_env()},
-                                 compression="zstd")
+                try:
+                    ds.write_parquet(dest.path, filesystem=dest.fs, filename_provider=PartNames(),
+                                     min_rows_per_file=settings.part_rows,
+                                     ray_remote_args={"num_cpus": IO_CPUS, "runtime_env": task_env()},
+                                     compression="zstd")
+                except BaseException:
+                    log.error("scoring stopped before the commit; the parts written so far stay in %s: run the "
+                              "same command with --resume to score only the rest", plan.out)
+                    raise
             summary = commit_dataset(plan, dest, time.perf_counter() - t1)
     finally:
         ctx.enable_progress_bars = bars_before
