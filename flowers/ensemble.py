@@ -15,7 +15,9 @@ evaluation, never a resize of another member's crop.
 Diversity: the seed claimed that architectural diversity (attention vs not) helps more than
 hyperparameter changes. `diversity_report` measures pairwise disagreement, double-fault rate
 and error correlation, what the full ensemble fixes or breaks per member, and the gain of
-every two-member ensemble grouped by kind (architecture vs hyperparameter-only pairs).
+every two-member ensemble grouped by kind (architecture vs hyperparameter-only pairs), each
+kind's mean gain and the claim itself (architecture gain minus hyperparameter gain) with a
+95 % bootstrap interval over test images.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 
 from flowers import registry
+from flowers import stats
 from flowers.checkpoint import (PER_IMAGE, ModelLoadError, find_manifest, load_checkpoint, per_image_record, read_manifest,
                                 verify_folder, write_checkpoint_folder, write_json, write_manifest)
 from flowers.config import ConfigError, DataConfig
@@ -216,7 +219,13 @@ def diversity_report(member_probs: dict[str, np.ndarray], labels: np.ndarray,
 
     `architectures` maps member name → model name (e.g. `resnet50`, `attention_resnet50`); two
     members with different names form an `architecture` pair, equal names a `hyperparameter`
-    pair. Returns {'members', 'pairs', 'fixes', 'ensemble', 'by_kind'}.
+    pair. Returns {'members', 'pairs', 'fixes', 'ensemble', 'by_kind', 'claim'}.
+
+    Per image, a pair's gain is (pair ensemble right) - (its better member right), in {-1, 0, 1};
+    a kind's gain is that averaged over its pairs, and `claim` is the architecture kind's gain
+    minus the hyperparameter kind's (None unless both kinds exist). Intervals (`gain_low`,
+    `gain_high`, and the claim's) resample test images, keeping each image's results from
+    every model together; the better member of a pair is fixed on the full test set.
     """
     labels = np.asarray(labels)
     names = list(member_probs)
@@ -230,13 +239,18 @@ def diversity_report(member_probs: dict[str, np.ndarray], labels: np.ndarray,
         return soft_vote([member_probs[n] for n in ns], [w.get(n, 1.0) for n in ns])
 
     pairs = []
+    pair_gain: dict[str, list[np.ndarray]] = {}  # kind → per-image gain of each of its pairs
     for a, b in itertools.combinations(names, 2):
         ea, eb = wrong[a].astype(float), wrong[b].astype(float)
         corr = float(np.corrcoef(ea, eb)[0, 1]) if ea.std() > 0 and eb.std() > 0 else float("nan")
-        pair_acc = float((vote([a, b]).argmax(1) == labels).mean())
+        pair_right = vote([a, b]).argmax(1) == labels
+        pair_acc = float(pair_right.mean())
         best = max(members[a]["top1"], members[b]["top1"])
+        better = a if members[a]["top1"] >= members[b]["top1"] else b
+        kind = _pair_kind(arch.get(a), arch.get(b))
+        pair_gain.setdefault(kind, []).append(pair_right.astype(float) - (~wrong[better]).astype(float))
         pairs.append({
-            "a": a, "b": b, "kind": _pair_kind(arch.get(a), arch.get(b)),
+            "a": a, "b": b, "kind": kind,
             "disagreement": float((preds[a] != preds[b]).mean()),
             "double_fault": float((wrong[a] & wrong[b]).mean()),
             "error_correlation": corr,
@@ -250,11 +264,15 @@ def diversity_report(member_probs: dict[str, np.ndarray], labels: np.ndarray,
               "introduced_by_ensemble": int((~wrong[n] & ens_wrong).sum()),
               "net_gain": int((wrong[n] & ~ens_wrong).sum() - (~wrong[n] & ens_wrong).sum())} for n in names]
     by_kind: dict[str, dict[str, float]] = {}
+    kind_gain = {kind: np.mean(g, axis=0) for kind, g in pair_gain.items()}  # per image
     for kind in sorted({p["kind"] for p in pairs}):
         ps = [p for p in pairs if p["kind"] == kind]
+        ci = stats.mean_interval(kind_gain[kind])
         by_kind[kind] = {
             "pairs": len(ps),
             "mean_gain_over_best_member": float(np.mean([p["gain_over_best_member"] for p in ps])),
+            "gain_low": ci.low,
+            "gain_high": ci.high,
             "mean_disagreement": float(np.mean([p["disagreement"] for p in ps])),
             "mean_error_correlation": float(np.nanmean([p["error_correlation"] for p in ps]))
             if any(np.isfinite(p["error_correlation"]) for p in ps) else float("nan"),
@@ -267,7 +285,21 @@ def diversity_report(member_probs: dict[str, np.ndarray], labels: np.ndarray,
                      "oracle_top1": float(1 - np.logical_and.reduce([wrong[n] for n in names]).mean()),
                      "all_wrong": float(np.logical_and.reduce([wrong[n] for n in names]).mean())},
         "by_kind": by_kind,
+        "claim": architecture_claim(kind_gain),
     }
+
+
+def architecture_claim(kind_gain: dict[str, np.ndarray]) -> dict[str, float] | None:
+    """Architecture pairs' mean gain minus hyperparameter pairs', per image, with its 95 % interval.
+
+    The seed's claim holds on this test set when the interval lies above 0; an interval that
+    contains 0 means the test images cannot tell the two kinds apart.
+    """
+    if "architecture" not in kind_gain or "hyperparameter" not in kind_gain:
+        return None
+    ci = stats.mean_interval(kind_gain["architecture"] - kind_gain["hyperparameter"])
+    return {"architecture_minus_hyperparameter_gain": ci.estimate, "low": ci.low, "high": ci.high,
+            "confidence": ci.confidence, "images": int(len(kind_gain["architecture"]))}
 
 
 def diversity_metrics(report: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -284,6 +316,11 @@ def diversity_metrics(report: dict[str, Any], prefix: str = "") -> dict[str, flo
         out[f"{prefix}mean_disagreement"] = float(np.mean([p["disagreement"] for p in report["pairs"]]))
         out[f"{prefix}mean_double_fault"] = float(np.mean([p["double_fault"] for p in report["pairs"]]))
     out[f"{prefix}oracle_top1"] = report["ensemble"]["oracle_top1"]
+    claim = report.get("claim")
+    if claim:
+        out[f"{prefix}arch_minus_hparam_gain"] = claim["architecture_minus_hyperparameter_gain"]
+        out[f"{prefix}arch_minus_hparam_gain_low"] = claim["low"]
+        out[f"{prefix}arch_minus_hparam_gain_high"] = claim["high"]
     return out
 
 
@@ -319,6 +356,11 @@ def write_diversity_tables(report: dict[str, Any], out_dir: Path, prefix: str = 
     lines += ["", "## Two-member ensembles by kind (architecture = different networks, e.g. attention vs not; "
               "hyperparameter = same network, different recipe)", ""]
     lines += md([{"kind": k, **d} for k, d in report["by_kind"].items()])
+    claim = report.get("claim")
+    if claim:
+        lines += ["", f"Architecture minus hyperparameter gain: {100 * claim['architecture_minus_hyperparameter_gain']:+.2f} "
+                  f"points, 95% interval [{100 * claim['low']:+.2f}, {100 * claim['high']:+.2f}] (bootstrap over "
+                  f"{claim['images']} test images)."]
     path = out_dir / f"{prefix}_diversity.md"
     path.write_text("\n".join(lines) + "\n")
     return files + [path]

@@ -8,6 +8,8 @@ information about the difference; the functions below make that explicit:
   resampling images (pairs), not the two models independently.
 - `mcnemar_exact(a, b)`: the exact (binomial) McNemar test on the discordant counts.
 - `accuracy_interval(c)`: one model's accuracy with its bootstrap interval.
+- `mean_interval(v)`: the mean of any per-image score (e.g. a gain in {-1, 0, +1} averaged
+  over several pairs of models) with its bootstrap interval over images.
 
 Used by the registry gate (`flowers.governance`) and the study report.
 """
@@ -93,6 +95,25 @@ def paired_bootstrap(a, b, resamples: int = DEFAULT_RESAMPLES, confidence: float
     diffs = (counts[:, 0] - counts[:, 1]) / n
     lo, hi = _percentiles(diffs, confidence)
     return Interval((only_a - only_b) / n, lo, hi, confidence)
+
+
+def mean_interval(values, resamples: int = DEFAULT_RESAMPLES, confidence: float = 0.95, seed: int = 0) -> Interval:
+    """Mean of a per-image score with a percentile bootstrap interval over images.
+
+    Same idea as `paired_bootstrap`: a resample is described by how many images of each
+    distinct score it drew (a multinomial with the observed proportions), exact for the image
+    bootstrap at O(resamples x distinct values).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or not len(v):
+        raise ValueError(f"expected a non-empty 1-D vector of per-image scores, got shape {v.shape}")
+    if not np.isfinite(v).all():
+        raise ValueError("per-image scores must be finite")
+    n = len(v)
+    uniq, counts = np.unique(v, return_counts=True)
+    draws = np.random.default_rng(seed).multinomial(n, counts / n, size=resamples)
+    lo, hi = _percentiles(draws @ uniq / n, confidence)
+    return Interval(float(v.mean()), lo, hi, confidence)
 
 
 @dataclass(frozen=True)

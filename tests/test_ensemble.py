@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowers.ensemble import build_ensemble, diversity_report, run_ensemble_stage, soft_vote
+from flowers.ensemble import build_ensemble, diversity_metrics, diversity_report, run_ensemble_stage, soft_vote
 from flowers.predict import Predictor, load_model
 
 
@@ -47,6 +47,38 @@ def test_diversity_metrics_hand_made():
     assert fixes["a"]["fixed_by_ensemble"] == 2 and fixes["a"]["introduced_by_ensemble"] == 0
     assert set(rep["by_kind"]) == {"architecture", "hyperparameter"}
     assert rep["by_kind"]["architecture"]["pairs"] == 2
+    # the seed's claim with its interval: the per-image gains average to the pairs' gains
+    claim = rep["claim"]
+    arch_gain = np.mean([p["gain_over_best_member"] for p in rep["pairs"] if p["kind"] == "architecture"])
+    assert claim["architecture_minus_hyperparameter_gain"] == pytest.approx(arch_gain - ab["gain_over_best_member"])
+    assert claim["low"] <= claim["architecture_minus_hyperparameter_gain"] <= claim["high"] and claim["images"] == 10
+    for d in rep["by_kind"].values():
+        assert d["gain_low"] <= d["mean_gain_over_best_member"] <= d["gain_high"]
+    m = diversity_metrics(rep)
+    assert (m["arch_minus_hparam_gain_low"], m["arch_minus_hparam_gain_high"]) == (claim["low"], claim["high"])
+    assert diversity_report({"a": probs["a"], "b": probs["b"]}, labels, {"a": "r", "b": "r"})["claim"] is None
+
+
+def test_diversity_claim_interval_excludes_zero_only_when_the_images_say_so():
+    """All images are class 0. a and b (same network) are wrong on the first f images; c (another
+    network) is right there, confidently, and wrong, hesitantly, on the next f. Every
+    architecture pair then fixes f images its better member (a or b) gets wrong, the
+    hyperparameter pair fixes none: the claim is f/n, and its interval excludes 0 on 1000
+    images but not on 10."""
+    def claim(n, f):
+        labels = np.zeros(n, dtype=int)
+        a = _onehot(np.r_[np.ones(f, int), np.zeros(n - f, int)], conf=0.6)
+        c = _onehot(np.r_[np.zeros(f, int), np.ones(f, int), np.zeros(n - 2 * f, int)], conf=0.6)
+        c[:f] = _onehot(np.zeros(f, int), conf=0.99)
+        c[f:2 * f] = _onehot(np.ones(f, int), conf=0.55)
+        rep = diversity_report({"a": a, "b": a.copy(), "c": c}, labels, {"a": "resnet", "b": "resnet", "c": "att"})
+        return rep["claim"]
+
+    big = claim(1000, 100)
+    assert big["architecture_minus_hyperparameter_gain"] == pytest.approx(0.1) and big["low"] > 0.05
+    small = claim(10, 1)
+    assert small["architecture_minus_hyperparameter_gain"] == pytest.approx(0.1)
+    assert small["low"] <= 0 < small["high"]
 
 
 def test_build_ensemble_rejects_mismatched_classes(trained_checkpoint, tmp_path):

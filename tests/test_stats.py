@@ -26,7 +26,7 @@ def test_mcnemar_matches_a_hand_computation():
 
 def test_mcnemar_exact_for_large_test_sets():
     """Integer arithmetic stays exact where floats underflow (thousands of discordant images)."""
-    scipy_stats = pytest.importorskip("scipy.stats")
+    from scipy import stats as scipy_stats
     for k, n in ((1400, 3000), (10, 5000), (2500, 5000)):
         assert stats.binomial_two_sided(k, n) == pytest.approx(scipy_stats.binomtest(k, n, 0.5).pvalue, rel=1e-9)
 
@@ -69,3 +69,24 @@ def test_accuracy_interval():
 def test_bad_input_is_refused(a, b, msg):
     with pytest.raises(ValueError, match=msg):
         stats.paired_bootstrap(a, b)
+
+
+def test_mean_interval_of_per_image_scores():
+    # constant scores: no spread
+    c = stats.mean_interval(np.full(50, 0.5))
+    assert (c.estimate, c.low, c.high) == (0.5, 0.5, 0.5)
+    # 0/1 scores: the same distribution as the accuracy interval (bootstrap noise apart)
+    right = np.r_[np.ones(700, bool), np.zeros(300, bool)]
+    m, a = stats.mean_interval(right.astype(float)), stats.accuracy_interval(right)
+    assert m.estimate == a.estimate == 0.7
+    assert m.low == pytest.approx(a.low, abs=0.006) and m.high == pytest.approx(a.high, abs=0.006)
+    # gains in {-1, 0, 1} averaged over two pairs: half-integers too; the interval has the normal width
+    g = np.r_[np.full(100, 1.0), np.full(60, 0.5), np.full(40, -0.5), np.zeros(800)]
+    ci = stats.mean_interval(g)
+    se = g.std() / np.sqrt(len(g))
+    assert ci.estimate == pytest.approx(g.mean())
+    assert ci.low == pytest.approx(g.mean() - 1.96 * se, abs=0.004) and ci.high == pytest.approx(g.mean() + 1.96 * se, abs=0.004)
+    with pytest.raises(ValueError):
+        stats.mean_interval([])
+    with pytest.raises(ValueError):
+        stats.mean_interval([0.0, float("nan")])
