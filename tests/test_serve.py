@@ -12,10 +12,9 @@ import time
 import zlib
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import free_port
-
-httpx = pytest.importorskip("httpx")
 
 BODY_LIMIT = 6_000_000  # above gRPC's 4 MiB default message size (see test_large_image_under_limit)
 APP = "flowers-test"
