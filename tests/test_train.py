@@ -25,6 +25,19 @@ def test_smoke_run_lowers_loss_and_writes_artifacts(trained_run):
     assert 0.0 <= summary["test"]["top1"] <= 1.0 and summary["test"]["n"] == len(json.loads((d / "split.json").read_text())["test"])
 
 
+def test_training_learns_clearly_above_chance(smoke_config, synth_root, tmp_path):
+    """The loop learns: 5 synthetic classes (chance 20 %), 4 training images each, an offline-pretrained
+    EfficientNet-Lite0 at 64 px for 4 epochs. Test accuracy must be at least 60 %: 12 of the 20 test
+    images, which a chance-level model reaches with probability 1e-4."""
+    cfg = C.replace(smoke_config, {"model.arch": "efficientnet_lite0", "model.pretrained": "packaged",
+                                   "optim.lr": 1e-3, "train.epochs": 4})
+    res = fit(cfg, make_task(cfg), run_dir=tmp_path / "learn")
+    n_test = res.test_metrics["n"]
+    assert n_test == 20
+    assert res.test_metrics["top1"] >= 0.6, res.test_metrics
+    assert res.best_val_acc >= 0.6 and res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+
+
 def test_checkpoint_loads_back_and_reproduces(trained_run, smoke_config):
     ckpt = load_checkpoint(trained_run.best_checkpoint)
     assert ckpt["class_names"] and ckpt["preprocessing"]["image_size"] == 64
