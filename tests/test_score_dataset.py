@@ -144,8 +144,21 @@ def test_object_storage_in_and_out_with_summary_run(trained_checkpoint, ray_sess
     assert run.data.metrics["images_per_s"] > 0 and run.data.params["output"] == out
     assert run.data.params["model_uri"] == str(trained_checkpoint) and run.data.tags["flowers.role"] == "scoring"
 
-    # an existing prefix is refused without --resume/--overwrite; --overwrite replaces it
+    # bad input on object storage: one-line errors, nothing written
     from flowers.config import ConfigError
+    from flowers.data import DataError
+    from flowers.scoring import list_inputs
+
+    s3.put_object(Bucket="flowers", Key="lists/empty.txt", Body=b"# nothing\n")
+    for src, msg in [("s3://flowers/no-such-prefix", "nothing at s3://flowers/no-such-prefix"),
+                     ("s3://flowers/lists/empty.txt", "names no inputs"),
+                     ("s3://no-such-bucket/x", "nothing at s3://no-such-bucket/x|create the bucket")]:
+        with pytest.raises((DataError, storage.StorageError), match=msg):
+            list_inputs([src])
+    with pytest.raises(ConfigError, match="is an object"):
+        score_folders(["s3://flowers/score-in"], str(trained_checkpoint), "s3://flowers/lists/empty.txt")
+
+    # an existing prefix is refused without --resume/--overwrite; --overwrite replaces it
 
     with pytest.raises(ConfigError, match="already exists"):
         score_folders(["s3://flowers/score-in"], str(trained_checkpoint), out, ScoreConfig(progress=False))
