@@ -1,13 +1,15 @@
-"""Batch-scoring throughput: Ray Data pipeline vs decode-only and model-only, same run.
+"""Batch-scoring throughput: the Ray Data pipeline vs decode-only and model-only, and 1 vs 2 worker nodes.
 
     python bench/score_throughput.py [--model URI] [--limit N] [--workers 1,2] [--batch-size 32]
+    python bench/score_throughput.py --mode cluster [--node-cpus 1] [--inputs local|s3]
+    python bench/score_throughput.py --mode all          # both, in one run
 
 Data: every image of Flowers-102 (`$FLOWERS_DATA/jpg`, 8,189 files) or the first `--limit`.
 Model: `--model` (the INT8 student when it exists); without it, a RANDOM-INIT
 MobileNet-V3-Large checkpoint at the CPU-profile size (160 px) stands in, and every line
 of output says so: speed does not depend on the weights, accuracy is meaningless.
 
-Printed figures (images/s):
+Single node (`--mode single`), images/s:
 - decode-only: `Predictor.load_image` (read + decode + resize/crop), one process per CPU;
 - model-only: `predict_proba` on pre-decoded uint8 batches, one 1-thread process per CPU
   (on a shared CPU, one process with N OpenMP threads collapses: spinning threads wait
@@ -16,7 +18,17 @@ Printed figures (images/s):
   steady rate after the first batch, for each worker count;
 - ratio = pipeline / min(decode, model); target >= 70 %. Decode and model compete for the
   same CPUs here, so the best a CPU-only pipeline can do is 1 / (1/decode + 1/model):
-  that ceiling is printed too.
+  that ceiling is printed next to it.
+
+Cluster (`--mode cluster`): a local test cluster (jobs/testcluster.py: a Ray head with 0 CPUs and
+2 worker nodes of `--node-cpus` CPUs each, all on this machine) scores the same images into a
+dataset folder of part files written by the workers, first with worker_b stopped (1 node), then
+with both (2 nodes): wall time, images/s end to end and steady (rows between the first and the
+last batch's `scored_at`), and the 2-vs-1 ratio (target >= 1.7x). With `--inputs local` (default)
+the nodes read the images at the driver's paths (no folder masking, `--shared-fs`); `--inputs s3`
+uploads them to the cluster's S3 (moto) first, and then moto's own speed is part of the figure.
+The nodes share this machine's CPUs with the driver and the cluster's services: a 2-core
+machine cannot give two 1-CPU nodes a core each plus everything else.
 """
 from __future__ import annotations
 
@@ -30,7 +42,25 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+
+
+def cpu_line() -> str:
+    """`lscpu`'s model name and CPU count, and the SIMD flags that set CPU inference speed."""
+    import subprocess
+
+    info = {}
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        k, _, v = line.partition(":")
+        info[k.strip()] = v.strip()
+    flags = set(info.get("Flags", "").split())
+    keep = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    return (f"{info.get('Model name', '?')}, {info.get('CPU(s)', os.cpu_count())} CPUs, "
+            f"flags: {' '.join(keep) or 'no avx2/avx512/vnni'}")
+
+
+def load_line() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} CPUs"
 
 
 def random_student(dst: Path) -> tuple[str, str]:
@@ -40,7 +70,7 @@ def random_student(dst: Path) -> tuple[str, str]:
     from flowers.data import class_names
     from flowers.data.transforms import Preprocessing
     from flowers.models import build_model, model_spec
-    from flowers.train import CHECKPOINT_FORMAT
+    from flowers.checkpoint import CHECKPOINT_FORMAT
 
     name, size = "mobilenet_v3_large", 160
     spec = model_spec(name)
@@ -104,14 +134,126 @@ def pool_rate(uri: str, paths: list[str], procs: int, batch_size: int, what: str
         return n / (time.perf_counter() - t)
 
 
+def steady_rate(table) -> tuple[float, float]:
+    """(images/s between the first and the last batch, seconds that took) from `scored_at`
+    (one timestamp per batch): start-up and the first batch are off the clock."""
+    import pyarrow.compute as pc
+
+    t = table.column("scored_at")
+    first, last = pc.min(t).as_py(), pc.max(t).as_py()
+    span = (last - first).total_seconds()
+    in_first = pc.sum(pc.equal(t, pc.min(t))).as_py()
+    return ((table.num_rows - in_first) / span if span > 0 else 0.0), span
+
+
+def single_node(args, uri: str, paths: list[str], src: Path, tmp: Path) -> dict:
+    from flowers.config import ScoreConfig
+    from jobs.cluster import connect
+    from jobs.score import score_folders
+
+    import ray
+
+    dec = pool_rate(uri, paths, args.cpus, args.batch_size, "decode")
+    print(f"decode-only ({args.cpus} procs x 1 thread) {dec:8.1f} img/s")
+    mod = pool_rate(uri, paths, args.cpus, args.batch_size, "model")
+    print(f"model-only  ({args.cpus} procs x 1 thread) {mod:8.1f} img/s")
+    floor = min(dec, mod)
+    ceiling = 1.0 / (1.0 / dec + 1.0 / mod)
+    print(f"min(decode, model)                {floor:8.1f} img/s; shared-CPU ceiling 1/(1/d+1/m) = "
+          f"{ceiling:.1f} img/s ({ceiling / floor:.0%} of min)")
+    connect(num_cpus=args.cpus, log_to_driver=False)
+    results = {"decode_only": dec, "model_only": mod, "ceiling": ceiling, "ceiling_share": ceiling / floor,
+               "pipeline": {}}
+    for w in [int(x) for x in args.workers.split(",")]:
+        s = score_folders([src], uri, tmp / f"out-{w}.parquet",
+                          ScoreConfig(batch_size=args.batch_size, workers=w, overwrite=True, progress=False,
+                                      dataset_threshold=len(paths)))
+        fb, fr = s.extra.get("first_batch_s") or 0.0, s.extra.get("first_batch_rows") or 0
+        steady = (s.scored - fr) / max(s.wall_s - fb, 1e-9)
+        results["pipeline"][w] = {"end_to_end": s.images_per_s, "steady": steady, "wall_s": s.wall_s,
+                                  "startup_s": fb, "errors": s.errors, "cpus_per_worker": s.extra["cpus_per_worker"],
+                                  "steady_share": steady / floor}
+        print(f"pipeline {w} worker(s) x {s.extra['cpus_per_worker']:g} CPU: {s.images_per_s:7.1f} img/s end to end "
+              f"({s.wall_s:.1f} s, {fb:.1f} s to first batch), steady {steady:7.1f} img/s = "
+              f"{steady / floor:.0%} of min(decode, model) (target 70 %; shared-CPU ceiling "
+              f"{ceiling / floor:.0%}) [end to end {s.images_per_s / floor:.0%}], {s.errors} errors")
+    ray.shutdown()
+    return results
+
+
+def cluster_nodes(args, uri: str, paths: list[str], src: Path, tmp: Path) -> dict:
+    """The same images on 1 and on 2 worker nodes of the local test cluster (see the docstring)."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    import subprocess
+
+    from flowers import storage
+    from flowers.scoring import read_dataset
+    from jobs import testcluster as TC
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still stops the cluster below
+    t0 = time.perf_counter()
+    cluster = TC.up(Path(tempfile.mkdtemp(prefix="bsc-", dir="/tmp")), workers=2, cpus_per_worker=args.node_cpus,
+                    masks=[] if args.inputs == "local" else None, workdir=REPO)
+    results: dict = {"node_cpus": args.node_cpus, "inputs": args.inputs, "nodes": {}}
+    try:
+        os.environ.update(cluster.env())
+        print(f"cluster: head (0 CPUs) + 2 worker nodes x {args.node_cpus} CPU, up in {time.perf_counter() - t0:.0f} s")
+        if args.inputs == "s3":
+            t1 = time.perf_counter()
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(lambda p: storage.write_bytes(f"s3://flowers/bench-score/in/{Path(p).name}",
+                                                            Path(p).read_bytes()), paths))
+            inputs, base = ["s3://flowers/bench-score/in"], "s3://flowers/bench-score"
+            print(f"inputs: {len(paths)} images uploaded to the cluster's S3 (moto) in {time.perf_counter() - t1:.0f} s")
+        else:
+            inputs, base = [str(src)], str(tmp)
+            print("inputs: the images at the driver's paths (nodes unmasked, --shared-fs)")
+        for nodes in (1, 2):
+            if nodes == 1:
+                cluster.kill_worker("worker_b")
+            else:
+                cluster.restart_worker("worker_b")
+            out = f"{base}/cluster-{nodes}node"
+            # a driver of its own, as `flowers submit score` runs one (this process already ran a local Ray);
+            # one 1-CPU actor per node CPU, set explicitly: Ray counts a killed node's CPUs for a while
+            cmd = [sys.executable, "-m", "jobs.score", *inputs, "--model", uri, "--out", out, "--batch-size",
+                   str(args.batch_size), "--workers", str(nodes * args.node_cpus), "--cpus-per-worker", "1",
+                   "--dataset-threshold", "0", "--shared-fs", "--overwrite", "--no-progress"]
+            r = subprocess.run(cmd, cwd=REPO, env={**os.environ, **cluster.env()}, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"scoring on {nodes} node(s) failed:\n{r.stderr[-3000:]}")
+            s = json.loads(storage.read_bytes(f"{out}/_summary.json"))
+            steady, span = steady_rate(read_dataset(out, ["scored_at"]))
+            results["nodes"][nodes] = {"end_to_end": s["images_per_s"], "steady": steady, "wall_s": s["wall_s"],
+                                       "workers": s["workers"], "errors": s["errors"]}
+            print(f"{nodes} worker node(s), {s['workers']} actor(s) x {s['extra']['cpus_per_worker']:g} CPU: "
+                  f"{s['images_per_s']:7.1f} img/s end to end ({s['wall_s']:.1f} s), steady {steady:7.1f} img/s "
+                  f"({span:.1f} s between first and last batch), {s['errors']} errors")
+        one, two = results["nodes"][1], results["nodes"][2]
+        results["ratio_end_to_end"] = two["end_to_end"] / one["end_to_end"]
+        results["ratio_steady"] = two["steady"] / one["steady"] if one["steady"] else 0.0
+        print(f"2 vs 1 worker node: {results['ratio_end_to_end']:.2f}x end to end, "
+              f"{results['ratio_steady']:.2f}x steady (target 1.7x)")
+    finally:
+        cluster.down()
+    return results
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model URI (default: random-init MobileNet-V3-Large, clearly labelled)")
     ap.add_argument("--data", default=os.environ.get("FLOWERS_DATA"), help="Flowers-102 root (default $FLOWERS_DATA)")
     ap.add_argument("--limit", type=int, default=None, help="first N images only")
-    ap.add_argument("--workers", default="1,2", help="worker counts to compare (default 1,2)")
+    ap.add_argument("--mode", choices=["single", "cluster", "all"], default="single",
+                    help="single node (default), 1 vs 2 worker nodes on a local test cluster, or both")
+    ap.add_argument("--workers", default="1,2", help="single node: worker counts to compare (default 1,2)")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--cpus", type=int, default=os.cpu_count())
+    ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="single node: CPUs (default: all)")
+    ap.add_argument("--node-cpus", type=int, default=1, help="cluster: CPUs of each worker node (default 1)")
+    ap.add_argument("--inputs", choices=["local", "s3"], default="local",
+                    help="cluster: read the images at the driver's paths (default) or from the cluster's S3")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
 
@@ -119,8 +261,6 @@ def main() -> int:
 
     from flowers.data import list_images
     from flowers.runtime import allocator_env
-    from flowers.config import ScoreConfig
-    from jobs.score import score_folders
 
     logging.basicConfig(level=logging.WARNING)
     if not args.data or not Path(args.data, "jpg").is_dir():
@@ -139,39 +279,20 @@ def main() -> int:
     for p in paths:
         (src / Path(p).name).symlink_to(p)
 
+    print(f"machine: {cpu_line()}")
+    print(f"load: {load_line()} at the start (other work shares these CPUs: figures are contended)")
     print(f"model: {label}")
-    print(f"data: {len(paths)} images from {args.data}/jpg, batch {args.batch_size}, {args.cpus} CPUs "
-          f"(shared with other work: figures are contended)")
-    dec = pool_rate(uri, paths, args.cpus, args.batch_size, "decode")
-    print(f"decode-only ({args.cpus} procs x 1 thread) {dec:8.1f} img/s")
-    mod = pool_rate(uri, paths, args.cpus, args.batch_size, "model")
-    print(f"model-only  ({args.cpus} procs x 1 thread) {mod:8.1f} img/s")
-    floor = min(dec, mod)
-    ceiling = 1.0 / (1.0 / dec + 1.0 / mod)
-    print(f"min(decode, model)                {floor:8.1f} img/s; shared-CPU ceiling 1/(1/d+1/m) = "
-          f"{ceiling:.1f} img/s ({ceiling / floor:.0%} of min)")
-
-    import ray
-
-    from jobs.cluster import connect
-
-    connect(num_cpus=args.cpus, log_to_driver=False)
-    results = {"model": label, "images": len(paths), "batch_size": args.batch_size, "cpus": args.cpus,
-               "decode_only": dec, "model_only": mod, "ceiling": ceiling, "pipeline": {}}
-    for w in [int(x) for x in args.workers.split(",")]:
-        s = score_folders([src], uri, tmp / f"out-{w}.parquet",
-                          ScoreConfig(batch_size=args.batch_size, workers=w, overwrite=True, progress=False))
-        fb, fr = s.extra.get("first_batch_s") or 0.0, s.extra.get("first_batch_rows") or 0
-        steady = (s.scored - fr) / max(s.wall_s - fb, 1e-9)
-        results["pipeline"][w] = {"end_to_end": s.images_per_s, "steady": steady, "wall_s": s.wall_s,
-                                  "startup_s": fb, "errors": s.errors, "cpus_per_worker": s.extra["cpus_per_worker"]}
-        print(f"pipeline {w} worker(s) x {s.extra['cpus_per_worker']:g} CPU: {s.images_per_s:7.1f} img/s end to end "
-              f"({s.wall_s:.1f} s, {fb:.1f} s to first batch), steady {steady:7.1f} img/s = "
-              f"{steady / floor:.0%} of min(decode, model) [end to end {s.images_per_s / floor:.0%}], "
-              f"{s.errors} errors")
-    ray.shutdown()
+    print(f"data: {len(paths)} images from {args.data}/jpg, batch {args.batch_size}")
+    results = {"model": label, "images": len(paths), "batch_size": args.batch_size, "machine": cpu_line(),
+               "load_at_start": os.getloadavg()}
+    if args.mode in ("single", "all"):
+        results["single"] = single_node(args, uri, paths, src, tmp)
+    if args.mode in ("cluster", "all"):
+        results["cluster"] = cluster_nodes(args, uri, paths, src, tmp)
+    print(f"load: {load_line()} at the end")
+    results["load_at_end"] = os.getloadavg()
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     return 0
 
 
