@@ -9,6 +9,8 @@ static INT8 (ORT QDQ). Batch 1 p50/p95 and batch 32 throughput, then the ratios.
 Without trained models it builds random-init networks at the CPU-profile sizes: the numbers are
 then ARCHITECTURE-ONLY latency (weights do not change the cost of a dense conv net, but accuracy
 is meaningless). Run it on an otherwise idle machine; other processes inflate p95 first.
+It prints the CPU's INT8-relevant flags (AVX2, AVX-512, VNNI, AMX) and the student's INT8 recipe:
+INT8 speed depends on them. `bench/int8_recipes.py` compares the recipes' accuracy and latency.
 """
 from __future__ import annotations
 
@@ -21,15 +23,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flowers import config as C  # noqa: E402
-from flowers.data.transforms import Preprocessing  # noqa: E402
-from flowers.export import export_student, latency, load_variant  # noqa: E402
-from flowers.models import build_model, model_spec  # noqa: E402
-from flowers.predict import LoadedModel, load_model  # noqa: E402
-from flowers.runtime import configure_torch_threads, cpu_share  # noqa: E402
-from flowers.train import CHECKPOINT_FORMAT, save_checkpoint  # noqa: E402
+from flowers import config as C
+from flowers.checkpoint import save_checkpoint
+from flowers.data.transforms import Preprocessing
+from flowers.export import cpu_flags, describe_cpu, export_student, latency, load_variant
+from flowers.models import build_model, model_spec
+from flowers.predict import LoadedModel, load_model
+from flowers.runtime import configure_torch_threads, cpu_share
 
 log = logging.getLogger("bench.latency")
 
@@ -41,7 +41,7 @@ def random_checkpoint(arch: str, size: int, classes: int, path: Path) -> Path:
     net = build_model(arch, classes, pretrained=False, dropout=0.0).eval()
     cfg = C.replace(C.Config(), {"model.arch": spec.backbone, "model.attention": spec.attention,
                                  "model.pretrained": None, "data.image_size": size})
-    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "model_name": arch, "dropout": 0.0,
+    save_checkpoint(path, {"model_name": arch, "dropout": 0.0,
                            "class_names": [f"class {i}" for i in range(classes)], "preprocessing": pp.to_dict(),
                            "config": C.to_dict(cfg), "task": "classification", "model": net.state_dict()})
     return path
@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"student: RANDOM-INIT {args.student_arch} at {args.student_size}px, INT8 calibrated on noise "
                      "(architecture-only latency)")
     variants = {k: load_variant(student_dir, k) for k in ("fp32", "dynamic_int8", "int8")}
+    q = json.loads((student_dir / "flowers_model.json").read_text()).get("quantization") or {}
+    check = variants["int8"].meta.get("int8_check") or {}
+    notes.append(f"student INT8 recipe {q.get('recipe', 'u8s8 (exported before recipes were recorded)')}, "
+                 f"max |weight| {check.get('max_abs_weight')}, saturation-safe {check.get('saturation_safe')}")
 
     rows: list[tuple[str, object, int]] = [(f"member {k} fp32 (torch)", torch_fn(m), m.preprocessing.image_size)
                                           for k, m in members.items()]
@@ -132,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
              ("student static INT8 (ORT QDQ)", variants["int8"].predict_proba, ssize)]
 
     results: dict[str, dict] = {}
-    print(f"\nthreads: torch {threads}, ORT {cpu_share()}; best of {args.rounds} interleaved rounds; " + "; ".join(notes))
+    cpu = cpu_flags()
+    print(f"\nCPU: {describe_cpu(cpu)}")
+    print(f"threads: torch {threads}, ORT {cpu_share()}; best of {args.rounds} interleaved rounds; " + "; ".join(notes))
     for r in range(args.rounds):
         for name, fn, size in rows:
             x1 = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8)
@@ -156,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         if name != "student static INT8 (ORT QDQ)":
             print(f"  {name:44s} / static INT8 = {results[name]['b1_p50_ms'] / int8:6.1f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"notes": notes, "threads": threads, "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"cpu": cpu, "notes": notes, "threads": threads, "results": results},
+                                              indent=2))
     return 0
 
 

@@ -11,6 +11,19 @@ folder written by :func:`export_student`::
     model_dynamic_int8.onnx     dynamic INT8 of Linear/MatMul only: the seed's method, kept as a comparison row
     model_fp32.torchscript.pt   traced TorchScript, for seed compatibility (TorchScript is deprecated)
 
+INT8 that holds on every x86 CPU: ONNX Runtime multiplies uint8 activations by int8 weights.
+CPUs with VNNI (avx512_vnni, avx_vnni) or AMX accumulate those products in 32 bits; older x86
+CPUs (AVX2 / AVX-512 without VNNI) add each pair of products into a *saturating* 16-bit integer
+first, and 255 x 127 x 2 = 64,770 does not fit in 32,767. The default recipe, `u8s8_7bit`,
+quantizes weights to 7 bits (`reduce_range`: [-64, 64]), so a pair is at most 255 x 64 x 2 =
+32,640 and cannot saturate on any x86 CPU, in any runtime: safe by construction, checked on the
+written file (`int8_weight_check`). The manifest's `quantization` block records the recipe, that
+check, and the CPU flags of the machine that exported and validated the model. Sessions opened
+here also set ONNX Runtime's `session.x64quantprecision`, so 8-bit models (recipe `u8s8`, or
+exported before the 7-bit default) stay exact on such CPUs too, through slower u8 x u8 kernels.
+`load_onnx` inspects the file: an INT8 model with full 8-bit weights on an x86 CPU without VNNI
+logs one warning and carries it in `meta["warnings"]`.
+
 Class names, preprocessing and the uncertainty threshold are also embedded in each ONNX file's
 metadata, so the file alone is enough. Loading without this package (numpy, Pillow, onnxruntime)::
 
@@ -33,6 +46,7 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import tempfile
 import time
 import warnings
@@ -62,6 +76,19 @@ FILES = {
     "dynamic_int8": "model_dynamic_int8.onnx",
     "torchscript": "model_fp32.torchscript.pt",
 }
+# How the weights are quantized (activations are uint8 in both): `u8s8_7bit` cannot saturate
+# the 16-bit pair sums of x86 CPUs without VNNI; `u8s8` (full 8-bit weights) is exact only with
+# VNNI/AMX and is kept for comparison (bench/int8_recipes.py).
+INT8_RECIPES = {"u8s8_7bit": {"weights": "int8", "reduce_range": True},
+                "u8s8": {"weights": "int8", "reduce_range": False},
+                "u8u8": {"weights": "uint8", "reduce_range": False}}
+DEFAULT_INT8_RECIPE = "u8s8_7bit"
+# x86 instruction sets INT8 inference depends on (reported by exports, loads and benches)
+INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # 32-bit accumulation of u8 x s8 products
+_INT16_MAX = 32767
+X64_PRECISION_OPTION = "session.x64quantprecision"  # ONNX Runtime session config key
+_U8_MAX = 255
 
 
 class _ProbModel(torch.nn.Module):
@@ -73,6 +100,87 @@ class _ProbModel(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.inner(x), dim=1)
+
+
+# ----------------------------------------------------------------------------- CPU and INT8 safety
+
+
+def cpu_flags(cpuinfo: str | None = None, arch: str | None = None) -> dict[str, Any]:
+    """This CPU: model name, architecture, which of `INT8_CPU_FLAGS` it has, and whether it has VNNI.
+
+    Read from /proc/cpuinfo (Linux; `cpuinfo` passes that text instead). Elsewhere `known` is
+    False and `vnni` None: nothing is claimed about a CPU that could not be read.
+    """
+    arch = (arch or platform.machine()).lower()
+    out: dict[str, Any] = {"cpu": platform.processor() or arch, "arch": arch, "flags": [], "known": False,
+                           "vnni": None}
+    text = cpuinfo
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return out
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name":
+            out["cpu"] = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    out["flags"] = [f for f in INT8_CPU_FLAGS if f in flags]
+    out["known"] = bool(flags)
+    if out["known"]:
+        out["vnni"] = any(f in flags for f in VNNI_FLAGS)
+    return out
+
+
+def describe_cpu(info: dict[str, Any] | None = None) -> str:
+    """One line: 'AMD EPYC (x86_64): avx2 avx512f avx512_vnni; VNNI yes'."""
+    info = info or cpu_flags()
+    if not info.get("known"):
+        return f"{info.get('cpu')} ({info.get('arch')}): CPU flags unknown"
+    vnni = "yes" if info.get("vnni") else "NO (u8 x s8 pair sums saturate at 16 bits)"
+    return f"{info['cpu']} ({info['arch']}): {' '.join(info['flags']) or 'none of ' + '/'.join(INT8_CPU_FLAGS)}; VNNI {vnni}"
+
+
+def is_x86(info: dict[str, Any]) -> bool:
+    return str(info.get("arch", "")).lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def int8_weight_check(path: Path) -> dict[str, Any]:
+    """What an ONNX file's own int8 weights allow: {'int8', 'max_abs_weight', 'saturation_safe'}.
+
+    Every int8 initializer counts (weights and their zero points; biases are int32). The file
+    is saturation-safe when a pair of uint8 x int8 products fits in int16: 2 x 255 x max|w| <= 32767,
+    i.e. weights within [-64, 64].
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    peak = None
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.INT8:
+            arr = numpy_helper.to_array(init)
+            if arr.size:
+                m = int(np.abs(arr.astype(np.int16)).max())
+                peak = m if peak is None else max(peak, m)
+    if peak is None:
+        return {"int8": False, "max_abs_weight": None, "saturation_safe": True}
+    return {"int8": True, "max_abs_weight": peak, "saturation_safe": 2 * _U8_MAX * peak <= _INT16_MAX}
+
+
+def saturation_warning(path: Path, check: dict[str, Any], cpu: dict[str, Any]) -> str | None:
+    """The one-line warning for an INT8 file that can saturate on this CPU (None when it cannot)."""
+    if not check.get("int8") or check.get("saturation_safe") or not cpu.get("known") or not is_x86(cpu) \
+            or cpu.get("vnni"):
+        return None
+    return (f"{Path(path).name} is not quantized for this CPU: full 8-bit INT8 weights (max |w| "
+            f"{check['max_abs_weight']}) on a CPU without VNNI ({describe_cpu(cpu)}); ONNX Runtime stays exact only "
+            f"through its slower u8 x u8 kernels ({X64_PRECISION_OPTION}, which flowers sets) and other runtimes lose "
+            f"accuracy to saturated u8 x s8 pair sums; re-export it with `flowers export` (recipe "
+            f"{DEFAULT_INT8_RECIPE}, 7-bit weights)")
 
 
 # ----------------------------------------------------------------------------- individual exports
@@ -135,28 +243,53 @@ def prepare_for_quantization(src: Path, dst: Path) -> Path:
         return src
 
 
-def quantize_static_int8(fp32: Path, out: Path, batches: Sequence[np.ndarray]) -> Path:
+def _recipe(name: str) -> dict[str, Any]:
+    if name not in INT8_RECIPES:
+        raise ValueError(f"unknown INT8 recipe '{name}'; use one of: {', '.join(INT8_RECIPES)}")
+    return INT8_RECIPES[name]
+
+
+def quantize_static_int8(fp32: Path, out: Path, batches: Sequence[np.ndarray],
+                         recipe: str = DEFAULT_INT8_RECIPE) -> Path:
     """Post-training static INT8: QDQ format, per-channel int8 weights, uint8 activations (MinMax calibration).
 
-    `fp32` should have been through :func:`prepare_for_quantization`. The final Softmax stays in
-    float: quantized probabilities (steps of 1/256) would spoil the entropy.
+    `recipe` (see `INT8_RECIPES`): `u8s8_7bit` keeps weights in [-64, 64] so no x86 CPU can
+    saturate. `fp32` should have been through :func:`prepare_for_quantization`. The final
+    Softmax stays in float: quantized probabilities (steps of 1/256) would spoil the entropy.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     softmax = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Softmax"]
+    r = _recipe(recipe)
     quantize_static(str(fp32), str(out), _Calibration(batches), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=softmax)
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QUInt8 if r["weights"] == "uint8" else QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=softmax, reduce_range=r["reduce_range"])
     return out
 
 
-def quantize_dynamic_linear(fp32: Path, out: Path) -> Path:
+def quantize_dynamic_linear(fp32: Path, out: Path, recipe: str = DEFAULT_INT8_RECIPE) -> Path:
     """The seed's dynamic quantization: only Linear layers (Gemm/MatMul) become INT8; convolutions stay fp32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(fp32), str(out), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
+    r = _recipe(recipe)
+    quantize_dynamic(str(fp32), str(out), op_types_to_quantize=["MatMul", "Gemm"],
+                     weight_type=QuantType.QUInt8 if r["weights"] == "uint8" else QuantType.QInt8,
+                     reduce_range=r["reduce_range"])
     return out
+
+
+def agreement(a: Path, b: Path, batches: Sequence[np.ndarray]) -> float:
+    """Share of images on which two ONNX files predict the same class (here: INT8 vs fp32 on calibration images)."""
+    sa, sb = onnx_session(a), onnx_session(b)
+    same = total = 0
+    for x in batches:
+        pa = sa.run(None, {sa.get_inputs()[0].name: x})[0].argmax(1)
+        pb = sb.run(None, {sb.get_inputs()[0].name: x})[0].argmax(1)
+        same += int((pa == pb).sum())
+        total += len(x)
+    return same / max(1, total)
 
 
 def export_torchscript(module: torch.nn.Module, path: Path, image_size: int) -> Path:
@@ -186,12 +319,15 @@ def _embed_metadata(path: Path, meta: dict[str, Any]) -> None:
 
 def export_student(checkpoint: Path, out_dir: Path, calibration: Dataset | Sequence[torch.Tensor],
                    threshold: float | None = None, *, calibration_size: int = 256, name: str = REGISTERED_NAME,
-                   torchscript: bool = True, dynamic: bool = True, extra: dict[str, Any] | None = None) -> Path:
+                   torchscript: bool = True, dynamic: bool = True, extra: dict[str, Any] | None = None,
+                   int8_recipe: str = DEFAULT_INT8_RECIPE) -> Path:
     """Export a flowers checkpoint to `out_dir` (see the module docstring); returns the folder.
 
     `calibration`: training images (a dataset yielding uint8 (image, label, index) with the eval
     transform, or uint8 NCHW tensors). `threshold`: the entropy flag threshold chosen on val.
+    `int8_recipe`: how weights are quantized (`INT8_RECIPES`; the default cannot saturate).
     """
+    _recipe(int8_recipe)
     t0 = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
     pp = Preprocessing.from_dict(ckpt["preprocessing"])
@@ -205,9 +341,15 @@ def export_student(checkpoint: Path, out_dir: Path, calibration: Dataset | Seque
         raise ValueError("no calibration images: pass training images (a dataset or uint8 tensors)")
     with tempfile.TemporaryDirectory() as tmp:
         pre = prepare_for_quantization(out_dir / FILES["fp32"], Path(tmp) / "pre.onnx")
-        files["int8"] = quantize_static_int8(pre, out_dir / FILES["int8"], batches).name
+        files["int8"] = quantize_static_int8(pre, out_dir / FILES["int8"], batches, int8_recipe).name
         if dynamic:
-            files["dynamic_int8"] = quantize_dynamic_linear(pre, out_dir / FILES["dynamic_int8"]).name
+            files["dynamic_int8"] = quantize_dynamic_linear(pre, out_dir / FILES["dynamic_int8"], int8_recipe).name
+    # validated on this CPU: the written files' weight ranges, and INT8 vs fp32 on the calibration images
+    checks = {k: int8_weight_check(out_dir / files[k]) for k in ("int8", "dynamic_int8") if k in files}
+    cpu = cpu_flags()
+    validated = {"cpu": cpu["cpu"], "arch": cpu["arch"], "flags": cpu["flags"], "vnni": cpu["vnni"],
+                 "int8_fp32_agreement_calibration": agreement(out_dir / files["int8"], out_dir / files["fp32"], batches),
+                 "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if torchscript:
         files["torchscript"] = export_torchscript(module, out_dir / FILES["torchscript"], pp.image_size).name
     embedded = {"class_names": list(ckpt["class_names"]), "preprocessing": pp.to_dict(),
@@ -226,9 +368,12 @@ def export_student(checkpoint: Path, out_dir: Path, calibration: Dataset | Seque
         files=files,
         input={"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW", "size": pp.image_size},
         output={"name": OUTPUT_NAME, "meaning": "softmax probabilities"},
-        quantization={"method": "onnxruntime static QDQ", "per_channel": True, "activations": "uint8",
-                      "weights": "int8", "calibration": "MinMax",
-                      "calibration_images": int(sum(len(b) for b in batches))},
+        quantization={"method": "onnxruntime static QDQ", "recipe": int8_recipe, "per_channel": True,
+                      "activations": "uint8",
+                      "weights": "int8, 7-bit range [-64, 64]" if INT8_RECIPES[int8_recipe]["reduce_range"] else "int8",
+                      "calibration": "MinMax", "calibration_images": int(sum(len(b) for b in batches)),
+                      "saturation_safe": all(c["saturation_safe"] for c in checks.values()),
+                      "files": {files[k]: c for k, c in checks.items()}, "validated_on": validated},
         fp32_test_accuracy=test.get("top1"),
         config=ckpt["config"],
         source_checkpoint=str(checkpoint),
@@ -236,7 +381,9 @@ def export_student(checkpoint: Path, out_dir: Path, calibration: Dataset | Seque
         lineage=lineage,
         **extra,
     )
-    log.info("exported %s to %s in %.1fs (%s)", checkpoint, out_dir, time.perf_counter() - t0, ", ".join(files.values()))
+    log.info("exported %s to %s in %.1fs (%s); INT8 recipe %s, saturation-safe %s, validated on %s",
+             checkpoint, out_dir, time.perf_counter() - t0, ", ".join(files.values()), int8_recipe,
+             all(c["saturation_safe"] for c in checks.values()), describe_cpu(cpu))
     return out_dir
 
 
@@ -261,6 +408,11 @@ def onnx_session(path: Path, threads: int | None = None):
     opts.intra_op_num_threads = threads or cpu_share()
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # On x86 CPUs without VNNI, ORT then runs int8 weights outside [-64, 63] through its exact
+    # (slower) u8 x u8 kernels instead of the u8 x s8 ones whose 16-bit pair sums saturate; a
+    # no-op on VNNI/AMX CPUs and for 7-bit exports. Protects 8-bit models exported before the
+    # 7-bit default, in every loader that comes through here (Serve, scoring, predict).
+    opts.add_session_config_entry(X64_PRECISION_OPTION, "1")
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
@@ -285,6 +437,15 @@ def load_onnx(path: Path, manifest: dict, device: str) -> LoadedModel:
 
     info = {k: v for k, v in meta.items() if k not in ("file", "class_names", "preprocessing")}
     info.update({"kind": "onnx", "onnx_file": path.name})
+    # the file itself says whether its INT8 weights can saturate; this CPU says whether that matters
+    check = int8_weight_check(path)
+    if check["int8"]:
+        cpu = cpu_flags()
+        info["int8_check"] = {**check, "cpu": describe_cpu(cpu)}
+        warning = saturation_warning(path, check, cpu)
+        if warning:
+            log.warning(warning)
+            info["warnings"] = [*(info.get("warnings") or []), warning]
     return LoadedModel(proba, Preprocessing.from_dict(meta["preprocessing"]), list(meta["class_names"]),
                        meta.get("name", REGISTERED_NAME), version=meta.get("version"), meta=info, source=str(path))
 

@@ -81,3 +81,103 @@ def test_loads_in_fresh_process_without_flowers(exported, synth_root, tmp_path):
 def test_bare_onnx_file_carries_metadata(exported):
     m = load_model(exported / "model_int8.onnx")
     assert m.class_names and m.preprocessing.image_size > 0 and m.meta["uncertainty_threshold"] == 0.42
+
+
+# ----------------------------------------------------------------------------- INT8 on every x86 CPU
+
+NO_VNNI = {"cpu": "Simulated EPYC", "arch": "x86_64", "flags": ["avx2"], "known": True, "vnni": False}
+VNNI = {"cpu": "Simulated Xeon", "arch": "x86_64", "flags": ["avx2", "avx512f", "avx512_vnni"], "known": True,
+        "vnni": True}
+
+
+def test_manifest_records_recipe_weight_range_and_cpu_flags(exported):
+    from flowers.export import DEFAULT_INT8_RECIPE, cpu_flags, int8_weight_check
+
+    q = json.loads((exported / "flowers_model.json").read_text())["quantization"]
+    assert q["recipe"] == DEFAULT_INT8_RECIPE == "u8s8_7bit" and q["activations"] == "uint8"
+    # safe by construction, and checked on the written files: 7-bit weights, so 2 x 255 x 64 <= 32767
+    assert q["saturation_safe"] is True
+    for f in ("model_int8.onnx", "model_dynamic_int8.onnx"):
+        assert q["files"][f] == int8_weight_check(exported / f)
+        assert q["files"][f]["int8"] and 0 < q["files"][f]["max_abs_weight"] <= 64
+    here = cpu_flags()
+    v = q["validated_on"]
+    assert (v["cpu"], v["flags"], v["vnni"]) == (here["cpu"], here["flags"], here["vnni"])
+    assert set(v["flags"]) <= {"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"}
+    assert 0.9 <= v["int8_fp32_agreement_calibration"] <= 1.0
+    assert int8_weight_check(exported / "model_fp32.onnx") == {"int8": False, "max_abs_weight": None,
+                                                              "saturation_safe": True}
+
+
+@pytest.fixture(scope="module")
+def unsafe_int8(exported, tmp_path_factory):
+    """The same fp32 graph quantized with full 8-bit weights (the recipe that saturates without VNNI)."""
+    from flowers.export import quantize_static_int8
+
+    size = json.loads((exported / "flowers_model.json").read_text())["preprocessing"]["image_size"]
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (4, 3, size, size), dtype=np.uint8) for _ in range(2)]
+    return quantize_static_int8(exported / "model_fp32.onnx", tmp_path_factory.mktemp("unsafe") / "int8.onnx",
+                                batches, recipe="u8s8")
+
+
+def _load_logged(path, manifest, caplog):
+    from flowers.export import load_onnx
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="flowers.export"):
+        model = load_onnx(path, manifest, "cpu")
+    return model, [r for r in caplog.records if r.name == "flowers.export" and r.levelname == "WARNING"]
+
+
+def test_unsafe_int8_on_a_cpu_without_vnni_logs_one_line(exported, unsafe_int8, monkeypatch, caplog):
+    import flowers.export as E
+
+    manifest = json.loads((exported / "flowers_model.json").read_text())
+    assert E.int8_weight_check(unsafe_int8)["max_abs_weight"] > 64
+    monkeypatch.setattr(E, "cpu_flags", lambda: dict(NO_VNNI))
+    model, logged = _load_logged(unsafe_int8, manifest, caplog)
+    assert len(logged) == 1 and "\n" not in logged[0].getMessage()
+    assert "without VNNI" in logged[0].getMessage() and "Simulated EPYC" in logged[0].getMessage()
+    assert model.meta["warnings"] == [logged[0].getMessage()]
+    assert model.meta["int8_check"]["saturation_safe"] is False
+    # the default export on the same CPU: nothing to say
+    model, logged = _load_logged(exported / "model_int8.onnx", manifest, caplog)
+    assert logged == [] and "warnings" not in model.meta and model.meta["int8_check"]["saturation_safe"] is True
+    # fp32 is never at risk
+    model, logged = _load_logged(exported / "model_fp32.onnx", manifest, caplog)
+    assert logged == [] and "int8_check" not in model.meta
+    # with VNNI the 8-bit model is exact: no warning
+    monkeypatch.setattr(E, "cpu_flags", lambda: dict(VNNI))
+    model, logged = _load_logged(unsafe_int8, manifest, caplog)
+    assert logged == [] and "warnings" not in model.meta
+
+
+def test_sessions_ask_onnxruntime_for_exact_int8_on_cpus_without_vnni(exported):
+    from flowers.export import X64_PRECISION_OPTION, onnx_session
+
+    sess = onnx_session(exported / "model_int8.onnx")
+    assert sess.get_session_options().get_session_config_entry(X64_PRECISION_OPTION) == "1"
+
+
+def test_unknown_or_non_x86_cpu_claims_nothing(unsafe_int8):
+    from flowers.export import int8_weight_check, saturation_warning
+
+    check = int8_weight_check(unsafe_int8)
+    assert saturation_warning(unsafe_int8, check, NO_VNNI)
+    assert saturation_warning(unsafe_int8, check, {**NO_VNNI, "arch": "aarch64"}) is None
+    assert saturation_warning(unsafe_int8, check, {**NO_VNNI, "known": False, "vnni": None}) is None
+
+
+def test_cpu_flags_from_cpuinfo():
+    from flowers.export import cpu_flags, describe_cpu
+
+    avx2 = "processor\t: 0\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\n"
+    info = cpu_flags(avx2, "x86_64")
+    assert info == {"cpu": "AMD EPYC 7B12", "arch": "x86_64", "flags": ["avx2"], "known": True, "vnni": False}
+    assert "VNNI NO" in describe_cpu(info)
+    vnni = cpu_flags(avx2.replace("fma", "avx512f avx512bw avx512_vnni amx_int8 amx_tile"), "x86_64")
+    assert vnni["flags"] == ["avx2", "avx512f", "avx512bw", "avx512_vnni", "amx_int8"] and vnni["vnni"] is True
+    assert cpu_flags("", "x86_64")["known"] is False
+    here = cpu_flags()  # this machine: whatever it is, the line says it
+    assert {"cpu", "arch", "flags", "known", "vnni"} <= set(here) and describe_cpu(here)

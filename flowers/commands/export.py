@@ -14,6 +14,9 @@ def register(sub) -> None:
     p.add_argument("--data", help="dataset root for calibration images (default: the checkpoint's, else $FLOWERS_DATA)")
     p.add_argument("--calibration-size", type=int, default=256, help="number of training images for calibration")
     p.add_argument("--threshold", type=float, help="uncertainty (normalized entropy) threshold to store")
+    p.add_argument("--int8-recipe", default=None,
+                   help="weight quantization: u8s8_7bit (default: 7-bit weights, cannot saturate on x86 CPUs "
+                        "without VNNI) or u8s8 (full 8-bit weights, exact only with VNNI/AMX)")
     p.set_defaults(func=run, heavy=True)
 
 
@@ -22,8 +25,11 @@ def run(args) -> int:
     from flowers.checkpoint import load_checkpoint, read_manifest
     from flowers.data.bundle import build_data
     from flowers.data.transforms import Preprocessing
-    from flowers.export import export_student
+    from flowers.export import DEFAULT_INT8_RECIPE, INT8_RECIPES, describe_cpu, export_student
 
+    recipe = args.int8_recipe or DEFAULT_INT8_RECIPE
+    if recipe not in INT8_RECIPES:
+        raise C.ConfigError(f"--int8-recipe: unknown recipe '{recipe}'; use one of: {', '.join(INT8_RECIPES)}")
     ckpt_path = Path(args.checkpoint)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
@@ -36,7 +42,10 @@ def run(args) -> int:
         data_cfg = C.replace(C.Config(data=data_cfg), {"data.root": args.data}).data
     data = build_data(data_cfg, Preprocessing.from_dict(ckpt["preprocessing"]))
     out = export_student(ckpt_path, Path(args.out), data.eval_part("train"), args.threshold,
-                         calibration_size=args.calibration_size)
+                         calibration_size=args.calibration_size, int8_recipe=recipe)
     manifest = read_manifest(out)
-    print(json.dumps({"out": str(out), "files": manifest["files"], "model_name": manifest["model_name"]}, indent=2))
+    q = manifest["quantization"]
+    print(json.dumps({"out": str(out), "files": manifest["files"], "model_name": manifest["model_name"],
+                      "int8_recipe": q["recipe"], "saturation_safe": q["saturation_safe"],
+                      "validated_on": q["validated_on"], "cpu": describe_cpu()}, indent=2))
     return 0
