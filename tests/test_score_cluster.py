@@ -187,7 +187,8 @@ def test_driver_killed_then_resumed(test_cluster, cluster_env, model_uri, inputs
     r = _start([*args, "--resume", "--gpus-per-worker", "1"], cluster_env)
     stdout, stderr = r.communicate(timeout=600)
     assert r.returncode == 0, stderr[-4000:]
-    print(f"resume after the driver kill ({len(parts)} parts, {rows_before} rows kept):", stdout.strip().splitlines()[-1])
+    print(f"resume after the driver kill ({len(parts)} parts, {rows_before} rows kept):",
+          stdout.strip().splitlines()[-1])
     notes = [ln for ln in stderr.splitlines() if "no GPUs" in ln]
     assert len(notes) == 1 and "scoring on CPU" in notes[0], stderr[-3000:]
     manifest = _check_once(out, inputs)

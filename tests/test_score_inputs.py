@@ -49,7 +49,8 @@ def test_folders_text_and_parquet_listings(tree, tmp_path):
     assert list_inputs([tree, listing]) == sorted(set(folder) | {str(tree / "sub/notes-not-listed.bin")})
     assert list_inputs([tree / "a.jpg"]) == [str(tree / "a.jpg")]  # a single image
 
-    pq.write_table(pa.table({"id": [1, 2], "path": [str(tree / "a.jpg"), "s3://bucket/x/y.jpg"]}), tmp_path / "l.parquet")
+    pq.write_table(pa.table({"id": [1, 2], "path": [str(tree / "a.jpg"), "s3://bucket/x/y.jpg"]}),
+                   tmp_path / "l.parquet")
     assert list_inputs([tmp_path / "l.parquet"]) == [str(tree / "a.jpg"), "s3://bucket/x/y.jpg"]
     pq.write_table(pa.table({"n": [1], "file": ["z.jpg"]}), tmp_path / "one.parquet")  # its only string column
     assert list_inputs([tmp_path / "one.parquet"]) == [str(tmp_path / "z.jpg")]

@@ -1,4 +1,4 @@
-"""`flowers score`: score images (folders, s3:// prefixes, listings) into Parquet with Ray Data (see docs/scoring.md); runs `jobs.score`."""
+"""`flowers score`: images (folders, s3:// prefixes, listings) into Parquet with Ray Data, via `jobs.score`."""
 from __future__ import annotations
 
 
