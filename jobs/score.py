@@ -32,8 +32,8 @@ from flowers import registry, storage
 from flowers.config import ConfigError, ScoreConfig
 from flowers.registry import TrackingTarget
 from flowers.scoring import (ScorePlan, Scorer, ScoreSummary, by_filesystem, check_cluster_paths, commit_dataset,
-                             log_summary, part_name, plan_scoring, prepare_dataset, read_objects, write_scores,
-                             write_summary)
+                             log_summary, part_name, plan_scoring, prepare_dataset, write_scores, write_summary)
+from flowers.scoring_io import read_objects
 from jobs import cluster, entry
 from jobs.options import add_score_arguments, score_settings
 
