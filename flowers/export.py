@@ -18,11 +18,11 @@ first, and 255 x 127 x 2 = 64,770 does not fit in 32,767. The default recipe, `u
 quantizes weights to 7 bits (`reduce_range`: [-64, 64]), so a pair is at most 255 x 64 x 2 =
 32,640 and cannot saturate on any x86 CPU, in any runtime: safe by construction, checked on the
 written file (`int8_weight_check`). The manifest's `quantization` block records the recipe, that
-check, and the CPU flags of the machine that exported and validated the model. Sessions opened
-here also set ONNX Runtime's `session.x64quantprecision`, so 8-bit models (recipe `u8s8`, or
-exported before the 7-bit default) stay exact on such CPUs too, through slower u8 x u8 kernels.
-`load_onnx` inspects the file: an INT8 model with full 8-bit weights on an x86 CPU without VNNI
-logs one warning and carries it in `meta["warnings"]`.
+check, and the CPU flags of the machine that exported and validated the model. `load_onnx`
+inspects the file: an INT8 model with full 8-bit weights (recipe `u8s8`, or exported before the
+7-bit default) on an x86 CPU without VNNI logs one warning, carries it in `meta["warnings"]`, and
+gets ONNX Runtime's `session.x64quantprecision`, which keeps it exact through slower u8 x u8
+kernels. Only then: that option also switches 8-bit models to the slow kernels on VNNI CPUs.
 
 Class names, preprocessing and the uncertainty threshold are also embedded in each ONNX file's
 metadata, so the file alone is enough. Loading without this package (numpy, Pillow, onnxruntime)::
@@ -76,9 +76,10 @@ FILES = {
     "dynamic_int8": "model_dynamic_int8.onnx",
     "torchscript": "model_fp32.torchscript.pt",
 }
-# How the weights are quantized (activations are uint8 in both): `u8s8_7bit` cannot saturate
-# the 16-bit pair sums of x86 CPUs without VNNI; `u8s8` (full 8-bit weights) is exact only with
-# VNNI/AMX and is kept for comparison (bench/int8_recipes.py).
+# How the weights are quantized (activations are always uint8): `u8s8_7bit` cannot saturate the
+# 16-bit pair sums of x86 CPUs without VNNI; `u8s8` (full 8-bit weights) is exact there only
+# through ORT's slower u8 x u8 kernels; `u8u8` is safe too but ORT runs it far slower. The last
+# two are kept for comparison (bench/int8_recipes.py; figures in the README).
 INT8_RECIPES = {"u8s8_7bit": {"weights": "int8", "reduce_range": True},
                 "u8s8": {"weights": "int8", "reduce_range": False},
                 "u8u8": {"weights": "uint8", "reduce_range": False}}
@@ -178,7 +179,7 @@ def saturation_warning(path: Path, check: dict[str, Any], cpu: dict[str, Any]) -
         return None
     return (f"{Path(path).name} is not quantized for this CPU: full 8-bit INT8 weights (max |w| "
             f"{check['max_abs_weight']}) on a CPU without VNNI ({describe_cpu(cpu)}); ONNX Runtime stays exact only "
-            f"through its slower u8 x u8 kernels ({X64_PRECISION_OPTION}, which flowers sets) and other runtimes lose "
+            f"through its slower u8 x u8 kernels ({X64_PRECISION_OPTION}, set for it here) and other runtimes lose "
             f"accuracy to saturated u8 x s8 pair sums; re-export it with `flowers export` (recipe "
             f"{DEFAULT_INT8_RECIPE}, 7-bit weights)")
 
@@ -400,19 +401,22 @@ def sync_onnx_metadata(model_dir: Path) -> None:
 # ----------------------------------------------------------------------------- loading
 
 
-def onnx_session(path: Path, threads: int | None = None):
-    """An ONNX Runtime CPU session using this process's CPU share (Ray worker / Serve replica)."""
+def onnx_session(path: Path, threads: int | None = None, precise: bool = False):
+    """An ONNX Runtime CPU session using this process's CPU share (Ray worker / Serve replica).
+
+    `precise`: run int8 weights outside [-64, 63] through ORT's exact u8 x u8 kernels instead of
+    u8 x s8 ones, whose 16-bit pair sums saturate on x86 CPUs without VNNI. Slower, and ORT 1.32
+    applies it on VNNI CPUs too (measured 2.8x slower there for an 8-bit student), so `load_onnx`
+    asks for it only for an 8-bit model on a CPU without VNNI.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or cpu_share()
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # On x86 CPUs without VNNI, ORT then runs int8 weights outside [-64, 63] through its exact
-    # (slower) u8 x u8 kernels instead of the u8 x s8 ones whose 16-bit pair sums saturate; a
-    # no-op on VNNI/AMX CPUs and for 7-bit exports. Protects 8-bit models exported before the
-    # 7-bit default, in every loader that comes through here (Serve, scoring, predict).
-    opts.add_session_config_entry(X64_PRECISION_OPTION, "1")
+    if precise:
+        opts.add_session_config_entry(X64_PRECISION_OPTION, "1")
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
@@ -423,7 +427,12 @@ def load_onnx(path: Path, manifest: dict, device: str) -> LoadedModel:
         path = path / manifest.get("file", FILES["int8"])
     if not path.is_file():
         raise ModelLoadError(f"ONNX model file not found: {path}")
-    sess = onnx_session(path)
+    # the file itself says whether its INT8 weights can saturate; this CPU says whether that matters
+    check = int8_weight_check(path)
+    cpu = cpu_flags() if check["int8"] else {}
+    # an 8-bit model on an x86 CPU without VNNI (or one that could not be read) needs the exact kernels
+    precise = bool(check["int8"] and not check["saturation_safe"] and is_x86(cpu) and not cpu.get("vnni"))
+    sess = onnx_session(path, precise=precise)
     embedded = {k: json.loads(v) for k, v in sess.get_modelmeta().custom_metadata_map.items()
                 if k in EMBEDDED_KEYS}
     meta = {**embedded, **manifest}
@@ -437,11 +446,8 @@ def load_onnx(path: Path, manifest: dict, device: str) -> LoadedModel:
 
     info = {k: v for k, v in meta.items() if k not in ("file", "class_names", "preprocessing")}
     info.update({"kind": "onnx", "onnx_file": path.name})
-    # the file itself says whether its INT8 weights can saturate; this CPU says whether that matters
-    check = int8_weight_check(path)
     if check["int8"]:
-        cpu = cpu_flags()
-        info["int8_check"] = {**check, "cpu": describe_cpu(cpu)}
+        info["int8_check"] = {**check, "cpu": describe_cpu(cpu), "exact_u8u8_kernels": precise}
         warning = saturation_warning(path, check, cpu)
         if warning:
             log.warning(warning)

@@ -153,11 +153,23 @@ def test_unsafe_int8_on_a_cpu_without_vnni_logs_one_line(exported, unsafe_int8, 
     assert logged == [] and "warnings" not in model.meta
 
 
-def test_sessions_ask_onnxruntime_for_exact_int8_on_cpus_without_vnni(exported):
-    from flowers.export import X64_PRECISION_OPTION, onnx_session
+def test_exact_kernels_only_for_an_8bit_model_on_a_cpu_without_vnni(exported, unsafe_int8, monkeypatch):
+    """ORT's session.x64quantprecision keeps an 8-bit model exact without VNNI, but also slows it
+    down on VNNI CPUs: asked for exactly when the file can saturate on this CPU."""
+    import flowers.export as E
 
-    sess = onnx_session(exported / "model_int8.onnx")
-    assert sess.get_session_options().get_session_config_entry(X64_PRECISION_OPTION) == "1"
+    on = E.onnx_session(exported / "model_int8.onnx", precise=True).get_session_options()
+    off = E.onnx_session(exported / "model_int8.onnx").get_session_options()
+    assert on.get_session_config_entry(E.X64_PRECISION_OPTION) == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        off.get_session_config_entry(E.X64_PRECISION_OPTION)
+    manifest = json.loads((exported / "flowers_model.json").read_text())
+    for cpu, path, expect in ((NO_VNNI, unsafe_int8, True), (VNNI, unsafe_int8, False),
+                              (NO_VNNI, exported / "model_int8.onnx", False),
+                              ({**NO_VNNI, "known": False, "vnni": None}, unsafe_int8, True),
+                              ({**NO_VNNI, "arch": "aarch64"}, unsafe_int8, False)):
+        monkeypatch.setattr(E, "cpu_flags", lambda cpu=cpu: dict(cpu))
+        assert E.load_onnx(path, manifest, "cpu").meta["int8_check"]["exact_u8u8_kernels"] is expect, (cpu, path)
 
 
 def test_unknown_or_non_x86_cpu_claims_nothing(unsafe_int8):

@@ -16,7 +16,8 @@ def register(sub) -> None:
     p.add_argument("--threshold", type=float, help="uncertainty (normalized entropy) threshold to store")
     p.add_argument("--int8-recipe", default=None,
                    help="weight quantization: u8s8_7bit (default: 7-bit weights, cannot saturate on x86 CPUs "
-                        "without VNNI) or u8s8 (full 8-bit weights, exact only with VNNI/AMX)")
+                        "without VNNI), u8s8 (full 8-bit weights: without VNNI exact only through ONNX Runtime's "
+                        "slower u8 x u8 kernels) or u8u8 (uint8 weights; ONNX Runtime runs them far slower)")
     p.set_defaults(func=run, heavy=True)
 
 
