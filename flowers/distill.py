@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from flowers import config as C
-from flowers.checkpoint import PER_IMAGE, per_image_record, write_json
+from flowers.checkpoint import PER_IMAGE, per_image_record, read_manifest, write_json
 from flowers.data.bundle import build_data
 from flowers.evaluate import compute_metrics, write_eval_artifacts
 from flowers.export import REGISTERED_NAME, export_student, latency, load_variant, sync_onnx_metadata
@@ -24,6 +24,8 @@ from flowers.tasks import DistillationTask
 from flowers.train import fit
 
 log = logging.getLogger(__name__)
+
+FP32_PER_IMAGE = "test_per_image_fp32.json"  # the fp32 student's per-image test results (a stage artifact)
 
 
 # ----------------------------------------------------------------------------- the L5 stage
@@ -91,8 +93,11 @@ def run_distill_stage(cfg: C.Config, out_dir: Path, callback: Callable | None = 
         metrics[f"latency_{key}_p95_ms"] = lat["p95_ms"]
     metrics["speedup_int8_vs_teacher"] = metrics["latency_teacher_p50_ms"] / metrics["latency_int8_p50_ms"]
 
-    # the deployed (INT8) model's per-image results: the registry gate compares versions on them
+    # the deployed (INT8) model's per-image results: the registry gate compares versions on them;
+    # the fp32 student's go alongside, so the report can pair INT8 with fp32 image by image
     write_json(model_dir / PER_IMAGE, per_image_record(data.test.paths, labels, probs["int8"].argmax(1)))
+    fp32_record = write_json(out_dir / FP32_PER_IMAGE, per_image_record(data.test.paths, labels,
+                                                                        probs["fp32"].argmax(1)))
     # uncertainty on the deployed (INT8) model: threshold on val, judged on test
     metrics, tail_files = stage_tail(
         out_dir, model_dir, variants["int8"], (val_int8, val_labels), (probs["int8"], labels),
@@ -102,7 +107,9 @@ def run_distill_stage(cfg: C.Config, out_dir: Path, callback: Callable | None = 
         explain_images=explain_images, metrics=metrics,
         manifest={"test_accuracy": metrics["int8_test_top1"], "data": data.source})
     sync_onnx_metadata(model_dir)  # the threshold chosen above travels inside the ONNX files too
-    artifacts = list(files.values()) + tail_files
+    artifacts = list(files.values()) + tail_files + [fp32_record]
+    quant = read_manifest(model_dir).get("quantization") or {}
+    validated = quant.get("validated_on") or {}
     params: dict[str, Any] = {"distill_mode": task.mode, "teacher": cfg.distill.teacher, "temperature": task.T,
                               "alpha": task.alpha, "student": cfg.model.name, "uncertainty_policy": threshold_policy,
                               "uncertainty_target": threshold_target}
@@ -112,4 +119,6 @@ def run_distill_stage(cfg: C.Config, out_dir: Path, callback: Callable | None = 
              metrics["latency_int8_p50_ms"], metrics["latency_teacher_p50_ms"])
     return StageResult(model_dir=model_dir, metrics={k: float(v) for k, v in metrics.items()}, params=params,
                        artifacts=artifacts + [res.best_checkpoint, res.run_dir / "curves.png"],
-                       tags={"stage": "l5", "registered_name": REGISTERED_NAME, "distill_mode": task.mode})
+                       tags={"stage": "l5", "registered_name": REGISTERED_NAME, "distill_mode": task.mode,
+                             "int8_recipe": str(quant.get("recipe")), "int8_saturation_safe": str(quant.get("saturation_safe")),
+                             "int8_validated_on": f"{validated.get('cpu')} ({' '.join(validated.get('flags') or [])})"})

@@ -3,27 +3,47 @@
 Reads the study's experiment only (never the trial folders), so it works for a
 study tracked on a remote server as well as the embedded store. Missing stages
 read "not run".
+
+Every level comparison (L2 vs L1, L3 vs L1, ensemble vs its best member, student vs
+ensemble, INT8 vs fp32) is paired over the test images: each model folder carries its
+per-image test results (`test_per_image.json`), read back from the runs' MLflow artifacts;
+the difference in accuracy gets a 95 % paired bootstrap interval and McNemar's exact p
+(`flowers.stats`, through `flowers.governance.compare`). Two models tested on different
+images are "not comparable".
 """
 from __future__ import annotations
 
 import logging
 import math
+import shutil
+import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from flowers import governance
 from flowers import tracking as T
+from flowers.checkpoint import PER_IMAGE, ModelLoadError, read_per_image
+from flowers.mlflow_model import FOLDER_PATH
 from flowers.registry import CHAMPION, REGISTERED
 
 log = logging.getLogger(__name__)
 
-# The seed project: ResNet-50 on a GPU, seeded random 80/10/10 split, 224 px.
+# The seed project: ResNet-50 on a GPU, seeded random 80/10/10 split, 224 px (val, test top-1 %),
+# and its L5 constraints (accuracy >= 95 %, batch-1 latency < 100 ms, INT8).
 SEED = {
     "setup": "seed: ResNet-50 (ImageNet), GPU, random 80/10/10 split, 224 px",
     "l1": (97.68, 97.31),
     "l2": (97.07, 97.92),
     "l3": (98.41, 97.68),
     "student_int8_latency_ms": 59.0,
+    "student_bar_top1": 95.0,
+    "student_bar_latency_ms": 100.0,
 }
+# where a run's per-image test results are: in its logged model folder, and (L5) the fp32 student's
+MODEL_RECORD = f"model/{FOLDER_PATH}/{PER_IMAGE}"
+FP32_RECORD = "artifacts/test_per_image_fp32.json"
+ENSEMBLE_STAGE, DISTILL_STAGE = "l4-ensemble", "l5-distill"
 LEVEL_TITLES = {"l1": "L1 transfer baseline", "l2": "L2 regularized recipe", "l3": "L3 attention pooling"}
 ENSEMBLE_KEYS = ("val_top1", "test_top1")
 DIVERSITY_KEYS = ("mean_disagreement", "mean_double_fault", "oracle_top1", "gain_over_best_member", "test_ece")
@@ -87,15 +107,173 @@ def collect(study: str, tracker: T.StudyTracker | None = None) -> dict[str, Any]
             champions[level] = {"run_id": mv.run_id, "version": mv.version, "uri": f"models:/{name}@{CHAMPION}"}
         except Exception:
             pass
-    return {"study": study, "parent": {"params": dict(parent.data.params), "tags": dict(parent.data.tags),
+    info = {"study": study, "parent": {"params": dict(parent.data.params), "tags": dict(parent.data.tags),
                                        "metrics": dict(parent.data.metrics), "status": parent.info.status},
             "trials": trials, "stages": stages, "champions": champions}
+    info["records"] = collect_records(client, info)
+    return info
+
+
+def level_trial(info: dict[str, Any], level: str) -> dict[str, Any] | None:
+    """The trial that is `level`: its registered champion's run, else the finished trial with that role."""
+    by_run = {t["run_id"]: t for t in info["trials"]}
+    ch = info["champions"].get(level)
+    t = by_run.get(ch["run_id"]) if ch else None
+    if t is None:
+        t = next((x for x in info["trials"] if level in x["roles"] and x["status"] == "FINISHED"), None)
+    return t
+
+
+def _download_record(client, run_id: str, path: str) -> dict[str, Any] | None:
+    """A per-image record logged with a run (None when the run has none)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(client.download_artifacts(run_id, path, tmp))
+        except Exception:  # MLflow raises many types for an absent artifact
+            return None
+        folder = Path(tmp) / "record"
+        folder.mkdir()
+        shutil.copy(local, folder / PER_IMAGE)
+        try:
+            return read_per_image(folder)
+        except ModelLoadError as e:
+            log.warning("run %s: %s", run_id, e)
+            return None
+
+
+def collect_records(client, info: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """Per-image test results of every model the comparisons need, from the runs' artifacts.
+
+    Keys: l1, l2, l3 (the level's run), ensemble, member:<key> (the versions the ensemble was
+    built from), student_int8 (the deployed student), student_fp32.
+    """
+    cache: dict[tuple[str, str], dict[str, Any] | None] = {}
+
+    def get(run_id: str | None, path: str = MODEL_RECORD) -> dict[str, Any] | None:
+        if not run_id:
+            return None
+        if (run_id, path) not in cache:
+            cache[(run_id, path)] = _download_record(client, run_id, path)
+        return cache[(run_id, path)]
+
+    records: dict[str, dict[str, Any] | None] = {}
+    for level in ("l1", "l2", "l3"):
+        t = level_trial(info, level)
+        records[level] = get(t["run_id"] if t else None)
+    ens = info["stages"].get(ENSEMBLE_STAGE)
+    if ens:
+        records["ensemble"] = get(ens["run_id"])
+        for tag, version in ens["tags"].items():
+            key = tag[len("member_"):-len("_version")] if tag.startswith("member_") and tag.endswith("_version") else None
+            if key in REGISTERED and version not in ("", "None"):
+                try:
+                    records[f"member:{key}"] = get(client.get_model_version(REGISTERED[key], version).run_id)
+                except Exception as e:
+                    log.warning("ensemble member %s version %s: %s", key, version, str(e).splitlines()[0])
+    dis = info["stages"].get(DISTILL_STAGE)
+    if dis:
+        records["student_int8"] = get(dis["run_id"])
+        records["student_fp32"] = get(dis["run_id"], FP32_RECORD)
+    return records
 
 
 def T_uri() -> str:
     import mlflow
 
     return mlflow.get_tracking_uri()
+
+
+# ----------------------------------------------------------------------------- paired comparisons
+
+
+def paired(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any]:
+    """A vs B on the same test images: {'status': 'ok', ...governance.Comparison fields} or why not."""
+    if a is None or b is None:
+        return {"status": "missing"}
+    if len(a["ids"]) != len(b["ids"]) or set(a["ids"]) != set(b["ids"]):
+        return {"status": "not comparable",
+                "why": f"tested on different images ({len(a['ids'])} vs {len(b['ids'])} ids, split hash "
+                       f"{a.get('split_hash')} vs {b.get('split_hash')})"}
+    try:
+        c = governance.compare(a, b)
+    except governance.GateError as e:
+        return {"status": "not comparable", "why": str(e)}
+    return {"status": "ok", **asdict(c)}
+
+
+def comparisons(info: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(title, paired result) for every level comparison the report shows."""
+    rec = info.get("records") or {}
+    rows = [("L2 vs L1", paired(rec.get("l2"), rec.get("l1"))),
+            ("L3 vs L1", paired(rec.get("l3"), rec.get("l1")))]
+    ens = info["stages"].get(ENSEMBLE_STAGE)
+    m = (ens or {}).get("metrics") or {}
+    members = {k[len("member_"):-len("_test_top1")]: v for k, v in m.items()
+               if k.startswith("member_") and k.endswith("_test_top1")}
+    if members:
+        best = max(members, key=lambda k: members[k])
+        rows.append((f"ensemble vs best member ({best})", paired(rec.get("ensemble"), rec.get(f"member:{best}"))))
+    else:
+        rows.append(("ensemble vs best member", paired(rec.get("ensemble"), None)))
+    rows += [("student INT8 vs ensemble", paired(rec.get("student_int8"), rec.get("ensemble"))),
+             ("student INT8 vs student fp32", paired(rec.get("student_int8"), rec.get("student_fp32")))]
+    return rows
+
+
+def _points(x: float) -> str:
+    return f"{100 * x:+.2f}"
+
+
+def comparison_table(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    md = ["| comparison (A vs B) | A top-1 % | B top-1 % | A − B (points) | 95 % interval | McNemar p | "
+          "only A right / only B right | test images |", "|---|---|---|---|---|---|---|---|"]
+    for title, r in rows:
+        if r["status"] == "ok":
+            md.append(f"| {title} | {100 * r['challenger_accuracy']:.2f} | {100 * r['champion_accuracy']:.2f} | "
+                      f"{_points(r['difference'])} | [{_points(r['difference_low'])}, {_points(r['difference_high'])}] | "
+                      f"{r['p_value']:.3g} | {r['only_challenger']} / {r['only_champion']} | {r['n_images']} |")
+        elif r["status"] == "not comparable":
+            md.append(f"| {title} | not comparable: {r['why']} | | | | | | |")
+        else:
+            md.append(f"| {title} | not run (or no per-image results) | | | | | | |")
+    return md
+
+
+def _claim_lines(m: dict[str, float]) -> list[str]:
+    """The seed's diversity claim with its intervals, from the L4 stage's metrics."""
+    if "arch_minus_hparam_gain" not in m:
+        return []
+    kinds = []
+    for kind in ("architecture", "hyperparameter"):
+        g = m.get(f"{kind}_pairs_mean_gain_over_best_member")
+        lo, hi = m.get(f"{kind}_pairs_gain_low"), m.get(f"{kind}_pairs_gain_high")
+        if g is not None and lo is not None and hi is not None:
+            kinds.append(f"{kind} pairs {_points(g)} points [{_points(lo)}, {_points(hi)}]")
+    d, lo, hi = m["arch_minus_hparam_gain"], m["arch_minus_hparam_gain_low"], m["arch_minus_hparam_gain_high"]
+    verdict = ("supported on this test set (interval above 0)" if lo > 0 else
+               "contradicted on this test set (interval below 0)" if hi < 0 else
+               "not shown: the interval contains 0, so these test images cannot tell the two kinds apart")
+    return ["", "Seed's claim (architecture diversity helps an ensemble more than hyperparameter changes). Gain of "
+            "two-member ensembles over their better member: " + ("; ".join(kinds) or "n/a per kind") +
+            f". Architecture minus hyperparameter: **{_points(d)} points, 95 % interval [{_points(lo)}, {_points(hi)}]** "
+            f"(paired bootstrap over test images): {verdict}."]
+
+
+def seed_table(info: dict[str, Any]) -> list[str]:
+    """This run's test top-1 beside the seed's figures and bars."""
+    md = ["| model | this run: test top-1 % | seed: test top-1 % | seed's bar |", "|---|---|---|---|"]
+    for level in ("l1", "l2", "l3"):
+        t = level_trial(info, level)
+        mine = _pct(t["metrics"].get("test_top1")) if t else "not run"
+        md.append(f"| {LEVEL_TITLES[level]} | {mine} | {SEED[level][1]:.2f} | – |")
+    ens = (info["stages"].get(ENSEMBLE_STAGE) or {}).get("metrics") or {}
+    md.append(f"| L4 ensemble | {_pct(ens.get('test_top1')) if ens else 'not run'} | not reported | – |")
+    dis = (info["stages"].get(DISTILL_STAGE) or {}).get("metrics") or {}
+    md.append(f"| L5 student, static INT8 | {_pct(dis.get('int8_test_top1')) if dis else 'not run'} | not reported | "
+              f"≥ {SEED['student_bar_top1']:.0f} |")
+    md.append(f"| L5 student INT8, batch-1 p50 latency (ms) | {_ms(dis.get('latency_int8_p50_ms')) if dis else 'not run'} | "
+              f"{SEED['student_int8_latency_ms']:.0f} | < {SEED['student_bar_latency_ms']:.0f} |")
+    return md
 
 
 def _bar_png(rows: list[tuple[str, float | None, float | None]], path: Path, title: str) -> Path | None:
@@ -125,7 +303,6 @@ def render(info: dict[str, Any], out_dir: Path) -> str:
     """The Markdown text (writes the PNGs it links into `out_dir`)."""
     trials, stages, champions = info["trials"], info["stages"], info["champions"]
     hw = info["parent"]["tags"].get("hardware", "not recorded")
-    by_run = {t["run_id"]: t for t in trials}
     any_params = next((t["params"] for t in trials if t["params"]), {})
     md = [f"# Study report: {info['study']}", "",
           f"- Hardware: {hw}",
@@ -133,15 +310,20 @@ def render(info: dict[str, Any], out_dir: Path) -> str:
           f"- Seed figures: {SEED['setup']}",
           f"- Trials: {len(trials)} ({sum(t['status'] == 'FINISHED' for t in trials)} finished)", ""]
 
+    # ---- beside the seed, and the paired comparisons
+    md += ["## This run beside the seed", ""] + seed_table(info)
+    md += ["", "Not like for like unless the setups match: see each section's setup line and the seed's above.", ""]
+    md += ["## Level comparisons (paired over the same test images)", ""] + comparison_table(comparisons(info))
+    md += ["", "A − B: difference in test top-1 with a 95 % paired bootstrap interval (images resampled, both models' "
+           "results kept together); McNemar: exact two-sided test on the images only one of the two gets right. "
+           "An interval that contains 0 means the test set cannot tell the two apart.", ""]
+
     # ---- levels
     md += ["## Levels (top-1 %, best-val checkpoint)", "",
            "| Level | trial | setup | val | test | seed val | seed test |", "|---|---|---|---|---|---|---|"]
     level_rows = []
     for level in ("l1", "l2", "l3"):
-        ch = champions.get(level)
-        t = by_run.get(ch["run_id"]) if ch else None
-        if t is None:  # not registered: fall back to the trial with that role
-            t = next((x for x in trials if level in x["roles"] and x["status"] == "FINISHED"), None)
+        t = level_trial(info, level)  # the registered champion, else the trial with that role
         sv, st = SEED[level]
         if t:
             m = t["metrics"]
@@ -188,6 +370,7 @@ def render(info: dict[str, Any], out_dir: Path) -> str:
         div = {k: v for k, v in m.items() if k in DIVERSITY_KEYS}
         if div:
             md += ["", "Diversity: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(div.items()))]
+        md += _claim_lines(m)
         md += ["", f"Setup: {_setup(ens['params']) if 'data.root' in ens['params'] else 'members as above'}; hardware as above."]
     else:
         md.append("not run")
@@ -204,6 +387,10 @@ def render(info: dict[str, Any], out_dir: Path) -> str:
                f"| student INT8 (dynamic) | – | {_ms(m.get('latency_dynamic_int8_p50_ms'))} |",
                f"| seed student INT8 | – | {SEED['student_int8_latency_ms']:.0f} |",
                "", f"Setup: {_setup(dis['params'])}; latency on the hardware above."]
+        tags = dis.get("tags") or {}
+        if tags.get("int8_recipe"):
+            md += ["", f"INT8 recipe `{tags['int8_recipe']}` (saturation-safe on CPUs without VNNI: "
+                   f"{tags.get('int8_saturation_safe', '?')}); exported and validated on {tags.get('int8_validated_on', '?')}."]
     else:
         md.append("not run")
     md.append("")

@@ -75,6 +75,9 @@ def ray_session():
         os.environ.update(ingress_env("haproxy", 10 * 1024 * 1024,
                                       {k: free_port() for k in ("stats", "metrics", "fallback", "fallback_grpc")},
                                       LOCAL_DRAIN_S))
+        # Serve kills a proxy that is not ready within 3 checks of 5 s; on a loaded 2-core machine
+        # HAProxy's manager can take longer to start than that
+        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
         ray.init(num_cpus=2, include_dashboard=False, runtime_env=worker_runtime_env(),
                  log_to_driver=False, configure_logging=False)
     yield ray
@@ -142,14 +145,16 @@ def write_small_study(tmp: Path, synth_root: Path, name: str, **study: object) -
 
 @pytest.fixture(scope="session")
 def small_study(ray_session, synth_root, tmp_path_factory):
-    """A real 5-trial study (4 concurrent trials at 0.5 CPU) on the embedded SQLite store."""
+    """A real 5-trial study (4 concurrent trials at 0.5 CPU) on the embedded SQLite store, then the
+    L4 ensemble and the L5 distill stage (the smoke student, registered as flowers-student)."""
     import mlflow
 
     from flowers.study import load_study
     from jobs.study import run_study
 
     tmp = tmp_path_factory.mktemp("study")
-    study, config_dir = load_study(write_small_study(tmp, synth_root, "small"))
+    study, config_dir = load_study(write_small_study(tmp, synth_root, "small", stages=["tune", "ensemble", "distill"],
+                                                     distill_config=str(REPO / "configs/level5.yaml")))
     old_env, old_uri = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
     try:
         outcome = run_study(study, config_dir)

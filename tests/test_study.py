@@ -93,6 +93,50 @@ def test_registered_level_loads_in_fresh_process_and_reproduces_test_accuracy(sm
     assert got["name"] == "flowers-l1"
 
 
+@pytest.mark.slow
+def test_distill_stage_registers_the_student_and_serve_answers_from_the_registry(small_study, synth_root):
+    """The study's L5 stage ran (smoke profile), registered flowers-student (champion through the gate),
+    and Serve loads it and the ensemble from the registry by alias and answers over HTTP."""
+    import httpx
+    from mlflow import MlflowClient
+    from ray import serve
+
+    from conftest import free_port
+    from serve.app import make_app
+
+    _, outcome = small_study
+    assert outcome.registered["distill"] == "models:/flowers-student@champion" and "distill" not in outcome.skipped
+    client = MlflowClient(outcome.tracking_uri)
+    mv = client.get_model_version_by_alias("flowers-student", "champion")
+    assert mv.tags["gate.decision"] == "first" and mv.tags["flowers.kind"] == "onnx"
+    assert mv.tags["lineage.parents"] == "flowers-ensemble/1"
+    run = client.get_run(mv.run_id)
+    assert run.data.tags["flowers.key"] == "l5-distill" and run.data.tags["int8_recipe"] == "u8s8_7bit"
+    assert {"int8_test_top1", "test_top1", "latency_int8_p50_ms"} <= set(run.data.metrics)
+    assert "artifacts/test_per_image_fp32.json" in {a.path for a in client.list_artifacts(mv.run_id, "artifacts")}
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    opts = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
+    try:
+        serve.run(make_app({"ensemble_uri": "models:/flowers-ensemble@champion",
+                             "student_uri": "models:/flowers-student@champion",
+                             "tracking_uri": outcome.tracking_uri}, {"Ensemble": opts, "Student": opts}),
+                  name="study-student", route_prefix="/")
+        image = sorted((synth_root / "jpg").glob("*.jpg"))[0].read_bytes()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            r = http.post("/v1/predict/student", content=image, headers={"content-type": "image/jpeg"})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["model"] == "flowers-student" and str(body["version"]) == str(mv.version)
+            assert body["top_k"] and 0 <= body["top_k"][0]["probability"] <= 1
+            student = next(m for m in http.get("/v1/models").json()["models"] if m["route"] == "student")
+            assert student["uri"] == "models:/flowers-student@champion" and student["kind"] == "onnx"
+    finally:
+        serve.delete("study-student")
+        serve.shutdown()
+
+
 # evaluate a registered model on its own test split (config inside the checkpoint) in a fresh interpreter
 REPRO = """
 import json
