@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import ray
 from ray import tune
@@ -31,6 +31,7 @@ FINAL_FILES = ("best.pt", "config.yaml", "split.json", "metrics.json", "curves.p
 PENDING_WAIT_S = 300  # at the end, how long queued MLflow writes wait for the server to come back
 NODE_TAG = "ray.node_id"  # the node a trial's last result came from
 NODES_TAG = "ray.node_ids"  # every node it ran on, in order (a node failure moves it)
+SKIPPED = "skipped"  # result flag of a trial that an earlier driver already finished (resume)
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "epoch_seconds",
                  "images_per_s", "best_val_acc")
 
@@ -66,8 +67,13 @@ def trial_dirname(trial) -> str:
     return f"{trial.trial_id}_{trial.config['trial']['key']}"
 
 
-def train_trial(config: dict[str, Any]) -> None:
-    """Tune trainable: one trial. `config['trial']` is a `flowers.study.TrialSpec.to_param()`."""
+def train_trial(config: dict[str, Any], finished: Sequence[str] = ()) -> None:
+    """Tune trainable: one trial. `config['trial']` is a `flowers.study.TrialSpec.to_param()`.
+
+    `finished`: trial keys MLflow records as finished (a resumed study). Tune's saved state is
+    uploaded to remote storage in the background, so a driver killed just after a trial ended can
+    leave a state that still lists it as running; such a trial reports `skipped` and trains nothing.
+    """
     from flowers.tasks import make_task
     from flowers.train import fit
 
@@ -76,6 +82,10 @@ def train_trial(config: dict[str, Any]) -> None:
     if config.get("overrides"):  # a search (`flowers tune`): sampled values on top of the base config
         cfg = C.replace(cfg, config["overrides"])
         spec["key"] = trial_key(config, tune.get_context().get_trial_id())
+    elif spec["key"] in finished:
+        log.info("trial %s finished in an earlier run of this study; not trained again", spec["key"])
+        tune.report({"key": spec["key"], "final": True, SKIPPED: True})
+        return
     run_dir = Path(spec["run_root"]) / spec["key"] if spec.get("run_root") else Path(tune.get_context().get_trial_dir()) / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -169,6 +179,8 @@ class MlflowStudyCallback(tune.Callback):
             self._pending.pop(0)
 
     def _log_result(self, trial, result: dict[str, Any]) -> None:
+        if result.get(SKIPPED):  # finished and logged by an earlier driver
+            return
         run_id = self._run_for(trial)
         self._record_node(run_id, result.get("node_id"))
         if result.get("final"):
@@ -192,6 +204,8 @@ class MlflowStudyCallback(tune.Callback):
         self._deliver(f"metrics of {trial}", functools.partial(self._log_result, trial, dict(result)))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        if (trial.last_result or {}).get(SKIPPED):  # its run is already FINISHED with its artifacts
+            return
         self._deliver(f"artifacts of {trial}", functools.partial(self._log_final, trial, trial.checkpoint))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:

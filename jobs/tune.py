@@ -51,14 +51,16 @@ def fit_tuner(tuner: tune.Tuner) -> tune.ResultGrid:
             os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = old
 
 
-def trainable(resources: C.ResourcesConfig):
+def trainable(resources: C.ResourcesConfig, finished: set[str] | None = None):
     """`train_trial` with its per-trial CPUs and GPUs (by default a share of the cluster's GPUs,
-    counted by Ray across all nodes: a CPU-only head may drive GPU workers)."""
+    counted by Ray across all nodes: a CPU-only head may drive GPU workers); on resume, with the
+    keys of trials MLflow records as finished, which do not train again."""
     gpus = resources.gpus_per_trial
     if gpus is None:
         n = cluster.cluster_gpus()
         gpus = 0.0 if n == 0 else min(1.0, n / resources.max_concurrent)
-    return tune.with_resources(train_trial, {"cpu": resources.cpus_per_trial, "gpu": gpus})
+    fn = tune.with_parameters(train_trial, finished=sorted(finished)) if finished else train_trial
+    return tune.with_resources(fn, {"cpu": resources.cpus_per_trial, "gpu": gpus})
 
 
 def tune_storage(uri: str) -> tuple[str, dict[str, Any]]:
@@ -103,7 +105,7 @@ def run_tune(study: C.StudyConfig, specs: list[TrialSpec], target: TrackingTarge
     if resume and tune.Tuner.can_restore(exp_path, **fs_kw):
         log.info("restoring the Tune experiment at %s/%s", store.rstrip("/"), study.name)
         try:
-            grid = fit_tuner(tune.Tuner.restore(exp_path, trainable=trainable(study.resources),
+            grid = fit_tuner(tune.Tuner.restore(exp_path, trainable=trainable(study.resources, finished),
                                                 resume_unfinished=True, resume_errored=True, **fs_kw))
         except Exception as e:  # Tune's own state is unreadable; MLflow still says what finished
             todo = [s for s in specs if s.key not in (finished or set())]
