@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from flowers import registry, storage
 from flowers.config import ConfigError, ScoreConfig
 from flowers.data import IMAGE_EXTENSIONS, DataError, list_images
-from flowers.scoring_io import read_objects  # noqa: F401  (the reader lives apart: read tasks import only it)
+from flowers.scoring_io import part_name, read_objects  # noqa: F401  (apart: read and write tasks import only it)
 
 log = logging.getLogger(__name__)
 
@@ -749,12 +749,6 @@ def prepare_dataset(plan: ScorePlan) -> DatasetOutput:
 def _temp(name: str) -> bool:
     """Our temp files (`flowers.storage.write_bytes`) and storage probes, never anything else hidden."""
     return "/" not in name and (name.endswith(".tmp") or name.startswith(".flowers-probe-")) and name.startswith(".")
-
-
-def part_name(write_id: str, task_index: int) -> str:
-    """Stem of the parts one write task makes (the writer appends `-<i>.parquet`); the same on a retry,
-    so a retried task replaces its own part instead of adding a second copy."""
-    return f"part-{write_id}-{task_index:06d}"
 
 
 def commit_dataset(plan: ScorePlan, out: DatasetOutput, wall_s: float) -> ScoreSummary:

@@ -26,16 +26,17 @@ from typing import Sequence
 
 import ray
 from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, FilenameProvider, ReadTask
+from ray.data.datasource import Datasource, ReadTask
 
 from flowers import registry, storage
 from flowers.config import ConfigError, ScoreConfig
 from flowers.registry import TrackingTarget
 from flowers.scoring import (ScorePlan, Scorer, ScoreSummary, by_filesystem, check_cluster_paths, commit_dataset,
-                             log_summary, part_name, plan_scoring, prepare_dataset, write_scores, write_summary)
+                             log_summary, plan_scoring, prepare_dataset, write_scores, write_summary)
 from flowers.scoring_io import read_objects
 from jobs import cluster, entry
 from jobs.options import add_score_arguments, score_settings
+from jobs.parts import PartNames
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +81,6 @@ def plan_resources(n_images: int, settings: ScoreConfig, cluster_resources: dict
     w = settings.workers or max(1, min(total, batches))
     c = settings.cpus_per_worker or max(1, min(node_max, total // w))
     return Resources(w, float(c), 0.0, note)
-
-
-class PartNames(FilenameProvider):
-    """`part-<write id>-<task>-<i>.parquet`: a retried write task rewrites its own part."""
-
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return part_name(write_uuid, task_index)
 
 
 class ImageObjects(Datasource):

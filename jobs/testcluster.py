@@ -325,6 +325,10 @@ def _node_env(state: dict) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in DRIVER_ONLY_ENV and not k.startswith("RAY_")}
     env.update(allocator_env())
     env.update(storage_env(state))
+    # Ray keeps at most a node's CPU count of idle workers and kills the rest after a second; on these
+    # 1-CPU nodes every short read/write task of a scoring job then boots a fresh worker (~1.5 s of
+    # CPU each). A real node's many CPUs give it that headroom; these nodes get it set.
+    env["RAY_num_workers_soft_limit"] = "4"
     env.update(state.get("node_env", {}))
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=state["token_path"], RAY_USAGE_STATS_ENABLED="0")
     return env

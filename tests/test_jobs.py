@@ -83,7 +83,7 @@ def ray_head(tmp_path):
         # `ray stop` would stop every Ray on this machine (the test session's, other users'); end only ours
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(15)
+            proc.wait(5)  # the head stops its own processes in a second or two; the rest go with SIGKILL
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)

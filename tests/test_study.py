@@ -163,13 +163,16 @@ def _run_study_proc(path: Path, log: Path, resume: bool = False) -> subprocess.P
                             start_new_session=True)
 
 
+RESUME_EPOCHS = 12  # long enough that l3 is mid-run when the driver is killed 2.5 s after its first checkpoint
+
+
 @pytest.mark.slow
 def test_resume_after_killing_the_driver(synth_root, tmp_path):
     from mlflow import MlflowClient
 
     path = write_small_study(tmp_path, synth_root, "resume", ablation=None, stages=["tune"],
                              levels={"l1": str(REPO / "configs/level1.yaml"), "l3": str(REPO / "configs/level3.yaml")},
-                             overrides=[f"data.root={synth_root}", "data.split=official", "train.epochs=30"],
+                             overrides=[f"data.root={synth_root}", "data.split=official", f"train.epochs={RESUME_EPOCHS}"],
                              resources={"cpus_per_trial": 1, "max_concurrent": 1, "num_cpus": 1})
     runs = tmp_path / "home/tune/resume-runs"
     proc = _run_study_proc(path, tmp_path / "first.log")
@@ -201,13 +204,13 @@ def test_resume_after_killing_the_driver(synth_root, tmp_path):
     # the finished trial was not rerun; the unfinished one continued from its checkpoint, not epoch 1
     assert (runs / "l1/metrics.json").stat().st_mtime_ns == l1_done
     hist = json.loads((runs / "l3/metrics.json").read_text())["history"]
-    assert [h["epoch"] for h in hist] == list(range(1, 31))
+    assert [h["epoch"] for h in hist] == list(range(1, RESUME_EPOCHS + 1))
     client = MlflowClient(f"sqlite:///{tmp_path / 'home/mlflow.db'}")
     exp = client.get_experiment_by_name("resume")
     l3 = client.search_runs([exp.experiment_id], "tags.`flowers.key` = 'l3'")
     assert len(l3) == 1 and l3[0].info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(l3[0].info.run_id, "train_loss")]
-    assert sorted(set(steps)) == list(range(1, 31)) and steps.count(1) == 1, steps
+    assert sorted(set(steps)) == list(range(1, RESUME_EPOCHS + 1)) and steps.count(1) == 1, steps
     assert client.get_model_version_by_alias("flowers-l3", "champion").run_id == l3[0].info.run_id
 
 
