@@ -22,6 +22,20 @@ def free_port() -> int:
     return pick_port()
 
 
+@pytest.fixture(autouse=True)
+def mlflow_env_restored():
+    """$MLFLOW_TRACKING_URI as it was before each test. MLflow 3's `set_tracking_uri` also exports the
+    URI to the environment, and its default is ./mlflow.db in the working directory, so a test that
+    restores "the old URI" that way would send every later study's runs and artifacts into the
+    checkout (seen: the small study's whole experiment in ./mlflow.db and ./mlartifacts)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """5 learnable classes x 12 images at 96 px in the VGG layout."""
@@ -159,12 +173,12 @@ def small_study(ray_session, synth_root, tmp_path_factory):
     try:
         outcome = run_study(study, config_dir)
     finally:
-        # keep the rest of the session on its own MLflow settings
+        # keep the rest of the session on its own MLflow settings (set_tracking_uri exports the URI too)
+        mlflow.set_tracking_uri(old_uri)
         if old_env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = old_env
-        mlflow.set_tracking_uri(old_uri)
     return study, outcome
 
 

@@ -63,8 +63,8 @@ def _log_and_load(uri: str, target: R.TrackingTarget, run, study: str) -> None:
         assert {"model/MLmodel", "model/model_card.md", "model/artifacts"} <= arts
         assert len(client.get_metric_history(child, "val_acc")) == len(run.history)
     finally:
+        mlflow.set_tracking_uri(old)  # exports it as $MLFLOW_TRACKING_URI too
         os.environ.pop("MLFLOW_TRACKING_URI", None)
-        mlflow.set_tracking_uri(old)
     code = ("import json; from flowers.predict import load_model; m = load_model('models:/flowers-l1@champion');"
             "print(json.dumps({'acc': m.meta['test_accuracy'], 'name': m.name, 'classes': len(m.class_names)}))")
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
