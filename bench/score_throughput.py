@@ -27,8 +27,11 @@ with both (2 nodes): wall time, images/s end to end and steady (rows between the
 last batch's `scored_at`), and the 2-vs-1 ratio (target >= 1.7x). With `--inputs local` (default)
 the nodes read the images at the driver's paths (no folder masking, `--shared-fs`); `--inputs s3`
 uploads them to the cluster's S3 (moto) first, and then moto's own speed is part of the figure.
-The nodes share this machine's CPUs with the driver and the cluster's services: a 2-core
-machine cannot give two 1-CPU nodes a core each plus everything else.
+Each worker node runs on a core of its own (`taskset`, `--no-pin` to turn off): Ray's "1 CPU" is
+a scheduling count, not a limit, so an unpinned node's read and write tasks would also use the
+other core and the 1-node run would get most of the machine. The driver and the cluster's services
+(S3, MLflow, PostgreSQL, the head) still share the cores with the nodes: a 2-core machine cannot
+give two 1-CPU nodes a core each plus everything else.
 """
 from __future__ import annotations
 
@@ -195,11 +198,13 @@ def cluster_nodes(args, uri: str, paths: list[str], src: Path, tmp: Path) -> dic
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still stops the cluster below
     t0 = time.perf_counter()
     cluster = TC.up(Path(tempfile.mkdtemp(prefix="bsc-", dir="/tmp")), workers=2, cpus_per_worker=args.node_cpus,
-                    masks=[] if args.inputs == "local" else None, workdir=REPO)
-    results: dict = {"node_cpus": args.node_cpus, "inputs": args.inputs, "nodes": {}}
+                    masks=[] if args.inputs == "local" else None, workdir=REPO, pin_cpus=args.pin)
+    results: dict = {"node_cpus": args.node_cpus, "inputs": args.inputs, "pinned": args.pin, "nodes": {}}
     try:
         os.environ.update(cluster.env())
-        print(f"cluster: head (0 CPUs) + 2 worker nodes x {args.node_cpus} CPU, up in {time.perf_counter() - t0:.0f} s")
+        print(f"cluster: head (0 CPUs) + 2 worker nodes x {args.node_cpus} CPU, up in {time.perf_counter() - t0:.0f} s; "
+              + ("each worker node pinned to a core of its own (taskset), driver and services unpinned" if args.pin
+                 else "nodes NOT pinned: a node's readers and writers also use the other node's core"))
         if args.inputs == "s3":
             t1 = time.perf_counter()
             with ThreadPoolExecutor(16) as pool:
@@ -254,6 +259,9 @@ def main() -> int:
     ap.add_argument("--node-cpus", type=int, default=1, help="cluster: CPUs of each worker node (default 1)")
     ap.add_argument("--inputs", choices=["local", "s3"], default="local",
                     help="cluster: read the images at the driver's paths (default) or from the cluster's S3")
+    ap.add_argument("--no-pin", dest="pin", action="store_false",
+                    help="cluster: do not pin each worker node to its own core (by default they are: otherwise a "
+                         "1-CPU node's read and write tasks also run on the other node's core)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
 

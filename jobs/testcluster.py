@@ -367,6 +367,11 @@ def _start_worker(state: dict, name: str, generation: int = 0) -> dict:
                f"--num-gpus={spec['gpus']}", f"--resources={json.dumps({name: 1})}",
                f"--labels={NODE_LABEL}={name}", *_node_ports_args(pick_ports(6)), f"--temp-dir={temp}",
                f"--object-store-memory={spec['object_store_mb'] << 20}"]
+    if spec.get("pin_cpus"):
+        # the node's processes on one core of their own (worker_a: core 0, ...), as on separate machines;
+        # otherwise a "1-CPU" node's extra processes (readers, writers) use any idle core of this host
+        core = (ord(name[-1]) - ord("a")) % (os.cpu_count() or 1)
+        ray_cmd = ["taskset", "-c", str(core), *ray_cmd]
     if state["masks"]:
         mounts = "; ".join(f"mount -t tmpfs -o ro,size=1m,mode=755 flowers-mask {shlex.quote(m)}"
                            for m in state["masks"])
@@ -547,11 +552,12 @@ class TestCluster:
 def up(state_dir: str | Path | None = None, workers: int = 2, cpus_per_worker: float = 1, gpus_per_worker: int = 0,
        masks: list[str | Path] | None = None, workdir: str | Path | None = None,
        object_store_mb: int = 300, head_object_store_mb: int = 100, node_env: dict[str, str] | None = None,
-       timeout: float = 120.0) -> TestCluster:
+       timeout: float = 120.0, pin_cpus: bool = False) -> TestCluster:
     """Start the cluster (PostgreSQL, S3, MLflow, Ray head + `workers` nodes); see the module docstring.
 
     `masks` None means `default_masks(workdir)`; [] starts workers without a mount namespace.
     `node_env`: extra variables for every node (Serve's front, Ray settings like RAY_health_check_*).
+    `pin_cpus`: each worker node's processes on one core of their own (`taskset`; benches).
     Refuses when a cluster from `state_dir` still runs. On any failure, stops what it started.
     """
     sd = Path(state_dir or default_state_dir()).absolute()
@@ -571,7 +577,8 @@ def up(state_dir: str | Path | None = None, workers: int = 2, cpus_per_worker: f
     token.chmod(0o600)
     (sd / "logs").mkdir()
     state = {"state_dir": str(sd), "ray": ray_binary(), "token_path": str(token), "masks": [str(m) for m in mounted],
-             "worker_spec": {"cpus": cpus_per_worker, "gpus": gpus_per_worker, "object_store_mb": object_store_mb},
+             "worker_spec": {"cpus": cpus_per_worker, "gpus": gpus_per_worker, "object_store_mb": object_store_mb,
+                             "pin_cpus": pin_cpus},
              "head_object_store_mb": head_object_store_mb, "node_env": dict(node_env or {}), "workers": {},
              "node_ids": {}, "created": time.time()}
     cluster = TestCluster(sd, state)
