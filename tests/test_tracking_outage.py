@@ -43,7 +43,7 @@ class FlakyTracker:
 
 def _trial(key: str):
     cfg = {"trial": {"key": key, "roles": ["l1"], "cfg": {"level": "level1"}, "axes": {}}}
-    return SimpleNamespace(config=cfg, trial_id=key, checkpoint=None)
+    return SimpleNamespace(config=cfg, trial_id=key, checkpoint=None, last_result={})
 
 
 def test_writes_during_an_outage_are_delivered_in_order_afterwards(monkeypatch):
