@@ -160,13 +160,14 @@ def write_json(path: str | Path, data: Any) -> Path:
     return path
 
 
-def read_per_image(model_dir: str | Path) -> dict[str, Any]:
-    """A model folder's per-image test results; ModelLoadError when it has none."""
-    path = Path(model_dir) / PER_IMAGE
+def read_per_image(where: str | Path) -> dict[str, Any]:
+    """Per-image test results from a model folder (its PER_IMAGE file) or a record file (`*.json`);
+    ModelLoadError when there are none."""
+    path = Path(where) if str(where).endswith(".json") else Path(where) / PER_IMAGE
     try:
         rec = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ModelLoadError(f"{model_dir} holds no {PER_IMAGE}: the model carries no per-image test results") from None
+        raise ModelLoadError(f"{where}: no {path.name}, so no per-image test results") from None
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot read {path}: {e}") from None
     if rec.get("format") != PER_IMAGE_FORMAT or not (len(rec["ids"]) == len(rec["labels"]) == len(rec["preds"])):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -131,11 +130,8 @@ def _download_record(client, run_id: str, path: str) -> dict[str, Any] | None:
             local = Path(client.download_artifacts(run_id, path, tmp))
         except Exception:  # MLflow raises many types for an absent artifact
             return None
-        folder = Path(tmp) / "record"
-        folder.mkdir()
-        shutil.copy(local, folder / PER_IMAGE)
         try:
-            return read_per_image(folder)
+            return read_per_image(local)
         except ModelLoadError as e:
             log.warning("run %s: %s", run_id, e)
             return None
