@@ -163,7 +163,7 @@ def _run_study_proc(path: Path, log: Path, resume: bool = False) -> subprocess.P
                             start_new_session=True)
 
 
-RESUME_EPOCHS = 12  # long enough that l3 is mid-run when the driver is killed 2.5 s after its first checkpoint
+RESUME_EPOCHS = 30  # long enough that l3 is still mid-run when the driver is killed 2.5 s after its first checkpoint (12 was not, once)
 
 
 @pytest.mark.slow
