@@ -38,6 +38,11 @@ class DataConfig:
     workers: int = 2
     max_train_batches: int | None = None  # cap per epoch (smoke tests)
     max_eval_batches: int | None = None
+    # Frozen-trunk training (flowers/feature_cache.py): the backbone below model.trainable_units
+    # stays frozen, its features are computed once per image (and per augmented view) and cached.
+    feature_cache: bool = False
+    cache_views: int = 2  # augmented views cached per training image (plus its clean version)
+    cache_dir: str | None = None  # None: $FLOWERS_CACHE/features, else ~/.cache/flowers/features
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class ModelConfig:
     attention: bool = False
     pretrained: Union[str, bool, None] = "DEFAULT"
     dropout: float = 0.2
+    trainable_units: int = 1  # with data.feature_cache: backbone units trained above the frozen trunk
 
     @property
     def name(self) -> str:
@@ -214,6 +220,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"distill.temperature: must be > 0, got {cfg.distill.temperature}")
     if cfg.data.workers < 0:
         raise ConfigError(f"data.workers: must be >= 0, got {cfg.data.workers}")
+    if cfg.data.cache_views < 0:
+        raise ConfigError(f"data.cache_views: must be >= 0, got {cfg.data.cache_views}")
+    if cfg.model.trainable_units < 0:
+        raise ConfigError(f"model.trainable_units: must be >= 0, got {cfg.model.trainable_units}")
+    if cfg.data.feature_cache and cfg.task == "distill" and not cfg.distill.cache_teacher:
+        raise ConfigError("distill.cache_teacher: must be true with data.feature_cache (the online teacher "
+                          "needs image batches, the cached trunk gives features)")
     if cfg.task == "distill" and not cfg.distill.teacher:
         raise ConfigError("distill.teacher: a teacher model URI is required when task is 'distill'")
 
@@ -282,6 +295,29 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+GRID_KEY = "grid"  # a profile section for the ablation grid's points only (e.g. a smaller budget)
+
+
+def profile_grid_changes(profile: str | None, config_dir: Path | None = None) -> dict[str, Any]:
+    """A profile's `grid:` section as dotted keys, e.g. `{'train.epochs': 3}` (empty without one)."""
+    if not profile:
+        return {}
+    grid = read_yaml(profile_path(profile, config_dir)).get(GRID_KEY) or {}
+    if not isinstance(grid, dict):
+        raise ConfigError(f"{profile}: '{GRID_KEY}' must be a mapping of config changes, e.g. train: {{epochs: 3}}")
+
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    return flat(grid)
+
+
 def profile_path(profile: str, config_dir: Path | None = None) -> Path:
     """A profile is a path or a name under configs/profiles/."""
     p = Path(profile)
@@ -301,7 +337,9 @@ def load_config(
     data: dict = read_yaml(path) if path else {}
     if profile:
         config_dir = Path(path).parent if path else None
-        data = deep_merge(data, read_yaml(profile_path(profile, config_dir)))
+        prof = read_yaml(profile_path(profile, config_dir))
+        prof.pop(GRID_KEY, None)  # the study applies it to ablation-grid points only
+        data = deep_merge(data, prof)
     data = apply_overrides(data, overrides or [])
     return build(cls, data)
 

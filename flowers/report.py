@@ -351,6 +351,7 @@ def render(info: dict[str, Any], out_dir: Path) -> str:
             md += ["", f"![ablation]({png.name})"]
         md += ["", "All grid points share the split, seed and epochs; the seed reported L2 (strong augmentation, "
                "label smoothing, weight decay, cosine) only, not the grid."]
+        md += _grid_budget_note(abl, [level_trial(info, lv) for lv in ("l1", "l2", "l3")])
     else:
         md.append("not run")
 
@@ -391,6 +392,20 @@ def render(info: dict[str, Any], out_dir: Path) -> str:
         md.append("not run")
     md.append("")
     return "\n".join(md)
+
+
+def _grid_budget_note(grid: list[dict], levels: list[dict | None]) -> list[str]:
+    """Say so when the grid ran at a smaller budget than the level models (a profile's `grid:` section)."""
+    def epochs(t: dict | None) -> str | None:
+        return None if not t else str((t.get("params") or {}).get("train.epochs"))
+
+    g = sorted({e for e in map(epochs, grid) if e and e != "None"})
+    lv = sorted({e for e in map(epochs, levels) if e and e != "None"})
+    if not g or not lv or g == lv:
+        return []
+    return ["", f"**Budget:** grid points trained {', '.join(g)} epochs each, the level models {', '.join(lv)} "
+            "(a smaller budget for the grid, set by the profile's `grid:` section). Grid rows compare with each "
+            "other, not with the level rows above."]
 
 
 def write_report(study: str, out_dir: str | Path, tracker: T.StudyTracker | None = None) -> Path:

@@ -107,8 +107,10 @@ def ablation_grid(study: C.StudyConfig, config_dir: Path) -> list[tuple[dict[str
     base = C.load_config(study_path(abl_path.parent, base_rel), profile_file(study, config_dir), list(study.overrides))
     names = list(axes)
     points = []
+    # a profile may give the grid a smaller budget than the levels (its `grid:` section); the report says so
+    budget = C.profile_grid_changes(profile_file(study, config_dir), config_dir)
     for combo in itertools.product(*(list(axes[a]) for a in names)):
-        changes: dict[str, Any] = {}
+        changes: dict[str, Any] = dict(budget)
         for axis, value in zip(names, combo):
             changes.update(axes[axis][value] or {})
         cfg = C.replace(base, {**changes, "level": "ablation"})

@@ -26,6 +26,37 @@ ENSEMBLE_KEY = "l4-ensemble"
 DISTILL_KEY = "l5-distill"
 
 
+_CACHE_KEYS = ("data.root", "data.format", "data.split", "data.seed", "data.classes", "data.image_size",
+               "data.resize_size", "data.augment", "data.cutout_frac", "data.cache_views", "data.cache_dir",
+               "model.arch", "model.pretrained", "model.trainable_units", "train.seed")
+
+
+def warm_feature_caches(cfgs: list[C.Config]) -> float:
+    """Build the feature-cache entries the trials will open, each once, with all of this process's cores
+    (before 1-CPU trials start; `flowers.feature_cache`). Returns the seconds spent."""
+    import time
+
+    from flowers.train import warm_feature_cache
+
+    t0, seen = time.perf_counter(), set()
+    for cfg in cfgs:
+        flat = C.to_flat_dict(cfg)
+        key = tuple(repr(flat.get(k)) for k in _CACHE_KEYS)
+        if cfg.data.feature_cache and key not in seen:
+            seen.add(key)
+            log.info("feature cache: preparing %s views of %s (%s)", cfg.data.cache_views, cfg.data.augment,
+                     cfg.model.arch)
+            warm_feature_cache(cfg)
+    return time.perf_counter() - t0
+
+
+def student_config(study: C.StudyConfig, config_dir: Path) -> C.Config | None:
+    """The L5 student's config as the study trains it, or None without one."""
+    if not study.distill_config or not study_path(config_dir, study.distill_config).is_file():
+        return None
+    return trial_config(study, config_dir, study.distill_config)
+
+
 def champion_uri(stage: str) -> str:
     """`models:/<registered name>@champion` for a level or stage key (l1, ensemble, distill, ...)."""
     return f"models:/{registry.REGISTERED[stage]}@{registry.CHAMPION}"

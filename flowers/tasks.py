@@ -22,6 +22,12 @@ Teacher signal, two modes (recorded as the `distill_mode` param of the stage):
   member its own resize and centre crop), so every teacher kind (checkpoint, ensemble, ONNX)
   is used through its one `predict_proba(uint8)` interface.
 
+With `data.feature_cache` (frozen trunk) the cached mode takes a shortcut when it can prove it
+exact: if every teacher member is a network whose trunk up to the student's cut has the same
+weights and eval preprocessing as the student's, its probabilities come from the student's
+cached clean features through the member's own top layers (`teacher_probs_from_features`)
+instead of from the images; otherwise the teacher runs on the images as above.
+
 Teachers return probabilities (an ensemble has no single set of logits); tempering them uses
 softmax(log p / T), which equals softmax(z / T) for any logits z with softmax(z) = p.
 """
@@ -42,6 +48,10 @@ from flowers.predict import LoadedModel, load_model, predict_dataset
 
 if TYPE_CHECKING:
     from flowers.data.bundle import DataBundle
+    from flowers.models import TailNet
+
+    # the student's frozen-trunk network and its cached clean training features (N x C x h x w)
+    CachedTrain = tuple[TailNet, np.ndarray]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +64,7 @@ class Task(Protocol):
 
     name: str
 
-    def setup(self, data: DataBundle, device: torch.device) -> None: ...
+    def setup(self, data: DataBundle, device: torch.device, features: CachedTrain | None = None) -> None: ...
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
@@ -67,7 +77,7 @@ class ClassificationTask:
     def __init__(self, label_smoothing: float = 0.0) -> None:
         self.label_smoothing = label_smoothing
 
-    def setup(self, data: DataBundle, device: torch.device) -> None:
+    def setup(self, data: DataBundle, device: torch.device, features: CachedTrain | None = None) -> None:
         pass
 
     def __call__(self, model, x, y, idx):
@@ -80,6 +90,51 @@ def make_task(cfg: C.Config) -> Task:
     if cfg.task == "distill":
         return DistillationTask.from_config(cfg)
     return ClassificationTask(cfg.optim.label_smoothing)
+
+
+# ----------------------------------------------------------------------------- teacher on cached features
+
+
+def teacher_probs_from_features(teacher: LoadedModel, student: TailNet, feats: np.ndarray, pp,
+                                batch_size: int = 256) -> torch.Tensor | None:
+    """The teacher's probabilities on the images behind `feats` (the student's cached trunk output
+    under preprocessing `pp`), computed from those features, or None when that would not be exact:
+    a member that is not a torch network, has another eval preprocessing, or another trunk."""
+    from flowers import feature_cache as FC
+    from flowers.ensemble import EnsembleModule
+    from flowers.models import FlowerNet, TailNet
+    from flowers.predict import TorchProbModel
+
+    mod = teacher.module
+    if isinstance(mod, EnsembleModule):
+        members, weights = list(mod.members), [float(w) for w in mod.weights]
+        pps = [teacher.views[i] for i in mod.view_index]
+    elif mod is not None:
+        members, weights, pps = [mod], [1.0], [teacher.preprocessing]
+    else:
+        return None
+    want = FC.trunk_fingerprint(student)
+    units = len(student._tail)
+    tails = []
+    for m, mpp in zip(members, pps):
+        if not isinstance(m, TorchProbModel) or not isinstance(m.net, FlowerNet) or mpp != pp:
+            return None
+        try:
+            tail = TailNet(m.net, units)
+        except ValueError:
+            return None
+        if tail.cut != student.cut or FC.trunk_fingerprint(tail) != want:
+            return None
+        tails.append(tail.eval())
+    total = torch.zeros(len(feats), len(teacher.class_names))
+    with torch.inference_mode():
+        for i in range(0, len(feats), batch_size):
+            x = torch.from_numpy(np.asarray(feats[i:i + batch_size], dtype=np.float32))
+            for w, tail in zip(weights, tails):
+                total[i:i + len(x)] += w * torch.softmax(tail(x).float(), 1)
+    log.info("teacher probabilities for %d training images from the shared trunk's cached features "
+             "(%d members)", len(feats), len(tails))
+    return total / sum(weights)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -139,8 +194,9 @@ class DistillationTask:
         return cls(cfg.distill.teacher, cfg.distill.temperature, cfg.distill.alpha, cfg.distill.cache_teacher,
                    cfg.data.eval_batch_size, cfg.data.workers, cfg.train.progress)
 
-    def setup(self, data: DataBundle, device: torch.device) -> None:
-        """Load the teacher, check its classes, and (cached mode) precompute its probabilities."""
+    def setup(self, data: DataBundle, device: torch.device, features: CachedTrain | None = None) -> None:
+        """Load the teacher, check its classes, and (cached mode) precompute its probabilities
+        (from the student's cached trunk `features` when the teacher provably shares that trunk)."""
         t0 = time.perf_counter()
         self.teacher = load_model(self.teacher_uri, "cpu" if device.type == "cpu" else str(device))
         if list(self.teacher.class_names) != list(data.class_names):
@@ -150,7 +206,11 @@ class DistillationTask:
         pp = data.preprocessing
         self.norm = Normalize(pp.mean, pp.std).to(device)
         if self.cache_teacher:
-            self.cache = self.teacher_probs_for(data).to(device)
+            probs = None
+            if features is not None:
+                probs = teacher_probs_from_features(self.teacher, features[0], features[1], pp, self.batch_size)
+                self.mode = "cached-trunk" if probs is not None else self.mode
+            self.cache = (probs if probs is not None else self.teacher_probs_for(data)).to(device)
         self.setup_seconds = time.perf_counter() - t0
         log.info("distillation teacher %s (%s mode) ready in %.1fs", self.teacher_uri, self.mode, self.setup_seconds)
 

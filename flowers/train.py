@@ -21,11 +21,12 @@ from torch import nn
 
 from flowers import config as C
 from flowers import evaluate as E
+from flowers import feature_cache as FC
 from flowers.checkpoint import load_checkpoint, per_image_record, save_checkpoint
 from flowers.data.bundle import build_data, make_loader
 from flowers.data.transforms import Normalize, Preprocessing
 from flowers.governance import data_lineage
-from flowers.models import build_model, model_spec
+from flowers.models import TailNet, build_model, model_spec
 from flowers.predict import predict_dataset
 from flowers.runtime import configure_torch_threads, progress_bar
 
@@ -147,6 +148,33 @@ def evaluate(model, loader, norm, device, **kw) -> dict[str, float]:
 # ----------------------------------------------------------------------------- fit
 
 
+def cached_features(cfg: C.Config, data, model: nn.Module, norm: Normalize) -> tuple[TailNet, FC.CachedParts]:
+    """Freeze `model` below `model.trainable_units` and open (or build) the cached trunk features
+    of `data` that `cfg` trains on (`flowers.feature_cache`)."""
+    dc = cfg.data
+    net = TailNet(model, cfg.model.trainable_units)
+    parts = FC.prepare(net, data.train, data.val, norm, data.val.transform,
+                       None if dc.augment == "none" else data.train.transform, dc.cache_views,
+                       cfg.train.seed, dc.cache_dir, dc.eval_batch_size, cfg.train.progress,
+                       eval_desc={"preprocessing": data.preprocessing.to_dict(), "draft": data.val.draft_size},
+                       view_desc={"augment": dc.augment, "image_size": dc.image_size, "cutout_frac": dc.cutout_frac})
+    return net, parts
+
+
+def warm_feature_cache(cfg: C.Config, threads: int | None = None) -> FC.CachedParts | None:
+    """Build the cache entries `cfg` will train on, with all of this process's cores (a study's driver
+    does this before its 1-CPU trials start, so they open the entries instead of each building them)."""
+    if not cfg.data.feature_cache:
+        return None
+    configure_torch_threads(threads)
+    spec = model_spec(cfg.model.name)
+    pp = Preprocessing.for_size(cfg.data.image_size, spec.mean, spec.std, cfg.data.resize_size)
+    data = build_data(cfg.data, pp, seed=cfg.train.seed)
+    model = build_model(cfg.model.name, num_classes=data.num_classes, pretrained=cfg.model.pretrained,
+                        dropout=cfg.model.dropout)
+    return cached_features(cfg, data, model, Normalize(pp.mean, pp.std))[1]
+
+
 @dataclass
 class FitResult:
     run_dir: Path
@@ -196,11 +224,27 @@ def fit(
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     norm = Normalize(pp.mean, pp.std).to(device)
-    task.setup(data, device)
 
     dc = cfg.data
-    train_loader = make_loader(data.train, dc.batch_size, True, dc.workers, cfg.train.seed)
-    val_loader = make_loader(data.val, dc.eval_batch_size, False, dc.workers)
+    # `net`/`in_norm` train and validate; `model`/`norm` (the whole network on images) is tested and saved
+    net, in_norm, cache_info = model, norm, None
+    if dc.feature_cache:
+        net, parts = cached_features(cfg, data, model, norm)
+        net = net.to(device)
+        cache_info = {"dir": str(parts.root), "seconds": parts.seconds, "cut": net.cut,
+                      "views": 0 if parts.train_views is None else int(parts.train_views.shape[0])}
+        log.info("frozen trunk (%d of %d backbone units) on cached features from %s (%.1fs); %d trainable "
+                 "parameters", net.cut, net.cut + cfg.model.trainable_units, parts.root, parts.seconds,
+                 sum(p.numel() for p in model.parameters() if p.requires_grad))
+        train_loader = FC.feature_loader(FC.CachedFeatures(parts.train_clean, data.train.labels, parts.train_views,
+                                                           cfg.train.seed), dc.batch_size, True, cfg.train.seed)
+        val_loader = FC.feature_loader(FC.CachedFeatures(parts.val_clean, data.val.labels), dc.eval_batch_size, False)
+        in_norm = FC.ToFloat()
+        task.setup(data, device, features=(net, parts.train_clean))
+    else:
+        task.setup(data, device)
+        train_loader = make_loader(data.train, dc.batch_size, True, dc.workers, cfg.train.seed)
+        val_loader = make_loader(data.val, dc.eval_batch_size, False, dc.workers)
     steps_per_epoch = len(train_loader) if dc.max_train_batches is None else min(len(train_loader), dc.max_train_batches)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -230,11 +274,13 @@ def fit(
     epochs = progress_bar(range(start_epoch, cfg.train.epochs), cfg.train.progress, desc=f"{cfg.level} epochs",
                   initial=start_epoch, total=cfg.train.epochs)
     for epoch in epochs:
-        tr = train_one_epoch(model, task, train_loader, optimizer, scheduler, norm, device,
+        if hasattr(train_loader.dataset, "set_epoch"):
+            train_loader.dataset.set_epoch(epoch)  # cached features: this epoch's choice of views
+        tr = train_one_epoch(net, task, train_loader, optimizer, scheduler, in_norm, device,
                              max_batches=dc.max_train_batches, grad_clip=cfg.optim.grad_clip,
                              progress=cfg.train.progress, desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
         t_val = time.perf_counter()
-        va = evaluate(model, val_loader, norm, device, max_batches=dc.max_eval_batches,
+        va = evaluate(net, val_loader, in_norm, device, max_batches=dc.max_eval_batches,
                       progress=cfg.train.progress, desc="val")
         metrics = {
             "epoch": epoch + 1,
@@ -293,6 +339,7 @@ def fit(
         "wall_seconds": time.perf_counter() - t_start,
         "device": str(device),
         "threads": threads,
+        "feature_cache": cache_info,
         "history": history,
     }
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))

@@ -122,6 +122,12 @@ def run_study(study: C.StudyConfig, config_dir: Path, resume: bool = False, addr
     t0 = time.perf_counter()
     status = "FAILED"
     try:
+        if "tune" in study.stages and not cluster.spans_nodes():
+            # one node: build the cached trunk features once with every core, before 1-CPU trials start
+            # (on a cluster each node's first trial builds its own, node-local copy)
+            student = S.student_config(study, config_dir) if "distill" in study.stages else None
+            seconds = S.warm_feature_caches([s.cfg for s in specs] + ([student] if student else []))
+            tracker.log_metrics(tracker.parent_id, {"feature_cache_seconds": seconds})
         if "tune" in study.stages:
             finished = {r["key"] for r in S.trial_records(tracker) if r["status"] == "FINISHED"} if resume else set()
             outcome.failed_trials = run_tune(study, specs, target, resume, finished)

@@ -17,7 +17,8 @@ from flowers.study import build_trials, load_study
 
 
 def test_study_grid_shares_l1_and_l2_and_keeps_the_comparison_controlled():
-    study, d = load_study(REPO / "configs/study.yaml", "study-cpu")
+    """Without a grid budget, L1 and L2 are grid points and train once: 8 grid points + L3."""
+    study, d = load_study(REPO / "configs/study.yaml", "cpu")
     trials = build_trials(study, d)
     keys = [t.key for t in trials]
     assert len(trials) == 9 and len(set(keys)) == 9  # 8 grid points + L3; L1 and L2 train once
@@ -32,6 +33,29 @@ def test_study_grid_shares_l1_and_l2_and_keeps_the_comparison_controlled():
     for field in ("data.split", "data.seed", "train.seed", "train.epochs", "model.arch", "data.image_size"):
         assert len({C.to_flat_dict(t.cfg)[field] for t in trials}) == 1, field
     assert {t.cfg.model.attention for t in trials} == {False, True}
+
+
+def test_study_cpu_grid_runs_at_its_own_smaller_budget():
+    """study-cpu's `grid:` section gives the 8 grid points 3 epochs and the levels 8: 3 levels + 8 grid
+    points, every grid point at the same budget, split and seed; the levels are not grid points."""
+    study, d = load_study(REPO / "configs/study.yaml", "study-cpu")
+    trials = build_trials(study, d)
+    by_key = {t.key: t for t in trials}
+    assert len(trials) == 11 and {"l1", "l2", "l3"} <= set(by_key)
+    assert by_key["l1"].roles == ["l1"] and by_key["l2"].roles == ["l2"]
+    grid = [t for t in trials if "ablation" in t.roles]
+    assert len(grid) == 8 and all(t.roles == ["ablation"] for t in grid)
+    assert {t.cfg.train.epochs for t in grid} == {3}
+    assert {by_key[k].cfg.train.epochs for k in ("l1", "l2", "l3")} == {8}
+    for field in ("data.split", "data.seed", "train.seed", "model.arch", "data.image_size", "data.feature_cache",
+                  "model.trainable_units", "data.cache_views"):
+        assert len({C.to_flat_dict(t.cfg)[field] for t in trials}) == 1, field
+    # the grid point with L1's axes differs from L1 only by the budget
+    twin = next(t for t in grid if t.axes == {"augment": "light", "regularization": "none", "schedule": "constant"})
+    diff = {k for k, v in C.to_flat_dict(twin.cfg).items() if C.to_flat_dict(by_key["l1"].cfg)[k] != v}
+    assert diff == {"train.epochs", "level"}
+    # a profile's grid section never reaches a plain trial config
+    assert C.load_config(REPO / "configs/level1.yaml", "study-cpu").train.epochs == 8
 
 
 def test_study_overrides_split_between_study_and_trials(tmp_path):

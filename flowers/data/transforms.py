@@ -71,6 +71,9 @@ def eval_transform(pp: Preprocessing) -> Callable[[Image.Image], torch.Tensor]:
 class RandomRot90:
     """Rotate by a random multiple of 90°: flowers have no canonical orientation."""
 
+    def __repr__(self) -> str:  # stable: the feature cache keys entries by the transform's repr
+        return "RandomRot90()"
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         k = int(torch.randint(0, 4, ()).item())
         return torch.rot90(x, k, dims=(-2, -1)) if k else x
