@@ -52,7 +52,7 @@ def run_distill_stage(cfg: C.Config, out_dir: Path, callback: Callable | None = 
                                extra={"teacher": cfg.distill.teacher, "distill_mode": task.mode,
                                       "lineage": {"parents": [{"name": task.teacher.name, "version": task.teacher.version,
                                                                "uri": cfg.distill.teacher}]}},
-                               **(export_kwargs or {}))
+                               **{"int8_recipe": cfg.distill.int8_recipe, **(export_kwargs or {})})
     variants = {"int8": load_variant(model_dir, "int8"), "dynamic_int8": load_variant(model_dir, "dynamic_int8"),
                 "onnx_fp32": load_variant(model_dir, "fp32")}
     bs, nw = cfg.data.eval_batch_size, cfg.data.workers

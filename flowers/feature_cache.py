@@ -124,11 +124,9 @@ def _compute(trunk: Callable[[torch.Tensor], torch.Tensor], norm: Normalize, ds:
              transform: Callable, views: int, seed: int, out: np.ndarray, batch_size: int,
              progress: bool, desc: str, device: torch.device) -> None:
     """Fill ``out`` (views x N x C x h x w) with trunk features of ``views`` transforms of each image."""
-    # decoding and augmenting in a second process overlaps them with the trunk's forward passes
-    # when this process has more than one core (bench/train_speedups.py measures the cache build)
-    workers = 1 if torch.get_num_threads() > 1 else 0
-    loader = DataLoader(_Views(ds, transform, views, seed), batch_size=max(1, batch_size // views),
-                        num_workers=workers, worker_init_fn=_one_thread)
+    # decoding in this process: a loader worker overlapping it with the forward passes was slower on
+    # 2 cores (light views 109 s vs 92 s), since it takes a core from the trunk's 2 threads
+    loader = DataLoader(_Views(ds, transform, views, seed), batch_size=max(1, batch_size // views), num_workers=0)
     for x, idx in progress_bar(loader, progress, total=len(loader), desc=desc):
         b = x.shape[0]
         x = norm(x.flatten(0, 1).to(device)).contiguous(memory_format=torch.channels_last)
@@ -137,10 +135,6 @@ def _compute(trunk: Callable[[torch.Tensor], torch.Tensor], norm: Normalize, ds:
         f = f.reshape(b, views, *f.shape[1:])
         for v in range(views):
             out[v, idx.numpy()] = f[:, v]
-
-
-def _one_thread(_: int) -> None:
-    torch.set_num_threads(1)
 
 
 def _entry(root: Path, key: str, meta: dict, shape: tuple[int, ...], build: Callable[[np.ndarray], None]) -> np.ndarray:

@@ -198,3 +198,12 @@ def test_entry_keys_do_not_depend_on_object_addresses():
     assert FC._stable_repr(a) == FC._stable_repr(b)
     assert "0x" not in FC._stable_repr(a)
     assert FC._stable_repr(a) != FC._stable_repr(train_transform("light", 64))
+
+
+def test_int8_recipe_choices_are_the_exporters():
+    from flowers.export import DEFAULT_INT8_RECIPE, INT8_RECIPES
+
+    assert set(C.CHOICES["distill.int8_recipe"]) == set(INT8_RECIPES)
+    assert C.Config().distill.int8_recipe == DEFAULT_INT8_RECIPE
+    with pytest.raises(C.ConfigError, match="distill.int8_recipe"):
+        C.validate(C.replace(C.Config(), {"distill.int8_recipe": "u4s4"}))

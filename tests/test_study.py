@@ -36,7 +36,7 @@ def test_study_grid_shares_l1_and_l2_and_keeps_the_comparison_controlled():
 
 
 def test_study_cpu_grid_runs_at_its_own_smaller_budget():
-    """study-cpu's `grid:` section gives the 8 grid points 3 epochs and the levels 8: 3 levels + 8 grid
+    """study-cpu's `grid:` section gives the 8 grid points 2 epochs and the levels 8: 3 levels + 8 grid
     points, every grid point at the same budget, split and seed; the levels are not grid points."""
     study, d = load_study(REPO / "configs/study.yaml", "study-cpu")
     trials = build_trials(study, d)
@@ -45,7 +45,7 @@ def test_study_cpu_grid_runs_at_its_own_smaller_budget():
     assert by_key["l1"].roles == ["l1"] and by_key["l2"].roles == ["l2"]
     grid = [t for t in trials if "ablation" in t.roles]
     assert len(grid) == 8 and all(t.roles == ["ablation"] for t in grid)
-    assert {t.cfg.train.epochs for t in grid} == {3}
+    assert {t.cfg.train.epochs for t in grid} == {2}
     assert {by_key[k].cfg.train.epochs for k in ("l1", "l2", "l3")} == {8}
     for field in ("data.split", "data.seed", "train.seed", "model.arch", "data.image_size", "data.feature_cache",
                   "model.trainable_units", "data.cache_views"):
