@@ -217,15 +217,15 @@ def prepare(tail: TailNet, train: LabeledImages, val: LabeledImages, norm: Norma
         meta = {**base, **(view_desc or {}), "what": f"train views x{views}", "images": fp, "views": views,
                 "seed": seed,
                 "train_transform": _stable_repr(train_transform)}
-        # a view is drawn at the training size, which may differ from eval (train small, test big)
         with torch.inference_mode(), torch.random.fork_rng(devices=[]):  # the probe leaves the RNG as it was
             first = train_transform(open_image(train.paths[0], draft_size=train.draft_size))[None].to(device)
             vshape = tuple(trunk(norm(first)).shape[1:])
+        if vshape != feat_shape:  # an epoch mixes views and clean images in one batch
+            raise ValueError(f"augmented views give trunk features {vshape} but eval images {feat_shape}: the "
+                             "feature cache needs the training and eval crops at the same size (data.image_size)")
         train_views = _entry(root, _key(meta), meta, (views, len(train), *vshape),
                              lambda out: _compute(trunk, norm, train, train_transform, views, seed, out, batch_size,
                                                   progress, f"cache views x{views}", device))
-        if vshape[0] != feat_shape[0]:
-            raise RuntimeError(f"trunk features of views {vshape} and of eval images {feat_shape} differ in channels")
     model.train(was_training)
     return CachedParts(train_clean, val_clean, train_views, root, time.perf_counter() - t0)
 

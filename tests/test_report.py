@@ -126,3 +126,14 @@ def test_report_from_a_real_study(small_study):
         line = next(x for x in text.splitlines() if x.startswith(f"| {row}"))
         assert "not run" not in line and "not comparable" not in line and "[" in line, line
     assert "## This run beside the seed" in text and "Architecture minus hyperparameter" not in text  # no hp pair
+
+
+def test_report_says_when_the_grid_ran_at_a_smaller_budget():
+    from flowers.report import _grid_budget_note
+
+    grid = [{"params": {"train.epochs": "2"}}, {"params": {"train.epochs": "2"}}]
+    levels = [{"params": {"train.epochs": "8"}}, None, {"params": {"train.epochs": "8"}}]
+    note = " ".join(_grid_budget_note(grid, levels))
+    assert "grid points trained 2 epochs each, the level models 8" in note
+    assert _grid_budget_note(grid, [{"params": {"train.epochs": "2"}}]) == []  # same budget: nothing to say
+    assert _grid_budget_note([], levels) == []
