@@ -12,6 +12,7 @@ Inputs are expected normalised to [-1, 1] (mean 0.5, std 0.5).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -183,6 +184,13 @@ class EfficientNetLite(nn.Module):
                 bound = 1.0 / math.sqrt(m.out_features)
                 nn.init.uniform_(m.weight, -bound, bound)
                 nn.init.zeros_(m.bias)
+
+    def units(self) -> list[tuple[Callable[[torch.Tensor], torch.Tensor], list[nn.Module]]]:
+        """The feature extractor as ordered ``(function, modules)``: stem, each block, 1x1 head conv.
+        Their composition is :meth:`forward_features` (`flowers.models.TailNet` splits it there)."""
+        stem = (lambda x: self.stem_act(self._bn0(self._conv_stem(x))), [self._conv_stem, self._bn0])
+        head = (lambda x: self.head_act(self._bn1(self._conv_head(x))), [self._conv_head, self._bn1])
+        return [stem, *((b, [b]) for b in self._blocks), head]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem_act(self._bn0(self._conv_stem(x)))

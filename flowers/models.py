@@ -462,12 +462,6 @@ def build_model(
 # --------------------------------------------------------------------------- frozen trunk + trainable tail
 
 
-def _lite_units(net: nn.Module) -> list[tuple[Callable[[torch.Tensor], torch.Tensor], list[nn.Module]]]:
-    stem = (lambda x: net.stem_act(net._bn0(net._conv_stem(x))), [net._conv_stem, net._bn0])
-    head = (lambda x: net.head_act(net._bn1(net._conv_head(x))), [net._conv_head, net._bn1])
-    return [stem, *((b, [b]) for b in net._blocks), head]
-
-
 def backbone_units(model: FlowerNet) -> list[tuple[Callable[[torch.Tensor], torch.Tensor], list[nn.Module]]]:
     """The backbone as an ordered list of ``(function, modules)`` whose composition is ``backbone(x)``.
 
@@ -476,8 +470,8 @@ def backbone_units(model: FlowerNet) -> list[tuple[Callable[[torch.Tensor], torc
     split network shares its parameters with ``model`` and saves as the whole model.
     """
     bb = model.backbone
-    if hasattr(bb, "_blocks") and hasattr(bb, "_conv_head"):
-        return _lite_units(bb)
+    if callable(getattr(bb, "units", None)):  # EfficientNet-Lite lists its own
+        return bb.units()
     units: list[tuple[Callable[[torch.Tensor], torch.Tensor], list[nn.Module]]] = []
     for name, child in bb.named_children():
         if name.startswith("layer") and isinstance(child, nn.Sequential):
@@ -509,6 +503,11 @@ class TailNet(nn.Module):
         self._trunk_modules = [m for _, mods in units[: self.cut] for m in mods]
         for m in self._trunk_modules:
             m.requires_grad_(False)
+
+    @property
+    def trainable_units(self) -> int:
+        """How many backbone units sit above the cut (and train)."""
+        return len(self._tail)
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized images -> the frozen trunk's feature map (run it in eval mode)."""

@@ -114,7 +114,7 @@ def teacher_probs_from_features(teacher: LoadedModel, student: TailNet, feats: n
     else:
         return None
     want = FC.trunk_fingerprint(student)
-    units = len(student._tail)
+    units = student.trainable_units
     tails = []
     for m, mpp in zip(members, pps):
         if not isinstance(m, TorchProbModel) or not isinstance(m.net, FlowerNet) or mpp != pp:
