@@ -106,8 +106,10 @@ def submit(kind: str, args: list[str] | None = None, address: str | None = None,
                                 submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus,
                                 metadata={"flowers.job": kind})
         except Exception as e:
-            # a head that just started has no job agent yet and says "try again later"
-            if "No available agent" in str(e) and time.time() < deadline:
+            # a head that just started has no job agent yet and says "try again later", or (busy
+            # machine) its dashboard drops the connection before answering: both pass
+            transient = ("No available agent", "RemoteDisconnected", "Connection aborted")
+            if any(t in str(e) for t in transient) and time.time() < deadline:
                 time.sleep(2)
                 continue
             raise JobsError(_explain(e, resolve_address(address))) from None
