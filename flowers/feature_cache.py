@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from flowers.data.decode import open_image
 from flowers.data.folder import LabeledImages
+from flowers.data.remote import cache_root
 from flowers.data.transforms import Normalize
 from flowers.models import TailNet
 from flowers.runtime import progress_bar
@@ -52,9 +53,9 @@ FORMAT = "flowers.features/1"
 
 
 def default_cache_dir() -> Path:
-    """Node-local feature cache: `$FLOWERS_CACHE/features`, else `~/.cache/flowers/features`."""
-    base = Path(os.environ.get("FLOWERS_CACHE") or Path.home() / ".cache" / "flowers")
-    return base.expanduser() / "features"
+    """Node-local feature cache: `$FLOWERS_CACHE/features`, else `~/.cache/flowers/features`
+    (next to the dataset cache of `flowers.data.remote`)."""
+    return cache_root().parent / "features"
 
 
 # ----------------------------------------------------------------------------- keys
@@ -203,8 +204,10 @@ def prepare(tail: TailNet, train: LabeledImages, val: LabeledImages, norm: Norma
         feat_shape = tuple(trunk(probe).shape[1:])
     base = {"trunk": fp_trunk, **(eval_desc or {})}
 
+    train_fp = images_fingerprint(train.paths, train.labels)  # stat every file once, for both train entries
+
     def clean(ds: LabeledImages, part: str) -> np.ndarray:
-        fp = images_fingerprint(ds.paths, ds.labels)
+        fp = train_fp if ds is train else images_fingerprint(ds.paths, ds.labels)
         meta = {**base, "what": f"{part} eval", "images": fp, "eval_transform": _stable_repr(eval_transform)}
         return _entry(root, _key(meta), meta, (1, len(ds), *feat_shape),
                       lambda out: _compute(trunk, norm, ds, eval_transform, 1, seed, out, batch_size, progress,
@@ -213,8 +216,7 @@ def prepare(tail: TailNet, train: LabeledImages, val: LabeledImages, norm: Norma
     train_clean, val_clean = clean(train, "train"), clean(val, "val")
     train_views = None
     if train_transform is not None and views > 0:
-        fp = images_fingerprint(train.paths, train.labels)
-        meta = {**base, **(view_desc or {}), "what": f"train views x{views}", "images": fp, "views": views,
+        meta = {**base, **(view_desc or {}), "what": f"train views x{views}", "images": train_fp, "views": views,
                 "seed": seed,
                 "train_transform": _stable_repr(train_transform)}
         with torch.inference_mode(), torch.random.fork_rng(devices=[]):  # the probe leaves the RNG as it was

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,6 @@ _CACHE_KEYS = ("data.root", "data.format", "data.split", "data.seed", "data.clas
 def warm_feature_caches(cfgs: list[C.Config]) -> float:
     """Build the feature-cache entries the trials will open, each once, with all of this process's cores
     (before 1-CPU trials start; `flowers.feature_cache`). Returns the seconds spent."""
-    import time
-
     from flowers.train import warm_feature_cache
 
     t0, seen = time.perf_counter(), set()
