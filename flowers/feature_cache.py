@@ -104,7 +104,7 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-class _Views(Dataset):
+class ViewImages(Dataset):
     """Image i -> its `views` transforms (V x 3 x H x W uint8), drawn from a per-image seed."""
 
     def __init__(self, ds: LabeledImages, transform: Callable, views: int, seed: int) -> None:
@@ -127,7 +127,7 @@ def _compute(trunk: Callable[[torch.Tensor], torch.Tensor], norm: Normalize, ds:
     """Fill ``out`` (views x N x C x h x w) with trunk features of ``views`` transforms of each image."""
     # decoding in this process: a loader worker overlapping it with the forward passes was slower on
     # 2 cores (light views 109 s vs 92 s), since it takes a core from the trunk's 2 threads
-    loader = DataLoader(_Views(ds, transform, views, seed), batch_size=max(1, batch_size // views), num_workers=0)
+    loader = DataLoader(ViewImages(ds, transform, views, seed), batch_size=max(1, batch_size // views), num_workers=0)
     for x, idx in progress_bar(loader, progress, total=len(loader), desc=desc):
         b = x.shape[0]
         x = norm(x.flatten(0, 1).to(device)).contiguous(memory_format=torch.channels_last)
@@ -235,8 +235,18 @@ def prepare(tail: TailNet, train: LabeledImages, val: LabeledImages, norm: Norma
 # ----------------------------------------------------------------------------- datasets
 
 
+def sample_key(index: int | np.ndarray, slot: int | np.ndarray, n: int):
+    """Which cached input a training sample is: image `index` (of `n`) as its clean version
+    (`slot` 0) or as augmented view ``slot - 1``. Slot 0 keeps the key equal to the image index, so
+    per-image tables (a teacher's clean-image probabilities) serve image loaders unchanged."""
+    return index + n * slot
+
+
 class CachedFeatures(Dataset):
-    """Cached trunk features as ``(features, label, index)``, like `LabeledImages` yields images.
+    """Cached trunk features as ``(features, label, key)``, like `LabeledImages` yields
+    ``(image, label, index)``; `key` is :func:`sample_key`: the image index for a clean
+    version, ``index + N * (v + 1)`` for view ``v``, so a task can look up per-input targets
+    (the distillation teacher on that very view).
 
     With views, each epoch (:meth:`set_epoch`) gives every image one of its ``V`` augmented views
     or its clean version, uniformly at random from a seeded generator.
@@ -264,8 +274,9 @@ class CachedFeatures(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         v = -1 if self._choice is None else int(self._choice[i])
-        src = self.clean[i] if v < 0 or v == self.views.shape[0] else self.views[v, i]
-        return torch.from_numpy(np.array(src)), int(self.labels[i]), int(i)
+        if v < 0 or v == self.views.shape[0]:
+            return torch.from_numpy(np.array(self.clean[i])), int(self.labels[i]), int(i)
+        return torch.from_numpy(np.array(self.views[v, i])), int(self.labels[i]), int(sample_key(i, v + 1, len(self)))
 
 
 class ToFloat(torch.nn.Module):

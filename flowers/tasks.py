@@ -25,8 +25,13 @@ Teacher signal, two modes (recorded as the `distill_mode` param of the stage):
 With `data.feature_cache` (frozen trunk) the cached mode takes a shortcut when it can prove it
 exact: if every teacher member is a network whose trunk up to the student's cut has the same
 weights and eval preprocessing as the student's, its probabilities come from the student's
-cached clean features through the member's own top layers (`teacher_probs_from_features`)
-instead of from the images; otherwise the teacher runs on the images as above.
+cached features through the member's own top layers (`teacher_probs_from_features`) instead of
+from the images. That is cheap enough to do for every cached augmented view as well as the
+clean image, so the teacher is *consistent*: each step matches the student to the teacher's
+probabilities on the very view the student sees, the exact-KD target at cached cost (Beyer et
+al. 2022, "a good teacher is patient and consistent"). The loader's sample key
+(`feature_cache.sample_key`) picks the row. Otherwise the teacher runs on the clean images as
+above, and every view of an image gets that image's row.
 
 Teachers return probabilities (an ensemble has no single set of logits); tempering them uses
 softmax(log p / T), which equals softmax(z / T) for any logits z with softmax(z) = p.
@@ -50,8 +55,9 @@ if TYPE_CHECKING:
     from flowers.data.bundle import DataBundle
     from flowers.models import TailNet
 
-    # the student's frozen-trunk network and its cached clean training features (N x C x h x w)
-    CachedTrain = tuple[TailNet, np.ndarray]
+    # the student's frozen-trunk network, its cached clean training features (N x C x h x w) and
+    # cached augmented views (V x N x C x h x w, or None)
+    CachedTrain = tuple[TailNet, np.ndarray, np.ndarray | None]
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +102,14 @@ def make_task(cfg: C.Config) -> Task:
 
 
 def teacher_probs_from_features(teacher: LoadedModel, student: TailNet, feats: np.ndarray, pp,
-                                batch_size: int = 256) -> torch.Tensor | None:
+                                batch_size: int = 256, views: np.ndarray | None = None) -> torch.Tensor | None:
     """The teacher's probabilities on the images behind `feats` (the student's cached trunk output
     under preprocessing `pp`), computed from those features, or None when that would not be exact:
-    a member that is not a torch network, has another eval preprocessing, or another trunk."""
+    a member that is not a torch network, has another eval preprocessing, or another trunk.
+
+    With `views` (V x N x ...: the cached augmented views of the same N images) the result has
+    (V + 1) x N rows, row `feature_cache.sample_key(i, slot, N)`: slot 0 the clean image, slot
+    v + 1 its view v."""
     from flowers import feature_cache as FC
     from flowers.ensemble import EnsembleModule
     from flowers.models import FlowerNet, TailNet
@@ -126,14 +136,19 @@ def teacher_probs_from_features(teacher: LoadedModel, student: TailNet, feats: n
         if tail.cut != student.cut or FC.trunk_fingerprint(tail) != want:
             return None
         tails.append(tail.eval())
-    total = torch.zeros(len(feats), len(teacher.class_names))
+    sources = [feats] + ([] if views is None else [views[v] for v in range(len(views))])
+    n = len(feats)
+    total = torch.zeros(len(sources) * n, len(teacher.class_names))
     with torch.inference_mode():
-        for i in range(0, len(feats), batch_size):
-            x = torch.from_numpy(np.asarray(feats[i:i + batch_size], dtype=np.float32))
-            for w, tail in zip(weights, tails):
-                total[i:i + len(x)] += w * torch.softmax(tail(x).float(), 1)
-    log.info("teacher probabilities for %d training images from the shared trunk's cached features "
-             "(%d members)", len(feats), len(tails))
+        for slot, src in enumerate(sources):
+            for i in range(0, n, batch_size):
+                x = torch.from_numpy(np.asarray(src[i:i + batch_size], dtype=np.float32))
+                rows = FC.sample_key(i, slot, n)
+                for w, tail in zip(weights, tails):
+                    total[rows:rows + len(x)] += w * torch.softmax(tail(x).float(), 1)
+    log.info("teacher probabilities for %d training images%s from the shared trunk's cached features "
+             "(%d members)", n, f" and their {len(sources) - 1} augmented view(s)" if len(sources) > 1 else "",
+             len(tails))
     return total / sum(weights)
 
 
@@ -208,8 +223,10 @@ class DistillationTask:
         if self.cache_teacher:
             probs = None
             if features is not None:
-                probs = teacher_probs_from_features(self.teacher, features[0], features[1], pp, self.batch_size)
-                self.mode = "cached-trunk" if probs is not None else self.mode
+                net, clean, views = features
+                probs = teacher_probs_from_features(self.teacher, net, clean, pp, self.batch_size, views)
+                if probs is not None:  # "cached-trunk-views": consistent, per cached view
+                    self.mode = "cached-trunk" + ("-views" if views is not None else "")
             self.cache = (probs if probs is not None else self.teacher_probs_for(data)).to(device)
         self.setup_seconds = time.perf_counter() - t0
         log.info("distillation teacher %s (%s mode) ready in %.1fs", self.teacher_uri, self.mode, self.setup_seconds)
@@ -232,5 +249,10 @@ class DistillationTask:
         if self.teacher is None:
             raise RuntimeError("DistillationTask.setup() must run before training")
         logits = model(x)
-        teacher = self.cache[idx.to(self.cache.device)] if self.cache is not None else self._online(x)
+        if self.cache is not None:
+            # idx is the loader's sample key (feature_cache.sample_key); a table of clean-image rows
+            # only (the teacher ran on the images) serves every view of an image with its image's row
+            teacher = self.cache[idx.to(self.cache.device) % len(self.cache)]
+        else:
+            teacher = self._online(x)
         return {"loss": kd_loss(logits, teacher, y, self.T, self.alpha, teacher_is_logits=False), "logits": logits}

@@ -244,7 +244,7 @@ def fit(
                                                            cfg.train.seed), dc.batch_size, True, cfg.train.seed)
         val_loader = FC.feature_loader(FC.CachedFeatures(parts.val_clean, data.val.labels), dc.eval_batch_size, False)
         in_norm = FC.ToFloat()
-        task.setup(data, device, features=(net, parts.train_clean))
+        task.setup(data, device, features=(net, parts.train_clean, parts.train_views))
     else:
         task.setup(data, device)
         train_loader = make_loader(data.train, dc.batch_size, True, dc.workers, cfg.train.seed)

@@ -127,8 +127,10 @@ def test_epoch_view_choice_is_seeded_and_covers_clean_and_views():
     assert [float(ds[i][0][0, 0, 0]) for i in range(50)] != first
     ds.set_epoch(0)
     assert [float(ds[i][0][0, 0, 0]) for i in range(50)] == first
-    x, y, i = ds[7]
-    assert y == 7 % 3 and i == 7 and x.dtype == torch.float16
+    for i in range(50):  # the sample key says which input it is: image i, clean (slot 0) or view v (slot v + 1)
+        x, y, key = ds[i]
+        assert y == i % 3 and x.dtype == torch.float16
+        assert key == FC.sample_key(i, int(x[0, 0, 0]), 50)
 
 
 def test_cached_run_learns_tests_on_images_and_saves_the_whole_network(smoke_config, tmp_path):
@@ -146,6 +148,16 @@ def test_cached_run_learns_tests_on_images_and_saves_the_whole_network(smoke_con
     # the frozen stem is the pretrained one, the trained head conv moved
     assert torch.equal(trained["backbone._conv_stem.weight"], fresh.backbone._conv_stem.weight)
     assert not torch.equal(trained["backbone._conv_head.weight"], fresh.backbone._conv_head.weight)
+
+    # L5 on the same cache: a teacher with the student's trunk is read off the cached features,
+    # per view (consistent), and the student learns from it
+    dcfg = C.replace(cfg, {"task": "distill", "distill.teacher": str(res.best_checkpoint), "train.epochs": 2})
+    task = make_task(dcfg)
+    dres = fit(dcfg, task, run_dir=tmp_path / "student")
+    n = len(json.loads((dres.run_dir / "split.json").read_text())["train"])
+    assert task.mode == "cached-trunk-views" and task.cache.shape == (3 * n, 5)  # clean + 2 views per image
+    assert not torch.allclose(task.cache[:n], task.cache[n:2 * n])
+    assert dres.test_metrics["top1"] >= 0.6, dres.test_metrics
 
 
 def test_cache_settings_are_validated(smoke_config):
@@ -171,15 +183,31 @@ def test_teacher_probabilities_from_cached_features_equal_the_teacher_on_images(
         torch.nn.init.normal_(m.backbone._conv_head.weight, std=0.05)
     ens = EnsembleModule([TorchProbModel(m, pp).eval() for m in members], [0, 0], [1.0, 1.0]).eval()
     teacher = LoadedModel(lambda x: None, pp, list(data.class_names), "ens", module=ens)
-    parts = _prepare(model, pp, data, tmp_path / "c", views=0)
+    parts = _prepare(model, pp, data, tmp_path / "c", views=1)
     student = TailNet(model, 1)
+    n = len(data.train)
     got = teacher_probs_from_features(teacher, student, parts.train_clean, pp)
-    assert got is not None and got.shape == (len(data.train), 5)
-    x = torch.stack([data.eval_part("train")[i][0] for i in range(len(data.train))])
+    assert got is not None and got.shape == (n, 5)
+    clean = torch.stack([data.eval_part("train")[i][0] for i in range(n)])
     with torch.no_grad():
-        want = torch.softmax(ens(x), 1)
+        want = torch.softmax(ens(clean), 1)
     assert torch.allclose(got, want, atol=2e-2), (got - want).abs().max()
     assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.95
+
+    # consistent teacher: with the cached views, the row a training sample's key picks is the teacher
+    # on exactly the input the student sees that epoch (the clean image or its augmented view)
+    both = teacher_probs_from_features(teacher, student, parts.train_clean, pp, views=parts.train_views)
+    assert both.shape == (2 * n, 5) and torch.equal(both[:n], got)
+    view_imgs = FC.ViewImages(data.train, data.train.transform, 1, 0)
+    with torch.no_grad():
+        on_views = torch.softmax(ens(torch.stack([view_imgs[i][0][0] for i in range(n)])), 1)
+    assert torch.allclose(both[n:], on_views, atol=2e-2), (both[n:] - on_views).abs().max()
+    assert not torch.allclose(on_views, want, atol=2e-2)  # the views really are other inputs
+    ds = FC.CachedFeatures(parts.train_clean, data.train.labels, parts.train_views, seed=0)
+    keys = [ds[i][2] for i in range(n)]
+    assert {k // n for k in keys} == {0, 1} and [k % n for k in keys] == list(range(n))
+    seen = torch.stack([on_views[i] if k >= n else want[i] for i, k in enumerate(keys)])
+    assert torch.allclose(both[keys], seen, atol=2e-2)
     # another trunk (random init): not provably the same features, so no shortcut
     other = build_model("efficientnet_lite0", num_classes=5, pretrained=False)
     mixed = EnsembleModule([TorchProbModel(members[0], pp), TorchProbModel(other, pp)], [0, 0], [1.0, 1.0])
