@@ -12,7 +12,10 @@ accuracy here says nothing about an AVX2-only CPU; `u8s8_7bit` cannot saturate o
 `--emulate-cpu Haswell` (needs `qemu-x86_64`, e.g. the Debian package qemu-user) also runs every
 INT8 file under QEMU's model of that CPU (AVX2, no AVX-512/VNNI), plainly and with ONNX
 Runtime's `session.x64quantprecision`: what a CPU without VNNI predicts, on a VNNI machine.
-Emulation is slow (minutes for 819 images at 128 px) and says nothing about latency.
+Emulation is slow (minutes for 819 images at 128 px; `--emulate-limit N` takes the first N test
+images) and says nothing about latency. Each emulated run is also compared with the same file run
+natively on the same images: agreement of top-1 and the largest probability difference, so
+"exact" means the same outputs, not just a similar accuracy.
 """
 from __future__ import annotations
 
@@ -41,14 +44,16 @@ from flowers.predict import predict_dataset
 from flowers.runtime import configure_torch_threads, cpu_share
 
 
-def emulate(cpu_model: str, models: dict, data, tmp: Path) -> dict[str, np.ndarray]:
-    """Predictions of every INT8 file under `qemu-x86_64 -cpu cpu_model`, plain and with
-    session.x64quantprecision; the images are the native eval pipeline's, saved once."""
+def emulate(cpu_model: str, models: dict, data, tmp: Path, limit: int | None = None) -> dict[str, dict]:
+    """Predictions and probabilities of every INT8 file on the first `limit` test images (all by
+    default) under `qemu-x86_64 -cpu cpu_model`, plain and with session.x64quantprecision; the
+    images are the native eval pipeline's, saved once."""
     int8 = {name: m for name, m in models.items() if "INT8" in name}
     m0 = next(iter(int8.values()))
     ds = data.eval_part("test", m0.transform(), m0.draft_size)
+    n = len(ds) if limit is None else min(limit, len(ds))
     images = tmp / "test_uint8.npz"
-    np.savez(images, x=np.stack([ds[i][0].numpy() for i in range(len(ds))]).astype(np.uint8))
+    np.savez(images, x=np.stack([ds[i][0].numpy() for i in range(n)]).astype(np.uint8))
     worker = Path(__file__).with_name("ort_eval_worker.py")
     # the emulated interpreter is the real binary behind this venv's python, with the venv's packages
     env = {**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"]}
@@ -61,7 +66,8 @@ def emulate(cpu_model: str, models: dict, data, tmp: Path) -> dict[str, np.ndarr
         got = json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
         for name, m in int8.items():
             label = f"{name} on {cpu_model}" + (" +x64quantprecision" if precise else "")
-            out[label] = np.asarray(got[m.source])
+            out[label] = {"native": name, "preds": np.asarray(got[m.source]["preds"]),
+                          "probs": np.asarray(got[m.source]["probs"], dtype=np.float32)}
     return out
 
 
@@ -76,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--emulate-cpu", metavar="QEMU_CPU",
                     help="also evaluate the INT8 files under qemu-x86_64 -cpu QEMU_CPU (e.g. Haswell: AVX2, no VNNI)")
+    ap.add_argument("--emulate-limit", type=int, metavar="N", help="emulate on the first N test images only")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     if args.emulate_cpu and not shutil.which("qemu-x86_64"):
@@ -105,17 +112,23 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, dict] = {}
     labels = None
-    correct = {}
+    correct, native_probs = {}, {}
     for name, m in models.items():
         ds = data.eval_part("test", m.transform(), m.draft_size)
         probs, labels = predict_dataset(m.predict_proba, ds, batch_size=64, workers=data_cfg.workers)
-        correct[name] = probs.argmax(1) == labels
+        correct[name], native_probs[name] = probs.argmax(1) == labels, probs
         results[name] = {"test_top1": float(correct[name].mean()), "preds": probs.argmax(1)}
+    emulated_rows = []
     if args.emulate_cpu:
-        emulated = emulate(args.emulate_cpu, models, data, tmp)
-        for name, preds in emulated.items():
-            correct[name] = preds == labels
-            results[name] = {"test_top1": float(correct[name].mean()), "preds": preds}
+        for label, e in emulate(args.emulate_cpu, models, data, tmp, args.emulate_limit).items():
+            n = len(e["preds"])
+            native = native_probs[e["native"]][:n]
+            emulated_rows.append({
+                "model": label, "images": n, "top1": float((e["preds"] == labels[:n]).mean()),
+                "native_top1": float((native.argmax(1) == labels[:n]).mean()),
+                "fp32_top1": float(correct["ONNX fp32"][:n].mean()),
+                "agreement_with_native": float((e["preds"] == native.argmax(1)).mean()),
+                "max_abs_prob_diff": float(np.abs(e["probs"] - native).max())})
     base = "ONNX fp32"
     for name in results:
         if name == base:
@@ -151,9 +164,17 @@ def main(argv: list[str] | None = None) -> int:
         lat = (f"{r['b1_p50_ms']:10.3f} {r['b1_p95_ms']:10.3f} {r['b32_images_per_s']:10.1f}" if "b1_p50_ms" in r
                else f"{'–':>10s} {'–':>10s} {'–':>10s}")
         print(f"{name:40s} {100 * r['test_top1']:10.2f} {vs:>28s} {p:>10s} {agree:>6s} {lat}")
+    if emulated_rows:
+        print(f"\nemulated (qemu-x86_64 -cpu {args.emulate_cpu}) vs the same file run natively here, first "
+              f"{emulated_rows[0]['images']} test images:")
+        print(f"{'model':60s} {'top-1':>7s} {'native':>7s} {'fp32':>7s} {'agree':>7s} {'max |dp|':>9s}")
+        for r in emulated_rows:
+            print(f"{r['model']:60s} {100 * r['top1']:7.2f} {100 * r['native_top1']:7.2f} {100 * r['fp32_top1']:7.2f} "
+                  f"{100 * r['agreement_with_native']:6.1f}% {r['max_abs_prob_diff']:9.2e}")
     if args.json:
         out = {"cpu": cpu, "data": data.source, "results": {k: {kk: vv for kk, vv in v.items() if kk != "preds"}
-                                                             for k, v in results.items()}}
+                                                             for k, v in results.items()},
+               "emulated": emulated_rows}
         Path(args.json).write_text(json.dumps(out, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
     return 0
 

@@ -6,7 +6,7 @@
 see what a CPU without VNNI computes; importing torch there would take minutes. `--precise`
 sets ONNX Runtime's `session.x64quantprecision` (exact u8 x u8 kernels where u8 x s8 could
 saturate), as `flowers.export.load_onnx` does for an 8-bit model on a CPU without VNNI. Prints one
-JSON object: path → predictions.
+JSON object: path → {"preds": top-1 per image, "probs": probabilities per image}.
 """
 import json
 import sys
@@ -27,8 +27,8 @@ def main(argv: list[str]) -> int:
         sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
         x = data["x"]
-        out[path] = np.concatenate([sess.run(None, {name: x[i:i + 16]})[0].argmax(1)
-                                    for i in range(0, len(x), 16)]).tolist()
+        probs = np.concatenate([sess.run(None, {name: x[i:i + 16]})[0] for i in range(0, len(x), 16)])
+        out[path] = {"preds": probs.argmax(1).tolist(), "probs": probs.tolist()}
     print(json.dumps(out))
     return 0
 

@@ -299,10 +299,12 @@ def render(info: dict[str, Any], out_dir: Path) -> str:
     """The Markdown text (writes the PNGs it links into `out_dir`)."""
     trials, stages, champions = info["trials"], info["stages"], info["champions"]
     hw = info["parent"]["tags"].get("hardware", "not recorded")
-    any_params = next((t["params"] for t in trials if t["params"]), {})
+    # the header describes the level models (L1 first): grid points may run at a smaller budget
+    levels_first = sorted(trials, key=lambda t: not set(t["roles"]) & {"l1", "l2", "l3"})
+    any_params = next((t["params"] for t in levels_first if t["params"]), {})
     md = [f"# Study report: {info['study']}", "",
           f"- Hardware: {hw}",
-          f"- Setup (this study): {_setup(any_params)}",
+          f"- Setup (this study's level models): {_setup(any_params)}",
           f"- Seed figures: {SEED['setup']}",
           f"- Trials: {len(trials)} ({sum(t['status'] == 'FINISHED' for t in trials)} finished)", ""]
 

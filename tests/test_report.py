@@ -137,3 +137,13 @@ def test_report_says_when_the_grid_ran_at_a_smaller_budget():
     assert "grid points trained 2 epochs each, the level models 8" in note
     assert _grid_budget_note(grid, [{"params": {"train.epochs": "2"}}]) == []  # same budget: nothing to say
     assert _grid_budget_note([], levels) == []
+
+
+def test_header_setup_describes_the_level_models_not_a_smaller_grid_point(tmp_path):
+    info = _info()
+    level = info["trials"][0]
+    grid = {**level, "key": "abl-x", "run_id": "r2", "roles": ["ablation"],
+            "params": {**level["params"], "train.epochs": "1", "data.max_train_batches": "None"}}
+    info["trials"] = [grid, {**level, "params": {**level["params"], "data.max_train_batches": "None"}}]
+    header = render(info, tmp_path).split("## ")[0]
+    assert "Setup (this study's level models)" in header and "2 epochs" in header and "1 epochs" not in header
