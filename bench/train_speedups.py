@@ -9,7 +9,10 @@ Rows (images per second, higher is better), each against its baseline in the sam
   vs the frozen-trunk step on cached features (`model.trainable_units` 1 and 2, the study-cpu profile);
 * the trunk forward that builds the cache: NCHW vs channels_last, and bf16 autocast where the CPU
   has native bf16 (avx512_bf16 / amx_bf16), otherwise reported as not applicable;
-* `torch.compile` of the frozen-trunk step: compile seconds and the step rate after it.
+* `torch.compile` of the frozen-trunk step: compile seconds and the step rate after it;
+* the study's two hot paths again with torch's kernels limited to AVX2 (`ATEN_CPU_CAPABILITY`,
+  `ONEDNN_MAX_CPU_ISA`, `MKL_ENABLE_INSTRUCTIONS`, in a child process): how much of the gap to an
+  AVX2-only CPU the instruction set alone explains (clock, caches and memory are still this machine's).
 
 Allocator settings matter a lot on this machine type (README): run it the way the project runs
 everything, with `MALLOC_MMAP_THRESHOLD_`/`MALLOC_TRIM_THRESHOLD_` set (make does; `flowers`
@@ -18,7 +21,10 @@ re-execs itself with them). The script prints whether they are set, and the CPU 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -85,13 +91,28 @@ def trunk_rate(batch: int, channels_last: bool, bf16: bool) -> float:
     return rate(step, batch)
 
 
+# what torch reads at start-up to pick its kernels: ATen's vectorized ops, oneDNN (convolutions), MKL (GEMM)
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def hot_paths(batch: int) -> dict[str, float]:
+    """The study's two hot paths: the cache build's trunk forward and the frozen-trunk training step."""
+    return {"trunk": trunk_rate(batch, True, False), "tail2": rate(tail_step(2, batch), batch)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    ap.add_argument("--no-isa", action="store_true", help="skip the AVX2-kernels-only rows")
+    ap.add_argument("--hot-paths-json", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.hot_paths_json:
+        torch.manual_seed(0)
+        print(json.dumps(hot_paths(args.batch)))
+        return
     torch.manual_seed(0)
     info = cpu_flags()
     try:
@@ -133,6 +154,17 @@ def main() -> None:
         rows.append((f"train step, cached trunk units=2, torch.compile ({compile_s:.0f} s to compile)", tc,
                      f"{tc / t2:.2f}x vs eager; pays off after {compile_s / max(1e-9, 1 / t2 - 1 / tc) / 6551:.1f} "
                      "epochs of 6551 images" if tc > t2 else f"{tc / t2:.2f}x vs eager: does not pay off"))
+    if not args.no_isa:
+        here = hot_paths(b)
+        out = subprocess.run([sys.executable, __file__, "--hot-paths-json", "--threads", str(args.threads),
+                              "--batch", str(b)], env={**os.environ, **AVX2_ONLY}, capture_output=True, text=True,
+                             check=True).stdout
+        avx2 = json.loads(out.strip().splitlines()[-1])
+        for key, name in (("trunk", "cache build: trunk forward, channels_last"),
+                          ("tail2", "train step, cached trunk, trainable_units=2")):
+            rows.append((f"{name}, torch kernels limited to AVX2", avx2[key],
+                         f"{here[key] / avx2[key]:.2f}x slower than this CPU's own kernels ({here[key]:.1f} img/s "
+                         "in this pass)"))
     width = max(len(r[0]) for r in rows)
     for name, r, note in rows:
         print(f"{name:<{width}}  {r:8.1f} img/s  {note}")

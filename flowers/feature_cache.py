@@ -235,7 +235,7 @@ def prepare(tail: TailNet, train: LabeledImages, val: LabeledImages, norm: Norma
 # ----------------------------------------------------------------------------- datasets
 
 
-def sample_key(index: int | np.ndarray, slot: int | np.ndarray, n: int):
+def sample_key(index: int | np.ndarray, slot: int | np.ndarray, n: int) -> int | np.ndarray:
     """Which cached input a training sample is: image `index` (of `n`) as its clean version
     (`slot` 0) or as augmented view ``slot - 1``. Slot 0 keeps the key equal to the image index, so
     per-image tables (a teacher's clean-image probabilities) serve image loaders unchanged."""
