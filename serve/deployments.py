@@ -110,7 +110,10 @@ class BatchedModel:
                 "uri": self.uri, "kind": m.meta.get("kind"), "test_accuracy": m.meta.get("test_accuracy"),
                 "num_classes": len(m.class_names), "image_size": m.preprocessing.image_size,
                 "uncertainty_threshold": self.predictor.threshold, "torch_threads": self.threads, "device": self.device,
-                **self.gate.settings(), "batch_sizes_seen": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
+                **self.gate.settings(), "batch_sizes_seen": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                # an INT8 file's own weight check, and what loading it on this replica's CPU had to say
+                # (e.g. 8-bit weights on a CPU without VNNI: exact only through ORT's slower kernels)
+                "int8_check": m.meta.get("int8_check"), "warnings": list(m.meta.get("warnings") or [])}
 
     async def ping(self) -> str:
         return "ok"

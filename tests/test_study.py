@@ -118,7 +118,7 @@ def test_registered_level_loads_in_fresh_process_and_reproduces_test_accuracy(sm
 
 
 @pytest.mark.slow
-def test_distill_stage_registers_the_student_and_serve_answers_from_the_registry(small_study, synth_root):
+def test_distill_stage_registers_the_student_and_serve_answers_from_the_registry(small_study, synth_root, monkeypatch):
     """The study's L5 stage ran (smoke profile), registered flowers-student (champion through the gate),
     and Serve loads it and the ensemble from the registry by alias and answers over HTTP."""
     import httpx
@@ -156,6 +156,13 @@ def test_distill_stage_registers_the_student_and_serve_answers_from_the_registry
             assert body["top_k"] and 0 <= body["top_k"][0]["probability"] <= 1
             student = next(m for m in http.get("/v1/models").json()["models"] if m["route"] == "student")
             assert student["uri"] == "models:/flowers-student@champion" and student["kind"] == "onnx"
+            # the replica reports the file's INT8 check and its load-time warning for this CPU (none where the
+            # weights cannot saturate or the CPU has VNNI; one line for 8-bit weights on a CPU without it)
+            from flowers.predict import load_model
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", outcome.tracking_uri)
+            local = load_model("models:/flowers-student@champion")
+            assert student["int8_check"] == local.meta["int8_check"] and student["int8_check"]["int8"] is True
+            assert student["warnings"] == local.meta.get("warnings", [])
     finally:
         serve.delete("study-student")
         serve.shutdown()
