@@ -300,7 +300,8 @@ def render(info: dict[str, Any], out_dir: Path) -> str:
     trials, stages, champions = info["trials"], info["stages"], info["champions"]
     hw = info["parent"]["tags"].get("hardware", "not recorded")
     # the header describes the level models (L1 first): grid points may run at a smaller budget
-    levels_first = sorted(trials, key=lambda t: not set(t["roles"]) & {"l1", "l2", "l3"})
+    order = {"l1": 0, "l2": 1, "l3": 2}
+    levels_first = sorted(trials, key=lambda t: min((order.get(r, 3) for r in t["roles"]), default=3))
     any_params = next((t["params"] for t in levels_first if t["params"]), {})
     md = [f"# Study report: {info['study']}", "",
           f"- Hardware: {hw}",

@@ -144,6 +144,10 @@ def test_header_setup_describes_the_level_models_not_a_smaller_grid_point(tmp_pa
     level = info["trials"][0]
     grid = {**level, "key": "abl-x", "run_id": "r2", "roles": ["ablation"],
             "params": {**level["params"], "train.epochs": "1", "data.max_train_batches": "None"}}
-    info["trials"] = [grid, {**level, "params": {**level["params"], "data.max_train_batches": "None"}}]
+    l3 = {**level, "key": "l3", "run_id": "r3", "roles": ["l3"],
+          "params": {**level["params"], "model.attention": "True", "data.max_train_batches": "None"}}
+    # MLflow lists the newest run first: L3 and the grid come before L1
+    info["trials"] = [grid, l3, {**level, "params": {**level["params"], "data.max_train_batches": "None"}}]
     header = render(info, tmp_path).split("## ")[0]
     assert "Setup (this study's level models)" in header and "2 epochs" in header and "1 epochs" not in header
+    assert "attention" not in header  # L1's setup, not L3's (which the level table shows on its own row)
