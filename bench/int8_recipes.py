@@ -1,13 +1,13 @@
 """INT8 recipes side by side on one trained checkpoint: accuracy and latency cost of each.
 
-    python bench/int8_recipes.py --checkpoint runs/l5/train/best.pt [--data DIR] [--recipes u8s8_7bit u8s8]
+    python bench/int8_recipes.py --checkpoint runs/l5/train/best.pt [--data DIR] [--recipes u8s8_7bit_bc u8s8]
 
 Exports the checkpoint once per recipe (`flowers.export.INT8_RECIPES`, calibrated on the same
 training images), then evaluates ONNX fp32 and every INT8 file on the checkpoint's own test
 split (same images, paired: difference to fp32 with a 95 % bootstrap interval and McNemar's p)
 and times batch-1 p50/p95 and batch-32 throughput, interleaved over rounds. Prints this CPU's
 flags: the `u8s8` recipe (full 8-bit weights) is exact only where VNNI/AMX is present, so its
-accuracy here says nothing about an AVX2-only CPU; `u8s8_7bit` cannot saturate on any x86 CPU.
+accuracy here says nothing about an AVX2-only CPU; the 7-bit recipes cannot saturate on any x86 CPU.
 
 `--emulate-cpu Haswell` (needs `qemu-x86_64`, e.g. the Debian package qemu-user) also runs every
 INT8 file under QEMU's model of that CPU (AVX2, no AVX-512/VNNI), plainly and with ONNX

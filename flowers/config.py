@@ -95,10 +95,11 @@ class DistillConfig:
     temperature: float = 4.0
     alpha: float = 0.7  # weight of the KD term; (1 - alpha) weights cross-entropy
     cache_teacher: bool = True  # precompute teacher probabilities once per image
-    # static INT8 weights of the exported student (flowers/export.py INT8_RECIPES): u8s8_7bit cannot
-    # saturate on any x86 CPU; u8s8 keeps 8-bit weights (exact on VNNI CPUs; flowers' loaders switch ONNX
-    # Runtime to its exact kernels elsewhere and say so); u8u8 cannot saturate either but runs slowly
-    int8_recipe: str = "u8s8_7bit"
+    # static INT8 weights of the exported student (flowers/export.py INT8_RECIPES): the 7-bit ones cannot
+    # saturate on any x86 CPU, u8s8_7bit_bc also bias-corrects; u8s8 keeps 8-bit weights (exact on VNNI
+    # CPUs; flowers' loaders switch ONNX Runtime to its exact kernels elsewhere and say so); u8u8 cannot
+    # saturate either but runs slowly
+    int8_recipe: str = "u8s8_7bit_bc"
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "data.format": ("vgg", "folder"),
     "data.split": ("official", "random"),
     "data.augment": ("none", "light", "strong"),
-    "distill.int8_recipe": ("u8s8_7bit", "u8s8", "u8u8"),
+    "distill.int8_recipe": ("u8s8_7bit_bc", "u8s8_7bit", "u8s8", "u8u8"),
     "optim.schedule": ("constant", "cosine"),
     "task": ("classification", "distill"),
 }

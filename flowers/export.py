@@ -14,10 +14,11 @@ folder written by :func:`export_student`::
 INT8 that holds on every x86 CPU: ONNX Runtime multiplies uint8 activations by int8 weights.
 CPUs with VNNI (avx512_vnni, avx_vnni) or AMX accumulate those products in 32 bits; older x86
 CPUs (AVX2 / AVX-512 without VNNI) add each pair of products into a *saturating* 16-bit integer
-first, and 255 x 127 x 2 = 64,770 does not fit in 32,767. The default recipe, `u8s8_7bit`,
+first, and 255 x 127 x 2 = 64,770 does not fit in 32,767. The default recipe, `u8s8_7bit_bc`,
 quantizes weights to 7 bits (`reduce_range`: [-64, 64]), so a pair is at most 255 x 64 x 2 =
 32,640 and cannot saturate on any x86 CPU, in any runtime: safe by construction, checked on the
-written file (`int8_weight_check`). The manifest's `quantization` block records the recipe, that
+written file (`int8_weight_check`). The coarser weights cost accuracy; bias correction (each
+convolution's bias absorbs the expected shift of its weights' rounding) wins it back. The manifest's `quantization` block records the recipe, that
 check, and the CPU flags of the machine that exported and validated the model. `load_onnx`
 inspects the file: an INT8 model with full 8-bit weights (recipe `u8s8`, or exported before the
 7-bit default) on an x86 CPU without VNNI logs one warning, carries it in `meta["warnings"]`, and
@@ -76,14 +77,18 @@ FILES = {
     "dynamic_int8": "model_dynamic_int8.onnx",
     "torchscript": "model_fp32.torchscript.pt",
 }
-# How the weights are quantized (activations are always uint8): `u8s8_7bit` cannot saturate the
-# 16-bit pair sums of x86 CPUs without VNNI; `u8s8` (full 8-bit weights) is exact there only
-# through ORT's slower u8 x u8 kernels; `u8u8` is safe too but ORT runs it far slower. The last
-# two are kept for comparison (bench/int8_recipes.py; figures in the README).
-INT8_RECIPES = {"u8s8_7bit": {"weights": "int8", "reduce_range": True},
-                "u8s8": {"weights": "int8", "reduce_range": False},
-                "u8u8": {"weights": "uint8", "reduce_range": False}}
-DEFAULT_INT8_RECIPE = "u8s8_7bit"
+# How the weights are quantized (activations are always uint8): the 7-bit recipes cannot saturate
+# the 16-bit pair sums of x86 CPUs without VNNI; `u8s8_7bit_bc` adds bias correction (each
+# convolution's bias absorbs the expected output shift of its weights' rounding; it recovered the
+# 7-bit loss on the study's student, README). `u8s8` (full 8-bit weights) is exact without VNNI only
+# through ORT's slower u8 x u8 kernels; `u8u8` is safe too but ORT runs it far slower. The others
+# are kept for comparison (bench/int8_recipes.py).
+INT8_RECIPES = {"u8s8_7bit_bc": {"weights": "int8", "reduce_range": True, "bias_correction": True},
+                "u8s8_7bit": {"weights": "int8", "reduce_range": True, "bias_correction": False},
+                "u8s8": {"weights": "int8", "reduce_range": False, "bias_correction": False},
+                "u8u8": {"weights": "uint8", "reduce_range": False, "bias_correction": False}}
+DEFAULT_INT8_RECIPE = "u8s8_7bit_bc"
+_Q7_MAX = 64  # ORT's reduced int8 range for symmetric weights: [-64, 64]
 # x86 instruction sets INT8 inference depends on (reported by exports, loads and benches)
 INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # 32-bit accumulation of u8 x s8 products
@@ -250,23 +255,100 @@ def _recipe(name: str) -> dict[str, Any]:
     return INT8_RECIPES[name]
 
 
+def conv_input_means(model_path: Path, batches: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-channel mean of every Conv input (over images and positions) of an fp32 ONNX model."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(model_path))
+    inits = {i.name for i in model.graph.initializer}
+    wanted = sorted({n.input[0] for n in model.graph.node if n.op_type == "Conv" and n.input[1] in inits})
+    outputs = {o.name for o in model.graph.output}
+    for name in wanted:
+        if name not in outputs:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = cpu_share()
+    # no fusions: every requested intermediate must stay a real tensor
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    input_name = sess.get_inputs()[0].name
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+    for x in batches:
+        values = sess.run(wanted, {input_name: x})
+        for name, v in zip(wanted, values):
+            sums[name] = sums.get(name, 0) + v.astype(np.float64).mean(axis=(2, 3)).sum(axis=0)
+        count += len(x)
+    return {name: v / max(1, count) for name, v in sums.items()}
+
+
+def bias_correct_7bit(fp32: Path, out: Path, batches: Sequence[np.ndarray]) -> Path:
+    """An fp32 model whose Conv biases absorb the expected output error of 7-bit weight rounding.
+
+    Per output channel o, rounding weights to the symmetric per-channel 7-bit grid that
+    quantization will use (scale max|w|/64) shifts the output by sum_i (w_q - w)[o, i] * E[x_i],
+    with E[x] each input channel's mean over the calibration images. Subtracting that from the
+    bias removes the systematic part of the error (bias correction, Nagel et al. 2019); the
+    random part is what remains. Quantizing the result with the same 7-bit recipe gives the
+    `u8s8_7bit_bc` model.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    means = conv_input_means(fp32, batches)
+    model = onnx.load(str(fp32))
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "Conv" or node.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        flat = w.reshape(len(w), -1)
+        scale = np.abs(flat).max(axis=1) / _Q7_MAX
+        scale[scale == 0] = 1.0
+        err = (np.clip(np.round(flat / scale[:, None]), -_Q7_MAX, _Q7_MAX) * scale[:, None] - flat).reshape(w.shape)
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        per_group_in, per_group_out = w.shape[1], len(w) // group
+        # each output channel sees its group's slice of input channels
+        mu = means[node.input[0]].reshape(group, per_group_in).repeat(per_group_out, axis=0)
+        shift = (err.sum(axis=(2, 3)) * mu).sum(axis=1)
+        if len(node.input) > 2 and node.input[2] in inits:
+            name = node.input[2]
+            bias = numpy_helper.to_array(inits[name]).astype(np.float64)
+            inits[name].CopyFrom(numpy_helper.from_array((bias - shift).astype(np.float32), name))
+        else:
+            name = node.input[1] + "_bias_correction"
+            model.graph.initializer.append(numpy_helper.from_array((-shift).astype(np.float32), name))
+            while len(node.input) < 3:
+                node.input.append("")
+            node.input[2] = name
+    onnx.save(model, str(out))
+    return out
+
+
 def quantize_static_int8(fp32: Path, out: Path, batches: Sequence[np.ndarray],
                          recipe: str = DEFAULT_INT8_RECIPE) -> Path:
     """Post-training static INT8: QDQ format, per-channel int8 weights, uint8 activations (MinMax calibration).
 
-    `recipe` (see `INT8_RECIPES`): `u8s8_7bit` keeps weights in [-64, 64] so no x86 CPU can
-    saturate. `fp32` should have been through :func:`prepare_for_quantization`. The final
-    Softmax stays in float: quantized probabilities (steps of 1/256) would spoil the entropy.
+    `recipe` (see `INT8_RECIPES`): the 7-bit ones keep weights in [-64, 64] so no x86 CPU can
+    saturate; `u8s8_7bit_bc` also bias-corrects the convolutions first (:func:`bias_correct_7bit`,
+    on the same calibration images). `fp32` should have been through
+    :func:`prepare_for_quantization`. The final Softmax stays in float: quantized probabilities
+    (steps of 1/256) would spoil the entropy.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     softmax = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Softmax"]
     r = _recipe(recipe)
-    quantize_static(str(fp32), str(out), _Calibration(batches), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QUInt8 if r["weights"] == "uint8" else QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=softmax, reduce_range=r["reduce_range"])
+    with tempfile.TemporaryDirectory() as tmp:
+        if r["bias_correction"]:
+            fp32 = bias_correct_7bit(fp32, Path(tmp) / "bias_corrected.onnx", batches)
+        quantize_static(str(fp32), str(out), _Calibration(batches), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QUInt8 if r["weights"] == "uint8" else QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=softmax,
+                        reduce_range=r["reduce_range"])
     return out
 
 
@@ -372,6 +454,7 @@ def export_student(checkpoint: Path, out_dir: Path, calibration: Dataset | Seque
         quantization={"method": "onnxruntime static QDQ", "recipe": int8_recipe, "per_channel": True,
                       "activations": "uint8",
                       "weights": "int8, 7-bit range [-64, 64]" if INT8_RECIPES[int8_recipe]["reduce_range"] else "int8",
+                      "bias_correction": INT8_RECIPES[int8_recipe]["bias_correction"],
                       "calibration": "MinMax", "calibration_images": int(sum(len(b) for b in batches)),
                       "saturation_safe": all(c["saturation_safe"] for c in checks.values()),
                       "files": {files[k]: c for k, c in checks.items()}, "validated_on": validated},

@@ -94,7 +94,8 @@ def test_manifest_records_recipe_weight_range_and_cpu_flags(exported):
     from flowers.export import DEFAULT_INT8_RECIPE, cpu_flags, int8_weight_check
 
     q = json.loads((exported / "flowers_model.json").read_text())["quantization"]
-    assert q["recipe"] == DEFAULT_INT8_RECIPE == "u8s8_7bit" and q["activations"] == "uint8"
+    assert q["recipe"] == DEFAULT_INT8_RECIPE == "u8s8_7bit_bc" and q["activations"] == "uint8"
+    assert q["bias_correction"] is True
     # safe by construction, and checked on the written files: 7-bit weights, so 2 x 255 x 64 <= 32767
     assert q["saturation_safe"] is True
     for f in ("model_int8.onnx", "model_dynamic_int8.onnx"):
@@ -193,3 +194,68 @@ def test_cpu_flags_from_cpuinfo():
     assert cpu_flags("", "x86_64")["known"] is False
     here = cpu_flags()  # this machine: whatever it is, the line says it
     assert {"cpu", "arch", "flags", "known", "vnni"} <= set(here) and describe_cpu(here)
+
+
+def _two_conv_model(path, rng):
+    """X (N,4,6,6) -> grouped 1x1 Conv with bias -> 3x3 Conv without bias (padded): a bias-correction probe."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w1 = rng.normal(0, 0.1, (6, 2, 1, 1)).astype(np.float32)
+    w1[:, 0, 0, 0] = 1.0  # one large weight per channel: a coarse 7-bit grid, so rounding matters
+    w2 = rng.normal(0, 0.1, (3, 6, 3, 3)).astype(np.float32)
+    w2[:, 0, 0, 0] = 1.0
+    b1 = rng.normal(0, 0.1, 6).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], group=2),
+             helper.make_node("Conv", ["h", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
+                               numpy_helper.from_array(w2, "w2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _run_with_rounded_weights(path, x, rounded: bool):
+    """Outputs of both convs, with every conv weight rounded to the 7-bit per-channel grid (as the
+    quantizer will) or as stored."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        if init.name in ("w1", "w2") and rounded:
+            w = numpy_helper.to_array(init).astype(np.float64)
+            s = np.abs(w.reshape(len(w), -1)).max(1).reshape(-1, 1, 1, 1) / 64
+            init.CopyFrom(numpy_helper.from_array((np.clip(np.round(w / s), -64, 64) * s).astype(np.float32), init.name))
+    model.graph.output.append(helper.make_empty_tensor_value_info("h"))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(["h", "y"], {"x": x})
+
+
+def test_bias_correction_removes_the_mean_shift_of_7bit_weights(tmp_path):
+    """With weights on the 7-bit grid, the corrected model's mean output per channel equals the fp32
+    model's (a grouped 1x1 conv: exactly, up to float error); uncorrected, it is off. The second conv
+    (3x3, padded: the mean is then approximate) gets the bias it lacked, and its mean error shrinks.
+    A no-op or sign-flipped correction fails."""
+    from flowers.export import bias_correct_7bit
+
+    rng = np.random.default_rng(0)
+    src = _two_conv_model(tmp_path / "fp32.onnx", rng)
+    x = (rng.random((32, 4, 6, 6)) * 2 + 1).astype(np.float32)  # inputs with a clearly non-zero mean
+    batches = [x[:16], x[16:]]
+    fixed = bias_correct_7bit(src, tmp_path / "bc.onnx", batches)
+    h_ref, y_ref = _run_with_rounded_weights(src, x, rounded=False)
+    h_raw, y_raw = _run_with_rounded_weights(src, x, rounded=True)
+    h_bc, _ = _run_with_rounded_weights(fixed, x, rounded=True)
+    mean = lambda a: a.astype(np.float64).mean(axis=(0, 2, 3))
+    shift_raw = np.abs(mean(h_raw) - mean(h_ref))
+    assert shift_raw.max() > 1e-3  # the probe's rounding does shift the mean
+    np.testing.assert_allclose(mean(h_bc), mean(h_ref), atol=1e-5)
+    import onnx
+    conv2 = [n for n in onnx.load(str(fixed)).graph.node if n.op_type == "Conv"][1]
+    assert len(conv2.input) == 3 and conv2.input[2]  # a bias was added where there was none
+    # the second conv's correction uses the fp32 means of its input
+    _, y_bc = _run_with_rounded_weights(fixed, x, rounded=True)
+    assert np.abs(mean(y_bc) - mean(y_ref)).max() < 0.5 * np.abs(mean(y_raw) - mean(y_ref)).max()

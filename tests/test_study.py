@@ -135,7 +135,7 @@ def test_distill_stage_registers_the_student_and_serve_answers_from_the_registry
     assert mv.tags["gate.decision"] == "first" and mv.tags["flowers.kind"] == "onnx"
     assert mv.tags["lineage.parents"] == "flowers-ensemble/1"
     run = client.get_run(mv.run_id)
-    assert run.data.tags["flowers.key"] == "l5-distill" and run.data.tags["int8_recipe"] == "u8s8_7bit"
+    assert run.data.tags["flowers.key"] == "l5-distill" and run.data.tags["int8_recipe"] == "u8s8_7bit_bc"
     assert {"int8_test_top1", "test_top1", "latency_int8_p50_ms"} <= set(run.data.metrics)
     assert "artifacts/test_per_image_fp32.json" in {a.path for a in client.list_artifacts(mv.run_id, "artifacts")}
 

@@ -15,9 +15,10 @@ def register(sub) -> None:
     p.add_argument("--calibration-size", type=int, default=256, help="number of training images for calibration")
     p.add_argument("--threshold", type=float, help="uncertainty (normalized entropy) threshold to store")
     p.add_argument("--int8-recipe", default=None,
-                   help="weight quantization: u8s8_7bit (default: 7-bit weights, cannot saturate on x86 CPUs "
-                        "without VNNI), u8s8 (full 8-bit weights: without VNNI exact only through ONNX Runtime's "
-                        "slower u8 x u8 kernels) or u8u8 (uint8 weights; ONNX Runtime runs them far slower)")
+                   help="weight quantization: u8s8_7bit_bc (default: 7-bit weights, which cannot saturate on x86 "
+                        "CPUs without VNNI, with bias correction), u8s8_7bit (the same without bias correction), "
+                        "u8s8 (full 8-bit weights: without VNNI exact only through ONNX Runtime's slower u8 x u8 "
+                        "kernels) or u8u8 (uint8 weights; ONNX Runtime runs them far slower)")
     p.set_defaults(func=run, heavy=True)
 
 
