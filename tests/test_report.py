@@ -118,7 +118,7 @@ def test_report_from_a_real_study(small_study):
     text = outcome.report.read_text()
     assert "## L2 ablation grid" in text and "| l1 |" in text
     assert "## L4 ensemble" in text and "member l1" in text  # ensemble ran over l1 + l3
-    assert "## L5 student" in text and "| student INT8 (static) |" in text and "INT8 recipe `u8s8_7bit`" in text
+    assert "## L5 student" in text and "| student INT8 (static) |" in text and "INT8 recipe `u8s8_7bit_bc`" in text
     assert (outcome.report.parent / "ablation.png").is_file()
     # per-image results read back from MLflow: the comparisons have numbers (L2 is not a level here)
     assert "| L2 vs L1 | not run" in text
