@@ -18,12 +18,12 @@ first, and 255 x 127 x 2 = 64,770 does not fit in 32,767. The default recipe, `u
 quantizes weights to 7 bits (`reduce_range`: [-64, 64]), so a pair is at most 255 x 64 x 2 =
 32,640 and cannot saturate on any x86 CPU, in any runtime: safe by construction, checked on the
 written file (`int8_weight_check`). The coarser weights cost accuracy; bias correction (each
-convolution's bias absorbs the expected shift of its weights' rounding) wins it back. The manifest's `quantization` block records the recipe, that
-check, and the CPU flags of the machine that exported and validated the model. `load_onnx`
-inspects the file: an INT8 model with full 8-bit weights (recipe `u8s8`, or exported before the
-7-bit default) on an x86 CPU without VNNI logs one warning, carries it in `meta["warnings"]`, and
-gets ONNX Runtime's `session.x64quantprecision`, which keeps it exact through slower u8 x u8
-kernels. Only then: that option also switches 8-bit models to the slow kernels on VNNI CPUs.
+convolution's bias absorbs the expected shift of its weights' rounding) wins it back. The
+manifest's `quantization` block records the recipe, that check, and the CPU flags of the machine
+that exported and validated the model. `load_onnx` inspects the file: an INT8 model with full
+8-bit weights (recipe `u8s8`, or exported before the 7-bit default) on an x86 CPU without VNNI
+logs one warning, carries it in `meta["warnings"]`, and gets ONNX Runtime's
+`session.x64quantprecision`, which keeps it exact through slower u8 x u8 kernels. Only then: that option also switches 8-bit models to the slow kernels on VNNI CPUs.
 
 Class names, preprocessing and the uncertainty threshold are also embedded in each ONNX file's
 metadata, so the file alone is enough. Loading without this package (numpy, Pillow, onnxruntime)::
