@@ -23,7 +23,8 @@ manifest's `quantization` block records the recipe, that check, and the CPU flag
 that exported and validated the model. `load_onnx` inspects the file: an INT8 model with full
 8-bit weights (recipe `u8s8`, or exported before the 7-bit default) on an x86 CPU without VNNI
 logs one warning, carries it in `meta["warnings"]`, and gets ONNX Runtime's
-`session.x64quantprecision`, which keeps it exact through slower u8 x u8 kernels. Only then: that option also switches 8-bit models to the slow kernels on VNNI CPUs.
+`session.x64quantprecision`, which keeps it exact through slower u8 x u8 kernels. Only then: that
+option also switches 8-bit models to the slow kernels on VNNI CPUs.
 
 Class names, preprocessing and the uncertainty threshold are also embedded in each ONNX file's
 metadata, so the file alone is enough. Loading without this package (numpy, Pillow, onnxruntime)::
@@ -255,12 +256,14 @@ def _recipe(name: str) -> dict[str, Any]:
     return INT8_RECIPES[name]
 
 
-def conv_input_means(model_path: Path, batches: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-    """Per-channel mean of every Conv input (over images and positions) of an fp32 ONNX model."""
+def conv_input_means(graph: Any, batches: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-channel mean of every Conv input (over images and positions) of an fp32 ONNX model
+    (an `onnx.ModelProto`, left unchanged)."""
     import onnx
     import onnxruntime as ort
 
-    model = onnx.load(str(model_path))
+    model = onnx.ModelProto()
+    model.CopyFrom(graph)  # the probe's extra outputs go on a copy
     inits = {i.name for i in model.graph.initializer}
     wanted = sorted({n.input[0] for n in model.graph.node if n.op_type == "Conv" and n.input[1] in inits})
     outputs = {o.name for o in model.graph.output}
@@ -296,8 +299,8 @@ def bias_correct_7bit(fp32: Path, out: Path, batches: Sequence[np.ndarray]) -> P
     import onnx
     from onnx import numpy_helper
 
-    means = conv_input_means(fp32, batches)
     model = onnx.load(str(fp32))
+    means = conv_input_means(model, batches)
     inits = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type != "Conv" or node.input[1] not in inits:
