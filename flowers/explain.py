@@ -1,4 +1,4 @@
-"""Interpretability: Grad-CAM (pytorch-grad-cam) and L3's own attention map, as PNG grids.
+"""Interpretability: Grad-CAM (autograd hooks, no extra package) and L3's own attention map, as PNG grids.
 
 Grad-CAM targets `FlowerNet.gradcam_layer()` (the backbone's last conv block) of any
 checkpoint model (L1–L3, the student's best.pt) or of each member of an ensemble. Attention
@@ -40,16 +40,37 @@ def explainable_modules(model: LoadedModel) -> list[tuple[str, torch.nn.Module, 
 
 
 def gradcam_maps(module: torch.nn.Module, images: torch.Tensor, targets: Sequence[int] | None = None) -> np.ndarray:
-    """Grad-CAM heatmaps (N, H, W) in [0, 1] for uint8 NCHW `images`; targets default to the predicted class."""
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    """Grad-CAM heatmaps (N, H, W) in [0, 1] for uint8 NCHW `images`; targets default to the predicted class.
 
+    Selvaraju et al.'s recipe on `module.net.gradcam_layer()`: the layer's activations weighted by the
+    spatial mean of the target logit's gradient, ReLU, upsampled to the image, scaled per image to [0, 1].
+    Plain autograd hooks, so the core needs neither OpenCV nor the grad-cam package.
+    """
     module = module.eval()
-    x = images.float()  # the module normalizes 0..255 floats itself
-    tg = None if targets is None else [ClassifierOutputTarget(int(t)) for t in targets]
-    with torch.enable_grad(), GradCAM(model=module, target_layers=[module.net.gradcam_layer()]) as cam:
-        maps = cam(input_tensor=x, targets=tg)
-    return np.clip(np.nan_to_num(maps.astype(np.float32)), 0.0, 1.0)
+    layer = module.net.gradcam_layer()
+    saved: dict[str, torch.Tensor] = {}
+
+    def keep(_mod, _inp, out):
+        saved["act"] = out
+        out.register_hook(lambda g: saved.__setitem__("grad", g))
+
+    handle = layer.register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            x = images.float().requires_grad_(True)  # the module normalizes 0..255 floats itself
+            logits = module(x)
+            idx = logits.argmax(dim=1) if targets is None else torch.as_tensor(list(targets), dtype=torch.long)
+            module.zero_grad(set_to_none=True)
+            logits.gather(1, idx.view(-1, 1)).sum().backward()
+    finally:
+        handle.remove()
+    act, grad = saved["act"].detach(), saved["grad"].detach()
+    cam = F.relu((grad.mean(dim=(2, 3), keepdim=True) * act).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    lo = cam.amin(dim=(1, 2), keepdim=True)
+    cam = cam - lo
+    cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-7)
+    return np.clip(np.nan_to_num(cam.cpu().numpy().astype(np.float32)), 0.0, 1.0)
 
 
 @torch.inference_mode()
@@ -66,12 +87,15 @@ def attention_maps(module: torch.nn.Module, images: torch.Tensor) -> np.ndarray 
     return ((up - lo) / (hi - lo).clamp_min(1e-6)).cpu().numpy()
 
 
-def overlay(image: torch.Tensor, heat: np.ndarray) -> np.ndarray:
-    """uint8 CHW image + [0, 1] map → RGB uint8 HWC with a jet overlay."""
-    from pytorch_grad_cam.utils.image import show_cam_on_image
+def overlay(image: torch.Tensor, heat: np.ndarray, image_weight: float = 0.5) -> np.ndarray:
+    """uint8 CHW image + [0, 1] map → RGB uint8 HWC with a jet overlay (half image, half heat map)."""
+    from matplotlib import colormaps
 
-    rgb = image.permute(1, 2, 0).numpy().astype(np.float32) / 255.0
-    return show_cam_on_image(rgb, heat, use_rgb=True)
+    rgb = image.permute(1, 2, 0).cpu().numpy().astype(np.float32) / 255.0
+    jet = colormaps["jet"](np.clip(heat, 0.0, 1.0))[..., :3].astype(np.float32)
+    mixed = (1.0 - image_weight) * jet + image_weight * rgb
+    mixed = mixed / max(float(mixed.max()), 1e-7)
+    return (mixed * 255.0).round().astype(np.uint8)
 
 
 def save_grid(images: torch.Tensor, panels: dict[str, np.ndarray | None], titles: Sequence[str], path: Path,

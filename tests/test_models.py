@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+import numpy as np
 import torch
 import torchvision
 
@@ -121,12 +122,20 @@ def test_attention_weighted_pooling_math() -> None:
 
 @pytest.mark.parametrize("name", ["resnet18", "attention_efficientnet_lite0"])
 def test_gradcam_runs(name: str) -> None:
-    from pytorch_grad_cam import GradCAM
+    from flowers.explain import gradcam_maps
 
-    model = build_model(name, num_classes=4).eval()
-    with GradCAM(model=model, target_layers=[model.gradcam_layer()]) as cam:
-        maps = cam(input_tensor=torch.randn(2, 3, 64, 64), targets=None)
+    class Wrapped(torch.nn.Module):  # the shape explain expects: uint8-range input, `.net.gradcam_layer()`
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x / 255.0)
+
+    model = Wrapped(build_model(name, num_classes=4)).eval()
+    maps = gradcam_maps(model, torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
     assert maps.shape == (2, 64, 64)
+    assert np.isfinite(maps).all() and maps.min() >= 0.0 and maps.max() <= 1.0
 
 
 def test_unknown_name() -> None:
