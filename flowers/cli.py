@@ -41,10 +41,44 @@ Data comes from data.root, $FLOWERS_DATA, or `flowers data download`.
 EPILOG = "Run `flowers COMMAND --help` for each command's options."
 
 
+def version_string() -> str:
+    """`flowers 0.1.0`, plus the git commit when the package runs from a checkout (editable install)."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    try:
+        text = f"flowers {version('flowers')}"
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        text = "flowers (not installed)"
+    root = Path(__file__).resolve().parents[1]
+    if (root / ".git").exists():
+        try:
+            rev = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=10"],
+                                 capture_output=True, text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            rev = ""
+        if rev:
+            text += f" (git {rev}, {root})"
+    return text
+
+
+class _VersionAction(argparse.Action):
+    """Like argparse's "version" action, but computes the string (a git call) only when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_string())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowers", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action=_VersionAction, help="print the version (and git commit) and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"flowers.commands.{name}").register(sub)
@@ -89,7 +123,12 @@ def main(argv: list[str] | None = None, allow_reexec: bool = False) -> int:
     try:
         return int(args.func(args) or 0)
     except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        if getattr(args, "json", False):  # scripts read stdout: keep it valid JSON on errors too
+            import json
+
+            print(json.dumps({"error": str(e)}))
+        else:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

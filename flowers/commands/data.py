@@ -13,6 +13,7 @@ def register(sub) -> None:
     v.add_argument("--root", help="dataset folder (default: $FLOWERS_DATA)")
     v.add_argument("--split", default="official", choices=["official", "random"])
     v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--json", action="store_true", help="print counts as JSON (errors as {\"error\": ...})")
     v.set_defaults(func=verify)
     y = s.add_parser("synth", help="write a tiny synthetic dataset in the VGG layout (tests, demos)")
     y.add_argument("root")
@@ -49,10 +50,25 @@ def download(args) -> int:
 
 
 def verify(args) -> int:
+    from pathlib import Path
+
     from flowers.data import load_vgg, make_split, resolve_data_root, verify_report
 
     ds = load_vgg(resolve_data_root(args.root))
     split = make_split(ds.labels, args.split, seed=args.seed, setid=ds.setid)
+    if getattr(args, "json", False):
+        import json
+
+        import numpy as np
+
+        per_class = {part: np.bincount(ds.labels[np.asarray(idx, dtype=np.int64)], minlength=ds.num_classes).tolist()
+                     for part, idx in split.items()}
+        print(json.dumps({"root": str(Path(ds.root).resolve()), "images": int(len(ds.labels)), "classes": int(ds.num_classes),
+                          "split": args.split, "seed": args.seed,
+                          "split_sizes": {k: int(len(v)) for k, v in split.items()},
+                          "class_names": list(ds.class_names), "per_class": per_class,
+                          "empty_classes": {k: [c for c, n in enumerate(v) if n == 0] for k, v in per_class.items()}}))
+        return 0
     print(verify_report(ds, split))
     return 0
 
