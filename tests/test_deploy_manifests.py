@@ -319,9 +319,10 @@ def test_dockerfile_builds_the_project_on_rays_image():
         f"deploy/Dockerfile: torch pins must equal the Makefile's {pins}"
     assert args.get("TORCH_INDEX_URL", "").endswith("/whl/cpu") and "TORCH_INDEX_URL" in torch_run, \
         "deploy/Dockerfile: torch from the CPU wheel index by default"
-    assert any(re.search(r"\bpip install (\S+ )*\.($|\s|&)", r) for r in FACTS["runs"]), "deploy/Dockerfile: no `pip install .`"
+    assert any(re.search(r"""\bpip install (\S+ )*["']?\.(\[[\w,]+\])?["']?($|\s|&)""", r) for r in FACTS["runs"]), \
+        "deploy/Dockerfile: no `pip install .`"
     copied = {c.rstrip("/").removeprefix("./") for c in FACTS["copies"]}
-    for need in [*package_dirs(), "configs", "pyproject.toml", "README.md"]:
+    for need in [*package_dirs(), "configs", "pyproject.toml", "README.md", "LICENSE"]:
         assert need in copied, f"deploy/Dockerfile: COPY {need} (pip install . or the jobs need it)"
     for k, v in GLIBC_TUNING.items():
         assert env.get(k) == v, f"deploy/Dockerfile: ENV {k}={v} (flowers.runtime.GLIBC_TUNING)"
