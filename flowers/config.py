@@ -251,11 +251,25 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+# the checkout this module runs from: its configs/ answer relative `configs/...` paths from any folder
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_config(path: str | Path) -> Path:
+    """`path` if it exists; a relative path that does not (e.g. `configs/study.yaml` typed in another folder)
+    falls back to the same path inside the project's checkout, so commands work from any working folder."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute():
+        return p
+    alt = PROJECT_ROOT / p
+    return alt if alt.is_file() else p
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping, following `base:` links; errors name the file."""
-    path = Path(path)
+    path = find_config(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path} (a path, or relative to this folder or to {PROJECT_ROOT})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

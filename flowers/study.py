@@ -26,7 +26,7 @@ def load_study(path: str | Path, profile: str | None = None,
 
     Returns the study and the folder its relative paths are relative to.
     """
-    path = Path(path)
+    path = C.find_config(path)
     data = C.read_yaml(path)
     trial_over = list(data.get("overrides") or [])
     for text in overrides or []:

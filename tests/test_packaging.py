@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -54,9 +55,18 @@ def test_wheel_installs_and_runs(tmp_path):
     and run the CLI from it: package data and the entry point are proven, not the checkout."""
     if not (REPO / ".git").exists():
         pytest.skip("needs the git checkout to list package data")
+    # build from a copy of the tree (tracked and new files, as git sees them): an in-place build would leave
+    # build/ and *.egg-info in the checkout
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "-C", str(REPO), "ls-files", "--cached", "--others", "--exclude-standard"],
+                           capture_output=True, text=True, check=True).stdout.split("\n")
+    for rel in filter(None, files):
+        if (REPO / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, src / rel)
     dist = tmp_path / "dist"
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                        str(dist), str(REPO)], capture_output=True, text=True)
+                        str(dist), str(src)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = dist.glob("flowers-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
