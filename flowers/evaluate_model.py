@@ -43,3 +43,50 @@ def evaluate_uri(uri: str, split: str = "test", data_root: str | None = None, co
                **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
     (out_dir / f"{split}_metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def model_name_for(uri: str) -> str:
+    """A short table name for a URI: the registered name, else the file or folder name."""
+    text = str(uri)
+    if text.startswith("models:/"):
+        return text[len("models:/"):].split("@")[0].split("/")[0]
+    return Path(text.rstrip("/")).name or text
+
+
+def evaluate_shifts(uri: str, shifts, data_root: str | None = None, config_path: str | None = None,
+                    out_dir: Path = Path("eval"), per_class: int | None = None, seed: int = 0,
+                    experiment: str | None = None, tracking_uri: str | None = None):
+    """The shift suite for one model URI (an ensemble with its members), optionally logged to MLflow
+    as one run of `experiment`, after everything has been scored and written."""
+    from flowers.evaluation.robustness import run_shift_suite
+
+    model = load_model(uri)  # fail early (bad URI, missing data config) before any scoring
+    data_cfg = data_config_for(model, config_path, data_root)
+    name = model_name_for(uri)
+    report = run_shift_suite({name: str(uri)}, shifts, data_cfg, Path(out_dir), per_class=per_class, seed=seed,
+                             progress=True)
+    if experiment:
+        log_suite(report, experiment, tracking_uri, {"model_uri": str(uri), "shifts": ",".join(s.label for s in shifts),
+                                                     "per_class": per_class, "seed": seed})
+    return report
+
+
+def log_suite(report, experiment: str, tracking_uri: str | None, params: dict[str, Any]) -> str:
+    """One MLflow run with the suite's params, each model's metrics (prefixed by its name) and files."""
+    from flowers import registry
+    from flowers import tracking as T
+
+    target = T.configure(registry.resolve_target(tracking_uri))
+    client = registry.client(target.tracking_uri)
+    exp_id = T.experiment_id(experiment, target)
+    run = client.create_run(exp_id, tags={"mlflow.runName": "shift-suite", "flowers.role": "robustness"})
+    for k, v in params.items():
+        client.log_param(run.info.run_id, k, "" if v is None else str(v))
+    for model, metrics in report.metrics.items():
+        for k, v in metrics.items():
+            client.log_metric(run.info.run_id, f"{model.replace('/', '_')}.{k}", float(v))
+    for f in report.files:
+        client.log_artifact(run.info.run_id, str(f), "shifts")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    log.info("shift suite logged to MLflow run %s (experiment %s)", run.info.run_id, experiment)
+    return run.info.run_id
