@@ -24,7 +24,7 @@ from flowers.checkpoint import (ModelLoadError, find_manifest, load_checkpoint, 
 from flowers.data import ImageDecodeError, open_image
 from flowers.data.transforms import Normalize, Preprocessing, eval_transform, resize_crop
 from flowers.runtime import progress_bar
-from flowers.uncertainty import normalized_entropy
+from flowers.uncertainty import flags, temperature_scale
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +209,8 @@ class Predictor:
         self.transform = model.transform()
         thr = threshold if threshold is not None else model.meta.get("uncertainty_threshold")
         self.threshold = float(thr) if thr is not None else DEFAULT_UNCERTAINTY_THRESHOLD
+        # the temperature fitted on validation with the threshold (flowers.uncertainty); 1: none stored
+        self.temperature = float(model.meta.get("uncertainty_temperature") or 1.0)
 
     @classmethod
     def from_uri(cls, uri: str | Path, device: str = "cpu", threshold: float | None = None) -> "Predictor":
@@ -229,18 +231,19 @@ class Predictor:
     def format(self, probs: np.ndarray, top_k: int = 5) -> list[dict[str, Any]]:
         """One result dict per probability row."""
         k = max(1, min(top_k, probs.shape[1]))
-        ent = normalized_entropy(probs)
+        probs = temperature_scale(probs, self.temperature)
+        ent, flagged = flags(probs, self.threshold)
         order = np.argsort(-probs, axis=1)[:, :k]
         names = self.model.class_names
         out = []
-        for row, idx, h in zip(probs, order, ent):
+        for row, idx, h, f in zip(probs, order, ent, flagged):
             out.append({
                 "label": int(idx[0]),
                 "name": names[idx[0]],
                 "confidence": float(row[idx[0]]),
                 "top_k": [{"label": int(i), "name": names[i], "probability": float(row[i])} for i in idx],
                 "entropy": float(h),
-                "uncertain": bool(h > self.threshold),
+                "uncertain": bool(f),
             })
         return out
 

@@ -25,6 +25,67 @@ def normalized_entropy(probs: np.ndarray) -> np.ndarray:
     return (-(p * np.log(p)).sum(-1) / np.log(k)).astype(np.float32)
 
 
+SCORES = ("entropy", "msp", "energy")
+FLAG_RATE = 0.05  # the share of in-distribution validation images a stored threshold may flag
+
+
+def temperature_scale(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Softmax probabilities at temperature T, from probabilities: softmax(log p / T) (log p is the
+    logits up to a per-row constant, so this is exact for one network and the usual recipe for a vote)."""
+    if temperature == 1.0:
+        return np.asarray(probs, dtype=np.float32)
+    z = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)) / temperature
+    z -= z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray, grid: np.ndarray | None = None) -> float:
+    """The temperature that minimizes validation NLL (a 1-D search over a log grid; no gradients needed)."""
+    grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 121)) if grid is None else grid
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) == 0:
+        return 1.0
+    rows = np.arange(len(labels))
+
+    def nll(t: float) -> float:
+        return float(-np.log(np.clip(temperature_scale(probs, t)[rows, labels], 1e-12, 1.0)).mean())
+
+    return float(min(grid, key=nll))
+
+
+def uncertainty_score(probs: np.ndarray, kind: str = "entropy", logits: np.ndarray | None = None) -> np.ndarray:
+    """Higher = less sure. `entropy`: normalized entropy; `msp`: 1 - max softmax probability;
+    `energy`: -logsumexp(logits) (needs logits: a network's, not a vote's or a probability graph's)."""
+    if kind == "entropy":
+        return normalized_entropy(probs).astype(np.float64)
+    if kind == "msp":
+        return 1.0 - np.asarray(probs, dtype=np.float64).max(-1)
+    if kind == "energy":
+        if logits is None:
+            raise ValueError("the energy score needs logits")
+        z = np.asarray(logits, dtype=np.float64)
+        m = z.max(-1)
+        return -(m + np.log(np.exp(z - m[:, None]).sum(-1)))
+    raise ValueError(f"uncertainty score must be one of {', '.join(SCORES)}, got {kind!r}")
+
+
+def threshold_at_flag_rate(scores: np.ndarray, rate: float = FLAG_RATE) -> float:
+    """The smallest threshold that flags (score > threshold) at most `rate` of `scores`."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    if len(s) == 0:
+        return float("inf")
+    n_keep = int(np.ceil((1.0 - rate) * len(s)))
+    return float(s[max(n_keep, 1) - 1])
+
+
+def flags(probs: np.ndarray, threshold: float, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(normalized entropy, flagged) of probabilities under a model's stored rule: the one place that
+    decides `uncertain` (the predictor, Serve, scoring and the shift suite call it)."""
+    ent = normalized_entropy(temperature_scale(probs, temperature) if temperature != 1.0 else probs)
+    return ent, ent > threshold
+
+
 def choose_threshold(probs: np.ndarray, labels: np.ndarray, policy: str = "coverage", target: float = 0.9) -> float:
     """Entropy threshold from validation predictions.
 

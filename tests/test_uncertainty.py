@@ -64,3 +64,35 @@ def test_ood_report_separates_confident_model_from_noise(tmp_path):
     assert rep["ood_entropy_auroc"] == 1.0 and rep["ood_flagged"] == 1.0 and rep["in_dist_flagged"] == 0.0
     path = U.plot_risk_coverage({"m": U.risk_coverage(in_dist, np.zeros(10, int))}, tmp_path / "rc.png", 0.9)
     assert path.stat().st_size > 0
+
+
+def test_temperature_scaling_fits_an_overconfident_model_and_lowers_ece():
+    from flowers.evaluate import expected_calibration_error
+
+    rng = np.random.default_rng(3)
+    n, k = 2000, 10
+    logits = rng.normal(0, 2, (n, k))
+    true_p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(k, p=row) for row in true_p])  # labels drawn from the true probabilities
+    over = U.temperature_scale(true_p, 1 / 3)  # 3x sharper than the truth: overconfident
+    assert np.allclose(U.temperature_scale(true_p, 1.0), true_p, atol=1e-6)
+    t = U.fit_temperature(over, labels)
+    assert 2.4 < t < 3.6
+    assert expected_calibration_error(U.temperature_scale(over, t), labels) < 0.5 * expected_calibration_error(over, labels)
+
+
+def test_scores_and_the_flag_rate_threshold():
+    p = np.array([[0.9, 0.05, 0.05], [0.4, 0.3, 0.3], [1 / 3, 1 / 3, 1 / 3]])
+    assert np.allclose(U.uncertainty_score(p, "msp"), [0.1, 0.6, 2 / 3])
+    assert np.argsort(U.uncertainty_score(p, "entropy")).tolist() == [0, 1, 2]
+    z = np.array([[5.0, 0, 0], [1.0, 0, 0]])
+    assert U.uncertainty_score(None, "energy", logits=z)[0] < U.uncertainty_score(None, "energy", logits=z)[1]
+    with pytest.raises(ValueError, match="logits"):
+        U.uncertainty_score(p, "energy")
+    scores = np.arange(100, dtype=float)
+    thr = U.threshold_at_flag_rate(scores, 0.05)
+    assert (scores > thr).mean() == pytest.approx(0.05)
+    ent, flagged = U.flags(p, threshold=0.5)
+    assert flagged.tolist() == [False, True, True]
+    _, hot = U.flags(p, threshold=0.5, temperature=0.1)  # sharper: the 0.4 row is now sure enough
+    assert hot.tolist() == [False, False, True]
