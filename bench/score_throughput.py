@@ -192,7 +192,7 @@ def cluster_nodes(args, uri: str, paths: list[str], src: Path, tmp: Path) -> dic
     import subprocess
 
     from flowers import storage
-    from flowers.scoring import read_dataset
+    from flowers.scoring.sinks import read_dataset
     from jobs import testcluster as TC
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still stops the cluster below

@@ -31,9 +31,12 @@ from ray.data.datasource import Datasource, ReadTask
 from flowers import registry, storage
 from flowers.config import ConfigError, ScoreConfig
 from flowers.registry import TrackingTarget
-from flowers.scoring import (ScorePlan, Scorer, ScoreSummary, by_filesystem, check_cluster_paths, commit_dataset,
-                             log_summary, plan_scoring, prepare_dataset, write_scores, write_summary)
-from flowers.scoring_io import read_objects
+from flowers.scoring.batch import Scorer
+from flowers.scoring.plan import ScorePlan, check_cluster_paths, plan_scoring
+from flowers.scoring.reader import read_objects
+from flowers.scoring.sinks import commit_dataset, prepare_dataset, write_scores
+from flowers.scoring.sources import by_filesystem
+from flowers.scoring.summary import ScoreSummary, log_summary, write_summary
 from jobs import cluster, entry
 from jobs.options import add_score_arguments, score_settings
 from jobs.parts import PartNames

@@ -138,11 +138,12 @@ def test_importing_every_library_module_has_no_side_effects(tmp_path):
 
 
 def test_modules_that_ray_data_tasks_unpickle_stay_light():
-    """Scoring's read and write tasks unpickle `flowers.scoring_io.read_objects` and `jobs.parts.PartNames`;
+    """Scoring's read and write tasks unpickle `flowers.scoring.reader.read_objects` and `jobs.parts.PartNames`;
     Ray often runs them in fresh workers, where importing torch or MLflow would cost seconds each."""
-    code = ("import sys, pickle, jobs.parts, flowers.scoring_io\n"
+    code = ("import sys, pickle, jobs.parts, flowers.scoring.reader\n"
             "pickle.loads(pickle.dumps(jobs.parts.PartNames()))\n"
-            "heavy = sorted(m for m in ('torch', 'mlflow', 'torchvision', 'flowers.scoring', 'jobs.score') "
+            "heavy = sorted(m for m in ('torch', 'mlflow', 'torchvision', 'flowers.scoring.batch', "
+            "'flowers.scoring.plan', 'jobs.score') "
             "if m in sys.modules)\n"
             "assert not heavy, heavy\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)

@@ -15,7 +15,9 @@ from PIL import Image
 
 from flowers.config import ConfigError, ScoreConfig
 from flowers.data import DataError
-from flowers.scoring import SCHEMA, Scorer, plan_scoring
+from flowers.scoring.batch import Scorer
+from flowers.scoring.plan import plan_scoring
+from flowers.scoring.schema import SCHEMA
 from jobs.score import score_folders
 
 REPO = Path(__file__).resolve().parents[1]
@@ -271,7 +273,7 @@ def test_plan_reads_metadata_only_and_names_the_model_as_the_scorer_does(kind, o
 
 def test_write_scores_is_atomic(folder, trained_checkpoint, tmp_path):
     """Rows stream into a temp file renamed at the end; a failure midway leaves no output and no temp file."""
-    from flowers.scoring import write_scores
+    from flowers.scoring.sinks import write_scores
 
     out = tmp_path / "w.parquet"
     plan = plan_scoring([folder["root"]], str(trained_checkpoint), out, ScoreConfig(top_k=2, progress=False))

@@ -112,7 +112,8 @@ def _check_once(out: str, inputs: list[str]) -> dict:
     import pyarrow.parquet as pq
 
     from flowers import storage
-    from flowers.scoring import MANIFEST, read_dataset
+    from flowers.scoring.schema import MANIFEST
+    from flowers.scoring.sinks import read_dataset
 
     manifest = json.loads(storage.read_bytes(f"{out}/{MANIFEST}"))
     fs, path = storage.filesystem(out)

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from flowers.config import ScoreConfig
-from flowers.scoring import MANIFEST, SUMMARY, read_dataset
+from flowers.scoring.schema import MANIFEST, SUMMARY
+from flowers.scoring.sinks import read_dataset
 from jobs.score import score_folders
 
 pytestmark = pytest.mark.slow
@@ -147,7 +148,7 @@ def test_object_storage_in_and_out_with_summary_run(trained_checkpoint, ray_sess
     # bad input on object storage: one-line errors, nothing written
     from flowers.config import ConfigError
     from flowers.data import DataError
-    from flowers.scoring import list_inputs
+    from flowers.scoring.sources import list_inputs
 
     s3.put_object(Bucket="flowers", Key="lists/empty.txt", Body=b"# nothing\n")
     for src, msg in [("s3://flowers/no-such-prefix", "nothing at s3://flowers/no-such-prefix"),

@@ -15,8 +15,11 @@ from PIL import Image
 from flowers import storage
 from flowers.config import ConfigError, ScoreConfig
 from flowers.data import DataError
-from flowers.scoring import (MANIFEST, Scorer, ScorePlan, by_filesystem, check_cluster_paths, error_rows,
-                             list_inputs, output_state, plan_scoring, read_objects)
+from flowers.scoring.batch import Scorer
+from flowers.scoring.plan import ScorePlan, check_cluster_paths, output_state, plan_scoring
+from flowers.scoring.reader import read_objects
+from flowers.scoring.schema import MANIFEST, error_rows
+from flowers.scoring.sources import by_filesystem, list_inputs
 from jobs.score import plan_resources
 
 

@@ -1,8 +1,8 @@
 """Batch scoring's reader and part names, on their own so that Ray Data read and write tasks stay
 light: unpickling one imports this module (pyarrow and `flowers.storage`), not torch or MLflow, so a
 task worker holds about 100 MB and starts in a fraction of a second instead of the ~1 GB and ~5 s
-that importing `flowers.scoring` or `jobs.score` costs (Ray starts a fresh worker for many of these
-tasks when a node's CPUs are held by the scoring actors). `flowers.scoring` re-exports both."""
+that importing the rest of `flowers.scoring` or `jobs.score` costs (Ray starts a fresh worker for many of
+these tasks when a node's CPUs are held by the scoring actors)."""
 from __future__ import annotations
 
 from typing import Any, Sequence
