@@ -278,8 +278,9 @@ def _start_postgres(state_dir: Path, port: int) -> dict:
                   "start"], f"PostgreSQL on port {port}", cwd=pg, log_path=server_log)
     pid = int((data / "postmaster.pid").read_text().split()[0])
     st = _proc_stat(pid)
-    _run([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "flowers", "mlflow"],
-         "createdb mlflow", env={**os.environ, "PGPASSWORD": password})
+    for db in ("mlflow", "queue"):  # MLflow's store, and the job queue's (jobs/queue/store.py)
+        _run([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "flowers", db],
+             f"createdb {db}", env={**os.environ, "PGPASSWORD": password})
     return {"pid": pid, "start": st[2] if st else 0, "log": str(server_log), "port": port, "data": str(data),
             "run_as": "postgres" if as_pg else "", "uri": f"postgresql://flowers:{password}@127.0.0.1:{port}/mlflow"}
 
@@ -403,7 +404,26 @@ def client_env(state: dict) -> dict[str, str]:
     return {"RAY_ADDRESS": f"127.0.0.1:{state['head']['gcs_port']}",
             "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{state['head']['dashboard_port']}",
             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state["token_path"], "RAY_AUTH_TOKEN": token,
-            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{state['mlflow']['port']}", **storage_env(state)}
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{state['mlflow']['port']}",
+            "FLOWERS_QUEUE_URL": queue_url(state), **storage_env(state)}
+
+
+def queue_url(state: dict) -> str:
+    """The job queue's store: the `queue` database of the cluster's PostgreSQL."""
+    return state["postgres"]["uri"].rsplit("/", 1)[0] + "/queue"
+
+
+def _start_dispatcher(state: dict, generation: int = 0) -> dict:
+    """The queue's dispatcher (jobs/queue/dispatcher.py) as a process of its own, next to the head."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k not in DRIVER_ONLY_ENV}
+    env.update(client_env(state))
+    cmd = [sys.executable, "-m", "jobs.queue.dispatcher", "--address", env["RAY_API_SERVER_ADDRESS"],
+           "--store", queue_url(state)]
+    if state.get("queues_file"):
+        cmd += ["--queues", state["queues_file"]]
+    logs = Path(state["state_dir"]) / "logs"
+    return _launch(cmd, env, logs / f"dispatcher-{generation}.log", cwd=Path(__file__).resolve().parents[1]) | \
+        {"generation": generation}
 
 
 def _wait_nodes(state: dict, names: list[str], timeout: float = 90.0) -> dict[str, str]:
@@ -448,7 +468,7 @@ class TestCluster:
 
     # what runs
     def processes(self) -> dict[str, dict]:
-        out = {k: self.state[k] for k in ("postgres", "moto", "mlflow", "head") if self.state.get(k)}
+        out = {k: self.state[k] for k in ("postgres", "moto", "mlflow", "head", "dispatcher") if self.state.get(k)}
         out.update(self.state.get("workers", {}))
         return out
 
@@ -526,6 +546,23 @@ class TestCluster:
         _wait("MLflow server", lambda: _http_ok(f"http://127.0.0.1:{port}/health"), timeout, rec)
         log.info("MLflow server back on :%d", port)
 
+    def kill_dispatcher(self) -> None:
+        """SIGKILL the queue's dispatcher (a crash: no lease released, nothing cleaned up)."""
+        rec = self.state.get("dispatcher")
+        if rec and alive(rec):
+            _signal_session(rec["pid"], signal.SIGKILL)
+            _wait_gone([rec["pid"]], 10.0)
+        log.info("dispatcher killed")
+
+    def start_dispatcher(self) -> None:
+        """Start the dispatcher again; it takes the lease once the dead one's has expired."""
+        old = self.state.get("dispatcher") or {}
+        if alive(old):
+            raise ClusterError("the dispatcher is still running: kill_dispatcher() first")
+        self.state["dispatcher"] = _start_dispatcher(self.state, old.get("generation", 0) + 1)
+        self.save()
+        log.info("dispatcher started again (pid %d)", self.state["dispatcher"]["pid"])
+
     def _worker(self, name: str) -> dict:
         if name not in self.state.get("workers", {}):
             raise ClusterError(f"no worker {name!r}: this cluster has {self.workers}")
@@ -552,12 +589,13 @@ class TestCluster:
 def up(state_dir: str | Path | None = None, workers: int = 2, cpus_per_worker: float = 1, gpus_per_worker: int = 0,
        masks: list[str | Path] | None = None, workdir: str | Path | None = None,
        object_store_mb: int = 300, head_object_store_mb: int = 100, node_env: dict[str, str] | None = None,
-       timeout: float = 120.0, pin_cpus: bool = False) -> TestCluster:
+       timeout: float = 120.0, pin_cpus: bool = False, queues: str | Path | None = None) -> TestCluster:
     """Start the cluster (PostgreSQL, S3, MLflow, Ray head + `workers` nodes); see the module docstring.
 
     `masks` None means `default_masks(workdir)`; [] starts workers without a mount namespace.
     `node_env`: extra variables for every node (Serve's front, Ray settings like RAY_health_check_*).
     `pin_cpus`: each worker node's processes on one core of their own (`taskset`; benches).
+    `queues`: the job queues' YAML for the dispatcher (jobs/queue/config.py; None: only `default`).
     Refuses when a cluster from `state_dir` still runs. On any failure, stops what it started.
     """
     sd = Path(state_dir or default_state_dir()).absolute()
@@ -580,7 +618,8 @@ def up(state_dir: str | Path | None = None, workers: int = 2, cpus_per_worker: f
              "worker_spec": {"cpus": cpus_per_worker, "gpus": gpus_per_worker, "object_store_mb": object_store_mb,
                              "pin_cpus": pin_cpus},
              "head_object_store_mb": head_object_store_mb, "node_env": dict(node_env or {}), "workers": {},
-             "node_ids": {}, "created": time.time()}
+             "node_ids": {}, "created": time.time(),
+             "queues_file": str(Path(queues).resolve()) if queues else None}
     cluster = TestCluster(sd, state)
     t0 = time.monotonic()
     try:
@@ -646,6 +685,8 @@ def _bring_up(cluster: TestCluster, names: list[str], timeout: float) -> None:
     cluster.save()
     log.info("Ray: head (dashboard :%d) + %d workers alive (%.1fs)", head["dashboard_port"], len(names),
              time.monotonic() - t0)
+    state["dispatcher"] = _start_dispatcher(state)
+    cluster.save()
     _wait("MLflow server", lambda: _http_ok(f"http://127.0.0.1:{mlflow_port}/health"), timeout, state["mlflow"])
     log.info("MLflow ready on PostgreSQL, artifacts to s3://%s/mlflow (%.1fs)", BUCKET, time.monotonic() - t0)
 

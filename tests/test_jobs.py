@@ -33,11 +33,12 @@ def test_auth_token_sources(tmp_path, monkeypatch):
 
 
 def test_entrypoint_address_and_runtime_env(monkeypatch):
+    # the job runs with the interpreter (and so the environment) flowers runs in, unless told otherwise
     assert J.entrypoint("study", ["--profile", "study-cpu", "--set", "a=b c"]) == \
-        "python -m jobs.study --profile study-cpu --set 'a=b c'"
-    assert J.entrypoint("score", []) == "python -m jobs.score"
-    assert J.entrypoint("tune", ["--param", "optim.lr=loguniform:1e-4:1e-2"]) == \
-        "python -m jobs.tune --param optim.lr=loguniform:1e-4:1e-2"
+        f"{sys.executable} -m jobs.study --profile study-cpu --set 'a=b c'"
+    assert J.entrypoint("score", [], python="python") == "python -m jobs.score"
+    assert J.entrypoint("tune", ["--param", "optim.lr=loguniform:1e-4:1e-2"], python="/opt/v env/bin/python") == \
+        "'/opt/v env/bin/python' -m jobs.tune --param optim.lr=loguniform:1e-4:1e-2"
     with pytest.raises(J.JobsError, match="unknown job"):
         J.entrypoint("nope")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

@@ -1,6 +1,6 @@
 """Subcommands of `flowers`; each module has `register(subparsers)`."""
 
-COMMAND_MODULES = ["train", "evaluate", "data", "predict", "score", "study", "tune", "ui", "submit", "jobs", "report", "models", "serve", "ensemble", "distill", "export", "explain", "cluster"]
+COMMAND_MODULES = ["train", "evaluate", "data", "predict", "score", "study", "tune", "ui", "submit", "jobs", "report", "models", "serve", "ensemble", "distill", "export", "explain", "cluster", "queues"]
 
 
 def add_config_args(p) -> None:

@@ -1,4 +1,5 @@
-"""`flowers cluster up|down|env|kill|restart`: the local multi-node test cluster (`jobs.testcluster`)."""
+"""`flowers cluster up|down|env|kill|restart`: the local multi-node test cluster (`jobs.testcluster`),
+with the job queue's dispatcher on its PostgreSQL."""
 from __future__ import annotations
 
 
@@ -16,6 +17,8 @@ def register(sub) -> None:
                    help="folder hidden on workers behind an empty read-only tmpfs (repeatable; default: "
                         "./.flowers ./runs ./mlruns $FLOWERS_DATA ../shared/flowers102)")
     p.add_argument("--no-mask", action="store_true", help="start workers without a mount namespace (no root needed)")
+    p.add_argument("--queues", metavar="YAML",
+                   help="job queues for the dispatcher `up` starts: name → max_running, priority (docs/queue.md)")
     p.add_argument("--node-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for every node (repeatable); inherited RAY_* variables are dropped")
     p.set_defaults(func=run)
@@ -29,12 +32,16 @@ def run(args) -> int:
 
     try:
         if args.action == "up":
+            if args.queues:
+                from jobs.queue.config import load_queues
+
+                load_queues(args.queues)  # a bad file: one line now, not a dispatcher that exits later
             bad = [kv for kv in args.node_env if "=" not in kv or kv.startswith("=")]
             if bad:
                 raise ConfigError(f"--node-env {bad[0]!r}: expected KEY=VALUE")
             cluster = T.up(args.state, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                            gpus_per_worker=args.gpus_per_worker, masks=[] if args.no_mask else args.mask,
-                           node_env=dict(kv.split("=", 1) for kv in args.node_env))
+                           node_env=dict(kv.split("=", 1) for kv in args.node_env), queues=args.queues)
             state = "" if args.state is None else f" --state {shlex.quote(str(cluster.state_dir))}"
             print(f"test cluster running; point a shell at it with: eval \"$(flowers cluster env{state})\"\n"
                   f"stop it with: flowers cluster down{state}")
