@@ -185,7 +185,10 @@ def test_packaged_weights_load_strict(name: str) -> None:
     loaded = model.backbone.state_dict()
 
     spec = model_spec(name)
-    pkg = models._packaged_path(spec.backbone, models._BACKBONES[spec.backbone])
+    from flowers.models.backbones import BACKBONES
+    from flowers.models.weights import packaged_path
+
+    pkg = packaged_path(spec.backbone, BACKBONES[spec.backbone])
     file_sd = torch.load(pkg, weights_only=True, map_location="cpu")
     expected = {k: v for k, v in file_sd.items() if not k.startswith("_fc.")}
     assert set(expected) == set(loaded)  # strict: every backbone tensor comes from the file
