@@ -91,7 +91,7 @@ def ensure_dispatcher(store: S.Store, addr: str) -> str | None:
     logf = Path(store.url.removeprefix("sqlite:///")).with_suffix(".log")
     with open(logf, "ab") as out:
         subprocess.Popen([sys.executable, "-m", "jobs.queue.dispatcher", "--address", addr, "--store", store.url,
-                          "--exit-if-taken"], cwd=REPO, stdin=subprocess.DEVNULL, stdout=out,
+                          "--exit-if-taken", "--idle-exit", "600"], cwd=REPO, stdin=subprocess.DEVNULL, stdout=out,
                          stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ))
     return f"started a dispatcher for {addr} (log: {logf})"
 

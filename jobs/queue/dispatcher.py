@@ -140,10 +140,13 @@ class Dispatcher:
                         history=json.dumps(history), reason=None)
         log.info("job %s %s: %s", job.id, status, message)
 
-    def run(self, poll_s: float = POLL_S, stop_after: float | None = None, exit_if_taken: bool = False) -> None:
-        """Pass after pass until killed (or `stop_after` seconds: tests, benches); with `exit_if_taken`,
-        return at once when another dispatcher holds the lease (one started on demand by a CLI call)."""
+    def run(self, poll_s: float = POLL_S, stop_after: float | None = None, exit_if_taken: bool = False,
+            idle_exit_s: float | None = None) -> None:
+        """Pass after pass until killed (or `stop_after` seconds: tests, benches). One started on demand by
+        a CLI call (`exit_if_taken`, `idle_exit_s`) returns when another dispatcher holds the lease, or
+        after `idle_exit_s` with nothing queued or running (the next submit starts one again)."""
         t_end = time.time() + stop_after if stop_after else None
+        busy_at = time.time()
         log.info("dispatcher %s on %s for %s", self.owner, S.redact(self.store.url), J.resolve_address(self.address))
         try:
             while t_end is None or time.time() < t_end:
@@ -151,6 +154,12 @@ class Dispatcher:
                     if not self.step() and exit_if_taken:
                         log.info("another dispatcher holds the lease: %s", self.store.lease()[0])
                         return
+                    if idle_exit_s is not None:
+                        if self.store.jobs([*S.QUEUED, *S.ACTIVE], limit=1):
+                            busy_at = time.time()
+                        elif time.time() - busy_at > idle_exit_s:
+                            log.info("nothing queued or running for %.0fs: exiting", idle_exit_s)
+                            return
                 except J.JobsError as e:  # Ray unreachable for a while (head restarting): keep the lease, retry
                     log.warning("pass skipped: %s", e)
                     self.store.take_lease(self.owner, LEASE_TTL_S)
@@ -191,6 +200,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queues", help="queues YAML (name → max_running, priority); written into the store")
     p.add_argument("--poll", type=float, default=POLL_S, help="seconds between passes")
     p.add_argument("--exit-if-taken", action="store_true", help="exit when another dispatcher holds the lease")
+    p.add_argument("--idle-exit", type=float, default=None, metavar="S",
+                   help="exit after S seconds with nothing queued or running (dispatchers started on demand)")
 
 
 def run(args: Any) -> int:
@@ -199,7 +210,8 @@ def run(args: Any) -> int:
     store = S.Store(S.resolve_url(args.store, address))
     if args.queues:
         store.set_queues(load_queues(args.queues))
-    Dispatcher(store, address).run(args.poll, exit_if_taken=args.exit_if_taken)
+    Dispatcher(store, address).run(args.poll, exit_if_taken=args.exit_if_taken,
+                                   idle_exit_s=getattr(args, "idle_exit", None))
     return 0
 
 
