@@ -38,8 +38,8 @@ from flowers import stats
 from flowers.checkpoint import load_checkpoint
 from flowers.data.bundle import build_data
 from flowers.data.transforms import Preprocessing
-from flowers.export import (DEFAULT_INT8_RECIPE, INT8_RECIPES, cpu_flags, describe_cpu, export_student, latency,
-                            load_variant)
+from flowers.export import DEFAULT_INT8_RECIPE, INT8_RECIPES, export_student
+from flowers.onnx_models import cpu_flags, describe_cpu, latency, load_variant
 from flowers.predict import predict_dataset
 from flowers.runtime import configure_torch_threads, cpu_share
 

@@ -26,7 +26,8 @@ import torch
 from flowers import config as C
 from flowers.checkpoint import save_checkpoint
 from flowers.data.transforms import Preprocessing
-from flowers.export import cpu_flags, describe_cpu, export_student, latency, load_variant
+from flowers.export import export_student
+from flowers.onnx_models import cpu_flags, describe_cpu, latency, load_variant
 from flowers.models import build_model, model_spec
 from flowers.predict import LoadedModel, load_model
 from flowers.runtime import configure_torch_threads, cpu_share

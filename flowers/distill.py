@@ -17,7 +17,8 @@ from flowers import config as C
 from flowers.checkpoint import PER_IMAGE, per_image_record, read_manifest, write_json
 from flowers.data.bundle import build_data
 from flowers.evaluate import compute_metrics, write_eval_artifacts
-from flowers.export import REGISTERED_NAME, export_student, latency, load_variant, sync_onnx_metadata
+from flowers.export import REGISTERED_NAME, export_student, sync_onnx_metadata
+from flowers.onnx_models import latency, load_variant
 from flowers.predict import LoadedModel, load_model, predict_dataset
 from flowers.stages import Explained, StageResult, stage_tail
 from flowers.tasks import DistillationTask

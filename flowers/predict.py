@@ -163,7 +163,7 @@ def load_torch_checkpoint(path: Path, manifest: dict, device: str) -> LoadedMode
 LOADERS: dict[str, str] = {
     "checkpoint": "flowers.predict:load_torch_checkpoint",
     "ensemble": "flowers.ensemble:load_ensemble",
-    "onnx": "flowers.export:load_onnx",
+    "onnx": "flowers.onnx_models:load_onnx",
 }
 
 

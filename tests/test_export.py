@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowers.export import export_student, load_variant
+from flowers.export import export_student
+from flowers.onnx_models import load_variant
 from flowers.predict import load_model
 
 
@@ -59,7 +60,7 @@ def test_int8_agrees_with_fp32(exported, trained_checkpoint, synth_root):
 
 def test_loads_in_fresh_process_without_flowers(exported, synth_root, tmp_path):
     """The module docstring's snippet, run by a plain interpreter that cannot import flowers."""
-    import flowers.export as E
+    import flowers.onnx_models as E
 
     doc = E.__doc__
     snippet = doc[doc.index("    import json, numpy"):doc.index("(`tests/test_export.py`")]
@@ -91,7 +92,8 @@ VNNI = {"cpu": "Simulated Xeon", "arch": "x86_64", "flags": ["avx2", "avx512f", 
 
 
 def test_manifest_records_recipe_weight_range_and_cpu_flags(exported):
-    from flowers.export import DEFAULT_INT8_RECIPE, cpu_flags, int8_weight_check
+    from flowers.export import DEFAULT_INT8_RECIPE
+    from flowers.onnx_models import cpu_flags, int8_weight_check
 
     q = json.loads((exported / "flowers_model.json").read_text())["quantization"]
     assert q["recipe"] == DEFAULT_INT8_RECIPE == "u8s8_7bit_bc" and q["activations"] == "uint8"
@@ -123,16 +125,16 @@ def unsafe_int8(exported, tmp_path_factory):
 
 
 def _load_logged(path, manifest, caplog):
-    from flowers.export import load_onnx
+    from flowers.onnx_models import load_onnx
 
     caplog.clear()
-    with caplog.at_level("WARNING", logger="flowers.export"):
+    with caplog.at_level("WARNING", logger="flowers.onnx_models"):
         model = load_onnx(path, manifest, "cpu")
-    return model, [r for r in caplog.records if r.name == "flowers.export" and r.levelname == "WARNING"]
+    return model, [r for r in caplog.records if r.name == "flowers.onnx_models" and r.levelname == "WARNING"]
 
 
 def test_unsafe_int8_on_a_cpu_without_vnni_logs_one_line(exported, unsafe_int8, monkeypatch, caplog):
-    import flowers.export as E
+    import flowers.onnx_models as E
 
     manifest = json.loads((exported / "flowers_model.json").read_text())
     assert E.int8_weight_check(unsafe_int8)["max_abs_weight"] > 64
@@ -157,7 +159,7 @@ def test_unsafe_int8_on_a_cpu_without_vnni_logs_one_line(exported, unsafe_int8, 
 def test_exact_kernels_only_for_an_8bit_model_on_a_cpu_without_vnni(exported, unsafe_int8, monkeypatch):
     """ORT's session.x64quantprecision keeps an 8-bit model exact without VNNI, but also slows it
     down on VNNI CPUs: asked for exactly when the file can saturate on this CPU."""
-    import flowers.export as E
+    import flowers.onnx_models as E
 
     on = E.onnx_session(exported / "model_int8.onnx", precise=True).get_session_options()
     off = E.onnx_session(exported / "model_int8.onnx").get_session_options()
@@ -174,7 +176,7 @@ def test_exact_kernels_only_for_an_8bit_model_on_a_cpu_without_vnni(exported, un
 
 
 def test_unknown_or_non_x86_cpu_claims_nothing(unsafe_int8):
-    from flowers.export import int8_weight_check, saturation_warning
+    from flowers.onnx_models import int8_weight_check, saturation_warning
 
     check = int8_weight_check(unsafe_int8)
     assert saturation_warning(unsafe_int8, check, NO_VNNI)
@@ -183,7 +185,7 @@ def test_unknown_or_non_x86_cpu_claims_nothing(unsafe_int8):
 
 
 def test_cpu_flags_from_cpuinfo():
-    from flowers.export import cpu_flags, describe_cpu
+    from flowers.onnx_models import cpu_flags, describe_cpu
 
     avx2 = "processor\t: 0\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\n"
     info = cpu_flags(avx2, "x86_64")

@@ -27,7 +27,8 @@ def run(args) -> int:
     from flowers.checkpoint import load_checkpoint, read_manifest
     from flowers.data.bundle import build_data
     from flowers.data.transforms import Preprocessing
-    from flowers.export import DEFAULT_INT8_RECIPE, INT8_RECIPES, describe_cpu, export_student
+    from flowers.export import DEFAULT_INT8_RECIPE, INT8_RECIPES, export_student
+    from flowers.onnx_models import describe_cpu
 
     recipe = args.int8_recipe or DEFAULT_INT8_RECIPE
     if recipe not in INT8_RECIPES:
