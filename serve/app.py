@@ -18,10 +18,14 @@ from ray import serve
 from flowers.config import ServeAppConfig
 from flowers.runtime import worker_runtime_env
 from serve import config as serve_config
+from serve import web
 from serve.deployments import Ensemble, Student
+from serve.explainer import Explainer
 from serve.gate import with_version
 
-DEFAULT_ACTOR_OPTIONS = {"Ensemble": {"num_cpus": 1}, "Student": {"num_cpus": 1}}
+DEFAULT_ACTOR_OPTIONS = {"Ensemble": {"num_cpus": 1}, "Student": {"num_cpus": 1},
+                         # Grad-CAM on request, one at a time: reserves no CPU unless the config says so
+                         "Explainer": {"num_cpus": 0}}
 
 
 def with_runtime_env(opts: dict[str, Any]) -> dict[str, Any]:
@@ -51,7 +55,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
 
 def make_app(args: dict[str, Any] | None = None,
              deployment_options: dict[str, dict[str, Any]] | None = None) -> serve.Application:
-    """The app with `deployment_options`: a deployment name (Ensemble, Student) → `.options()`
+    """The app with `deployment_options`: a deployment name (Ensemble, Student, Explainer) → `.options()`
     keyword arguments."""
     a = serve_config.app_config(args)
     opts = {name: {"ray_actor_options": dict(DEFAULT_ACTOR_OPTIONS[name])} for name in DEFAULT_ACTOR_OPTIONS}
@@ -62,9 +66,13 @@ def make_app(args: dict[str, Any] | None = None,
     opts = {n: with_runtime_env(o) for n, o in opts.items()}
     ens_args = (a.ensemble_uri, a.tracking_uri, a.uncertainty_threshold)
     ens = _versioned(Ensemble, opts["Ensemble"], ens_args).bind(*ens_args)
-    # the handle is not part of the Student's version: a new ensemble URI rolls only the Ensemble
+    exp_args = (a.ensemble_uri, a.student_uri, a.tracking_uri)
+    exp = _versioned(Explainer, opts["Explainer"], exp_args).bind(*exp_args)
+    # the handles are not part of the Student's version: a new ensemble URI rolls only the Ensemble
+    # (and the Explainer); the static files of the page are (the Student serves them)
     stu_args = serve_config.to_args(a)
-    return _versioned(Student, opts["Student"], (a.student_uri, stu_args)).bind(a.student_uri, ens, stu_args)
+    return _versioned(Student, opts["Student"], (a.student_uri, stu_args, web.static_digest())).bind(
+        a.student_uri, ens, stu_args, exp)
 
 
 @dataclass

@@ -21,7 +21,8 @@ DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
 CLUSTER_CONFIG = Path(__file__).with_name("config.cluster.yaml")  # binds 0.0.0.0, ships the code, autoscales
 MAX_TOP_K = 102  # Flowers-102 has 102 classes
 # the files a replica runs: a change in any of them is new code for Serve (a rolling update)
-CODE_FILES = ("app.py", "deployments.py", "gate.py", "http.py", "metrics.py", "config.py")
+CODE_FILES = ("app.py", "deployments.py", "explainer.py", "gate.py", "http.py", "metrics.py", "config.py",
+              "schemas.py", "web.py")
 
 
 @dataclass

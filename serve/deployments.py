@@ -1,8 +1,10 @@
 """The two Serve deployments: a batched ensemble, and the INT8 student that is also the HTTP ingress.
 
     HTTP ─► Student  (FastAPI ingress: /v1/predict/{ensemble,student}, /v1/compare, /v1/models,
-            │         /healthz; @serve.batch over models:/flowers-student@champion, in-process)
-            └─► Ensemble (@serve.batch; loads models:/flowers-ensemble@champion)
+            │         /v1/explain/{model}, /healthz, the web page and API docs (serve/web.py);
+            │         @serve.batch over models:/flowers-student@champion, in-process)
+            ├─► Ensemble (@serve.batch; loads models:/flowers-ensemble@champion)
+            └─► Explainer (Grad-CAM, one at a time; serve/explainer.py)
 
 The student's forward pass costs about what one more process hop in front of it would
 (docs/serving.md), so the Student deployment *is* the ingress: it validates every request
@@ -20,7 +22,7 @@ import time
 from typing import Any
 
 import ray
-from fastapi import Request
+from fastapi import Query, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -28,10 +30,11 @@ from ray.serve.handle import DeploymentHandle
 from flowers import registry
 from flowers.predict import Predictor
 from flowers.runtime import configure_torch_threads
-from serve import http
-from serve.config import app_config
+from serve import http, schemas
+from serve.config import MAX_TOP_K, app_config
+from serve.explainer import MAX_WAITING
 from serve.gate import AdmissionGate
-from serve.metrics import CompareMetrics, ModelMetrics
+from serve.metrics import CompareMetrics, ExplainMetrics, ModelMetrics
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +138,8 @@ class Ensemble(BatchedModel):
 
 
 api = http.make_api()
+TopK = Query(None, ge=1, le=MAX_TOP_K, description=f"classes to return, 1..{MAX_TOP_K} (default: the app's "
+                                                     "default_top_k, 5 unless configured)")
 
 
 @serve.deployment(name="Student", max_ongoing_requests=128, ray_actor_options={"num_cpus": 1},
@@ -146,11 +151,15 @@ class Student(BatchedModel):
     role = "student"
     offload = False
 
-    def __init__(self, model_uri: str, ensemble: DeploymentHandle, args: dict[str, Any]) -> None:
+    def __init__(self, model_uri: str, ensemble: DeploymentHandle, args: dict[str, Any],
+                 explainer: DeploymentHandle | None = None) -> None:
         self.args = app_config(args)
         super().__init__(model_uri, self.args.tracking_uri, self.args.uncertainty_threshold)
         self.ensemble = ensemble
+        self.explainer = explainer
+        self.explain_waiting = 0  # explain requests of this replica in flight (bounded: MAX_WAITING)
         self.compare_metrics = CompareMetrics()
+        self.explain_metrics = ExplainMetrics()
 
     async def _predict(self, model: str, image: bytes, top_k: int) -> dict[str, Any]:
         """`model` is one of http.MODEL_ROUTES (the routes check it before reading the body)."""
@@ -167,18 +176,22 @@ class Student(BatchedModel):
         result["latency_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
         return result
 
-    @api.post("/v1/predict/{model}")
-    async def http_predict(self, model: str, request: Request) -> JSONResponse:
-        http.check_model(model)  # 404 before reading the body
-        k = http.top_k(request.query_params.get("top_k"), self.args.default_top_k)
+    # FastAPI validates the path and query (unknown model: 404, top_k out of range: 400) before the
+    # handler runs; the handler checks the body's type and size before reading it (serve/http.py)
+    @api.post("/v1/predict/{model}", response_model=schemas.Prediction, responses=schemas.PREDICT_ERRORS,
+              openapi_extra=schemas.IMAGE_BODY, summary="Classify one image with one model")
+    async def http_predict(self, model: schemas.ModelRoute, request: Request, top_k: int = TopK
+                           ) -> JSONResponse:
         image = await http.read_image(request, self.args.max_body_bytes)
         # a JSONResponse skips FastAPI's response-model validation and encoder
+        k = top_k or self.args.default_top_k
         return JSONResponse(http.answer(await self._predict(model, image, k), model))
 
-    @api.post("/v1/compare")
-    async def http_compare(self, request: Request) -> JSONResponse:
+    @api.post("/v1/compare", response_model=schemas.Comparison, responses=schemas.BAD_IMAGE,
+              openapi_extra=schemas.IMAGE_BODY, summary="Classify one image with both models")
+    async def http_compare(self, request: Request, top_k: int = TopK) -> JSONResponse:
         t0 = time.perf_counter()
-        k = http.top_k(request.query_params.get("top_k"), self.args.default_top_k)
+        k = top_k or self.args.default_top_k
         image = await http.read_image(request, self.args.max_body_bytes)
         ens, stu = await asyncio.gather(*(self._predict(m, image, k) for m in http.MODEL_ROUTES))
         ens, stu = http.answer(ens, "ensemble"), http.answer(stu, "student")
@@ -187,13 +200,41 @@ class Student(BatchedModel):
         return JSONResponse({"agree": agree, "ensemble": ens, "student": stu,
                              "latency_ms": round((time.perf_counter() - t0) * 1e3, 3)})
 
-    @api.get("/v1/models")
-    async def http_models(self) -> dict[str, Any]:
-        ens = await self.ensemble.info.remote()
-        return {"models": [ens, self.info()], "max_body_bytes": self.args.max_body_bytes,
-                "default_top_k": self.args.default_top_k}
+    @api.post("/v1/explain/{model}", response_model=schemas.Explanation, responses=schemas.EXPLAIN_ERRORS,
+              openapi_extra=schemas.IMAGE_BODY, summary="Grad-CAM heat map of one class over the image")
+    async def http_explain(self, model: schemas.ModelRoute, request: Request, label: int = Query(
+            None, ge=0, le=MAX_TOP_K - 1, description="class index to explain (default: the model's top class)")
+                           ) -> JSONResponse:
+        if self.explainer is None:
+            raise http.ApiError(501, "this app was built without an explainer")
+        if self.explain_waiting >= MAX_WAITING:  # before reading the body: a busy explainer costs nothing
+            self.explain_metrics.reject()
+            raise http.ApiError(503, f"{self.explain_waiting} explanations already waiting; retry in a few seconds")
+        self.explain_waiting += 1
+        try:
+            image = await http.read_image(request, self.args.max_body_bytes)
+            t0 = time.perf_counter()
+            try:
+                out = await self.explainer.explain.remote(model, image, label)
+            except Exception as e:
+                log.exception("%s explanation failed", model)
+                raise http.ApiError(500, f"explainer failed: {type(e).__name__}: "
+                                         f"{str(e).splitlines()[0][:300] if str(e) else ''}") from None
+        finally:
+            self.explain_waiting -= 1
+        if "error" in out:
+            raise http.ApiError(out["status"], out["error"])
+        out["latency_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+        return JSONResponse(out)
 
-    @api.get("/healthz")
+    @api.get("/v1/models", response_model=schemas.Models, summary="The served models, their versions and limits")
+    async def http_models(self) -> JSONResponse:
+        ens = await self.ensemble.info.remote()
+        return JSONResponse({"models": [ens, self.info()], "max_body_bytes": self.args.max_body_bytes,
+                             "default_top_k": self.args.default_top_k, "max_top_k": MAX_TOP_K})
+
+    @api.get("/healthz", response_model=schemas.Health, summary="Both models answer",
+             responses={503: {"model": schemas.Health, "description": "a model does not answer"}})
     async def http_healthz(self) -> JSONResponse:
         status = {"student": await self.ping()}
         try:

@@ -15,14 +15,13 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.config import MAX_TOP_K
-
 IMAGE_TYPES = frozenset({"image/jpeg", "image/jpg", "image/png", "image/webp"})
 MULTIPART = "multipart/form-data"
 # curl -F and browsers label unknown files octet-stream; the decoder decides for those parts
 PART_TYPES = IMAGE_TYPES | {"application/octet-stream", ""}
 MODEL_ROUTES = ("ensemble", "student")
-ROUTES = ("GET /v1/models, POST /v1/predict/{ensemble,student}, POST /v1/compare, GET /healthz")
+ROUTES = ("GET / (web page), GET /v1/models, POST /v1/predict/{ensemble,student}, POST /v1/compare, "
+          "POST /v1/explain/{ensemble,student}, GET /healthz, GET /docs")
 
 
 class ApiError(Exception):
@@ -38,8 +37,14 @@ def error_response(status: int, message: str) -> JSONResponse:
 
 
 def make_api() -> FastAPI:
-    """The FastAPI app of the ingress, with every error answered as JSON."""
-    api = FastAPI(title="flowers", description="Flowers-102 classification: ensemble and INT8 student")
+    """The FastAPI app of the ingress, with every error answered as JSON, its web page, and API docs
+    whose assets it serves itself (serve/web.py)."""
+    from serve import schemas, web
+
+    api = FastAPI(title="flowers", version="1", docs_url=None, redoc_url=None,
+                  description="Flowers-102 classification: a soft-voting ensemble and its INT8 student, side by "
+                              "side. Every error is JSON {\"error\": message, \"status\": code}. "
+                              "The web page is at `/`.")
 
     @api.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -53,9 +58,22 @@ def make_api() -> FastAPI:
 
     @api.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(400, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+        errors = exc.errors()
+        for e in errors:  # a path naming no model is a resource that does not exist
+            if tuple(e["loc"][:2]) == ("path", "model"):
+                return error_response(404, unknown_model(str(e.get("input"))))
+        return error_response(400, "; ".join(validation_message(e) for e in errors))
 
+    schemas.install_openapi(api)
+    web.add_routes(api)
     return api
+
+
+def validation_message(e: dict[str, Any]) -> str:
+    """One pydantic error as a line: 'query parameter top_k: Input should be ..., got '0''."""
+    where = f"{e['loc'][0]} parameter {'.'.join(map(str, e['loc'][1:]))}" if len(e["loc"]) > 1 else str(e["loc"][0])
+    got = f", got {e['input']!r}" if "input" in e and e["input"] is not None else ""
+    return f"{where}: {e['msg']}{got}"
 
 
 def media_type(value: str | None) -> str:
@@ -105,22 +123,8 @@ async def multipart_file(request: Request, body: bytes) -> bytes:
     return data
 
 
-def check_model(model: str) -> None:
-    if model not in MODEL_ROUTES:
-        raise ApiError(404, f"unknown model '{model}'; use one of: {', '.join(MODEL_ROUTES)}")
-
-
-def top_k(raw: str | None, default: int) -> int:
-    """The `top_k` query parameter, checked."""
-    if raw is None:
-        return default
-    try:
-        k = int(raw)
-    except ValueError:
-        raise ApiError(400, f"top_k must be an integer in 1..{MAX_TOP_K}, got '{raw}'") from None
-    if not 1 <= k <= MAX_TOP_K:
-        raise ApiError(400, f"top_k must be in 1..{MAX_TOP_K}, got {k}")
-    return k
+def unknown_model(model: str) -> str:
+    return f"unknown model '{model}'; use one of: {', '.join(MODEL_ROUTES)}"
 
 
 def answer(result: dict[str, Any], route: str) -> dict[str, Any]:
@@ -132,9 +136,11 @@ def answer(result: dict[str, Any], route: str) -> dict[str, Any]:
 
 def curl_examples(base_url: str) -> str:
     return "\n".join([
+        f"  open {base_url}/ in a browser (the web page; API docs at {base_url}/docs)",
         f"  curl -s -H 'Content-Type: image/jpeg' --data-binary @flower.jpg '{base_url}/v1/predict/ensemble?top_k=3'",
         f"  curl -s -F file=@flower.jpg {base_url}/v1/predict/student",
         f"  curl -s -H 'Content-Type: image/jpeg' --data-binary @flower.jpg {base_url}/v1/compare",
+        f"  curl -s -F file=@flower.jpg '{base_url}/v1/explain/ensemble' (Grad-CAM, base64 PNG)",
         f"  curl -s {base_url}/v1/models",
         f"  curl -s {base_url}/healthz",
     ])

@@ -46,3 +46,18 @@ class CompareMetrics:
         self.compares.inc()
         if not agree:
             self.disagreements.inc()
+
+
+class ExplainMetrics:
+    """`/v1/explain/{model}`: Grad-CAM maps made, per model, and requests turned away while the explainer was busy."""
+
+    def __init__(self) -> None:
+        self.explanations = Counter("flowers_explanations", description="Grad-CAM explanations answered",
+                                    tag_keys=("model",))
+        self.busy = Counter("flowers_explain_rejected", description="explain requests answered 503 (queue full)")
+
+    def record(self, model: str) -> None:
+        self.explanations.inc(tags={"model": model})
+
+    def reject(self) -> None:
+        self.busy.inc()
