@@ -42,6 +42,7 @@ class DataConfig:
     # stays frozen, its features are computed once per image (and per augmented view) and cached.
     feature_cache: bool = False
     cache_views: int = 2  # augmented views cached per training image (plus its clean version)
+    shift_views: int = 0  # more cached views under the `shifts` preset (docs/robustness.md)
     cache_dir: str | None = None  # None: $FLOWERS_CACHE/features, else ~/.cache/flowers/features
 
 
@@ -119,7 +120,7 @@ class Config:
 CHOICES: dict[str, tuple[Any, ...]] = {
     "data.format": ("vgg", "folder"),
     "data.split": ("official", "random"),
-    "data.augment": ("none", "light", "strong"),
+    "data.augment": ("none", "light", "strong", "shifts"),
     "distill.int8_recipe": ("u8s8_7bit_bc", "u8s8_7bit", "u8s8", "u8u8"),
     "optim.schedule": ("constant", "cosine"),
     "task": ("classification", "distill"),
@@ -226,8 +227,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"distill.temperature: must be > 0, got {cfg.distill.temperature}")
     if cfg.data.workers < 0:
         raise ConfigError(f"data.workers: must be >= 0, got {cfg.data.workers}")
-    if cfg.data.cache_views < 0:
-        raise ConfigError(f"data.cache_views: must be >= 0, got {cfg.data.cache_views}")
+    if cfg.data.cache_views < 0 or cfg.data.shift_views < 0:
+        raise ConfigError(f"data.cache_views/shift_views: must be >= 0, got {cfg.data.cache_views}/{cfg.data.shift_views}")
     if cfg.model.trainable_units < 0:
         raise ConfigError(f"model.trainable_units: must be >= 0, got {cfg.model.trainable_units}")
     if cfg.data.feature_cache and cfg.task == "distill" and not cfg.distill.cache_teacher:

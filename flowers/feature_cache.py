@@ -116,9 +116,15 @@ class ViewImages(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img = open_image(self.ds.paths[i], draft_size=self.ds.draft_size)
         # one seed per image: view v of image i is the same whatever order or process built it
+        threads = torch.get_num_threads()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + i)
-            return torch.stack([self.transform(img) for _ in range(self.views)]), i
+            # single-image ops on one thread: on a busy machine a multi-threaded ColorJitter took 1.3 s, not 20 ms
+            torch.set_num_threads(1)
+            try:
+                return torch.stack([self.transform(img) for _ in range(self.views)]), i
+            finally:
+                torch.set_num_threads(threads)
 
 
 def _compute(trunk: Callable[[torch.Tensor], torch.Tensor], norm: Normalize, ds: LabeledImages,
@@ -170,13 +176,31 @@ def _entry(root: Path, key: str, meta: dict, shape: tuple[int, ...], build: Call
     return arr
 
 
+class ViewBank:
+    """Several view entries (each V_k x N x ...) read as one V x N x ... array, without copying:
+    the level's own augmented views followed by the shift-matched ones (``data.shift_views``)."""
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        self.parts = [p for p in parts if p is not None and len(p)]
+        self._where = [(k, v) for k, p in enumerate(self.parts) for v in range(p.shape[0])]
+        self.shape = (len(self._where), *self.parts[0].shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        v, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        k, j = self._where[v]
+        return self.parts[k][(j, *rest)]
+
+
 @dataclass
 class CachedParts:
     """What a run trains on: trunk features of the train views and of clean train/val images."""
 
     train_clean: np.ndarray  # N_train x C x h x w
     val_clean: np.ndarray  # N_val x C x h x w
-    train_views: np.ndarray | None  # V x N_train x C x h x w (None: no augmentation)
+    train_views: np.ndarray | ViewBank | None  # V x N_train x C x h x w (None: no augmentation)
     root: Path
     seconds: float  # time spent building or opening
 
@@ -184,8 +208,10 @@ class CachedParts:
 def prepare(tail: TailNet, train: LabeledImages, val: LabeledImages, norm: Normalize,
             eval_transform: Callable, train_transform: Callable | None, views: int, seed: int,
             root: str | Path | None = None, batch_size: int = 64, progress: bool = False,
-            eval_desc: dict | None = None, view_desc: dict | None = None) -> CachedParts:
+            eval_desc: dict | None = None, view_desc: dict | None = None,
+            shift_transform: Callable | None = None, shift_views: int = 0) -> CachedParts:
     """Open (or build) the entries a run needs. ``train_transform=None`` or ``views=0``: no views.
+    ``shift_views`` more views under ``shift_transform`` (the `shifts` preset) go after them.
 
     ``eval_desc``/``view_desc`` name the settings behind the transforms (preprocessing; augmentation
     preset and sizes): they go into the entries' keys, since a transform's repr may not show them all."""
@@ -214,20 +240,26 @@ def prepare(tail: TailNet, train: LabeledImages, val: LabeledImages, norm: Norma
                                            f"cache {part}", device))[0]
 
     train_clean, val_clean = clean(train, "train"), clean(val, "val")
-    train_views = None
-    if train_transform is not None and views > 0:
-        meta = {**base, **(view_desc or {}), "what": f"train views x{views}", "images": train_fp, "views": views,
-                "seed": seed,
-                "train_transform": _stable_repr(train_transform)}
+    def view_entry(transform: Callable, n: int, what: str, desc: dict) -> np.ndarray:
+        meta = {**base, **desc, "what": f"{what} x{n}", "images": train_fp, "views": n, "seed": seed,
+                "train_transform": _stable_repr(transform)}
         with torch.inference_mode(), torch.random.fork_rng(devices=[]):  # the probe leaves the RNG as it was
-            first = train_transform(open_image(train.paths[0], draft_size=train.draft_size))[None].to(device)
+            first = transform(open_image(train.paths[0], draft_size=train.draft_size))[None].to(device)
             vshape = tuple(trunk(norm(first)).shape[1:])
         if vshape != feat_shape:  # an epoch mixes views and clean images in one batch
             raise ValueError(f"augmented views give trunk features {vshape} but eval images {feat_shape}: the "
                              "feature cache needs the training and eval crops at the same size (data.image_size)")
-        train_views = _entry(root, _key(meta), meta, (views, len(train), *vshape),
-                             lambda out: _compute(trunk, norm, train, train_transform, views, seed, out, batch_size,
-                                                  progress, f"cache views x{views}", device))
+        return _entry(root, _key(meta), meta, (n, len(train), *vshape),
+                      lambda out: _compute(trunk, norm, train, transform, n, seed, out, batch_size,
+                                           progress, f"cache {what} x{n}", device))
+
+    banks = []
+    if train_transform is not None and views > 0:
+        banks.append(view_entry(train_transform, views, "train views", view_desc or {}))
+    if shift_transform is not None and shift_views > 0:
+        banks.append(view_entry(shift_transform, shift_views, "shift views",
+                                {**(view_desc or {}), "augment": "shifts"}))
+    train_views = None if not banks else banks[0] if len(banks) == 1 else ViewBank(banks)
     model.train(was_training)
     return CachedParts(train_clean, val_clean, train_views, root, time.perf_counter() - t0)
 

@@ -28,7 +28,7 @@ DISTILL_KEY = "l5-distill"
 
 
 _CACHE_KEYS = ("data.root", "data.format", "data.split", "data.seed", "data.classes", "data.image_size",
-               "data.resize_size", "data.augment", "data.cutout_frac", "data.cache_views", "data.cache_dir",
+               "data.resize_size", "data.augment", "data.cutout_frac", "data.cache_views", "data.shift_views", "data.cache_dir",
                "model.arch", "model.pretrained", "model.trainable_units", "train.seed")
 
 

@@ -24,7 +24,7 @@ from flowers import evaluate as E
 from flowers import feature_cache as FC
 from flowers.checkpoint import load_checkpoint, per_image_record, save_checkpoint
 from flowers.data.bundle import build_data, make_loader
-from flowers.data.transforms import Normalize, Preprocessing
+from flowers.data.transforms import Normalize, Preprocessing, train_transform
 from flowers.governance import data_lineage
 from flowers.models import TailNet, build_model, model_spec
 from flowers.predict import predict_dataset
@@ -161,7 +161,8 @@ def cached_features(cfg: C.Config, data, model: nn.Module, norm: Normalize) -> t
                        None if dc.augment == "none" else data.train.transform, dc.cache_views,
                        cfg.train.seed, dc.cache_dir, dc.eval_batch_size, cfg.train.progress,
                        eval_desc={"preprocessing": data.preprocessing.to_dict(), "draft": data.val.draft_size},
-                       view_desc={"augment": dc.augment, "image_size": dc.image_size, "cutout_frac": dc.cutout_frac})
+                       view_desc={"augment": dc.augment, "image_size": dc.image_size, "cutout_frac": dc.cutout_frac},
+                       shift_transform=train_transform("shifts", dc.image_size), shift_views=dc.shift_views)
     return net, parts
 
 

@@ -235,3 +235,39 @@ def test_int8_recipe_choices_are_the_exporters():
     assert C.Config().distill.int8_recipe == DEFAULT_INT8_RECIPE
     with pytest.raises(C.ConfigError, match="distill.int8_recipe"):
         C.validate(C.replace(C.Config(), {"distill.int8_recipe": "u4s4"}))
+
+
+def test_shift_views_are_a_second_entry_read_as_one_bank(lite_setup, tmp_path):
+    """`data.shift_views`: views under the `shifts` preset, built as their own entry, follow the level's
+    views in one V x N bank (no copy), and epochs draw from all of them."""
+    from flowers.data.transforms import train_transform
+
+    model, pp, data = lite_setup
+    parts = FC.prepare(TailNet(model, 1), data.train, data.val, Normalize(pp.mean, pp.std), data.val.transform,
+                       data.train.transform, 1, 0, tmp_path / "c", batch_size=5, eval_desc={"pp": pp.to_dict()},
+                       view_desc={"augment": "light"}, shift_transform=train_transform("shifts", 64), shift_views=2)
+    bank = parts.train_views
+    assert isinstance(bank, FC.ViewBank) and bank.shape[:2] == (3, len(data.train)) and len(bank) == 3
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 4  # train eval, val eval, level views, shift views
+    level_only = _prepare(model, pp, data, tmp_path / "c", views=1)  # the level's entry is shared, not rebuilt
+    np.testing.assert_array_equal(bank[0], level_only.train_views[0])
+    assert not np.allclose(bank[1], bank[0]) and not np.allclose(bank[2], bank[1])
+    np.testing.assert_array_equal(bank[2, 3], bank.parts[1][1, 3])
+    ds = FC.CachedFeatures(parts.train_clean, data.train.labels, bank, seed=0)
+    keys = {ds[i][2] // len(ds) for e in range(4) for i in range(len(ds)) if not ds.set_epoch(e)}
+    assert keys == {0, 1, 2, 3}  # clean, the level's view and both shift views
+
+
+def test_shifts_preset_keeps_uint8_size_and_is_seeded():
+    from flowers.data.transforms import train_transform
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    tf = train_transform("shifts", 64)
+    torch.manual_seed(5)
+    a = [tf(img) for _ in range(6)]
+    torch.manual_seed(5)
+    b = [tf(img) for _ in range(6)]
+    assert all(x.dtype == torch.uint8 and x.shape == (3, 64, 64) for x in a)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert "RandomLowRes" in repr(tf) and " at 0x" not in repr(tf)  # the cache key needs a stable repr

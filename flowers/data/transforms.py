@@ -79,10 +79,85 @@ class RandomRot90:
         return torch.rot90(x, k, dims=(-2, -1)) if k else x
 
 
+class RandomLowRes:
+    """A small photo: shrink the short side to a random size in [low, high] pixels, then back up."""
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+
+    def __repr__(self) -> str:
+        return f"RandomLowRes({self.low}, {self.high})"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        side = int(torch.randint(self.low, self.high + 1, ()).item())
+        if side >= min(h, w):
+            return x
+        small = v2.functional.resize(x, [max(1, round(h * side / min(h, w))), max(1, round(w * side / min(h, w)))],
+                                     antialias=True)
+        return v2.functional.resize(small, [h, w], antialias=False)
+
+
+class RandomNoise:
+    """Sensor noise on uint8: additive Gaussian with a sigma drawn in [0, `sigma`] (fraction of 255)."""
+
+    def __init__(self, sigma: float) -> None:
+        self.sigma = sigma
+
+    def __repr__(self) -> str:
+        return f"RandomNoise({self.sigma})"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        s = float(torch.rand(())) * self.sigma * 255.0
+        return (x.float() + torch.randn(x.shape) * s).round().clamp(0, 255).to(torch.uint8)
+
+
+class RandomCast:
+    """A warm or cool colour cast: red x (1 + s), blue x (1 - s), s uniform in [-`strength`, `strength`]."""
+
+    def __init__(self, strength: float) -> None:
+        self.strength = strength
+
+    def __repr__(self) -> str:
+        return f"RandomCast({self.strength})"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        s = (float(torch.rand(())) * 2 - 1) * self.strength
+        gain = torch.tensor([1 + s, 1.0, 1 - s]).view(3, 1, 1)
+        return (x.float() * gain).round().clamp(0, 255).to(torch.uint8)
+
+
+def shift_ops(image_size: int) -> list:
+    """The `shifts` preset: the photometric and geometric changes of other people's photos, each
+    applied with some probability (matched to the shift suite, flowers/evaluation/shifts.py): zoomed
+    out, tight/off-centre/squashed framing, tilt, exposure, contrast, colour casts, grey, low resolution,
+    blur, JPEG and sensor noise."""
+    grey_fill = [124, 116, 104]  # the ImageNet mean, in pixels
+    return [
+        v2.PILToTensor(),
+        v2.RandomApply([v2.RandomRotation(20, fill=grey_fill)], p=0.25),
+        v2.RandomResizedCrop(image_size, scale=(0.15, 1.0), ratio=(0.5, 2.0), antialias=True),
+        # zoomed out after the crop, so the crop never lands on the frame alone; then back to size
+        v2.RandomZoomOut(fill=grey_fill, side_range=(1.0, 2.2), p=0.2),
+        v2.Resize((image_size, image_size), antialias=True),
+        v2.RandomHorizontalFlip(),
+        RandomRot90(),
+        v2.ColorJitter(brightness=0.45, contrast=0.55, saturation=0.4),  # no hue: 5x the cost on uint8
+        v2.RandomApply([RandomCast(0.2)], p=0.3),
+        v2.RandomGrayscale(p=0.1),
+        v2.RandomApply([RandomLowRes(40, 160)], p=0.3),
+        v2.RandomApply([v2.GaussianBlur(9, sigma=(0.5, 2.5))], p=0.2),
+        v2.RandomApply([v2.JPEG((8, 60))], p=0.3),
+        v2.RandomApply([RandomNoise(0.1)], p=0.2),
+    ]
+
+
 def train_transform(preset: str, image_size: int, cutout_frac: float = 0.25) -> Callable[[Image.Image], torch.Tensor]:
-    """Training augmentation presets: none | light | strong (see README)."""
+    """Training augmentation presets: none | light | strong | shifts (see README, docs/robustness.md)."""
     if preset == "none":
         return eval_transform(Preprocessing.for_size(image_size))
+    if preset == "shifts":
+        return v2.Compose(shift_ops(image_size))
     ops: list = [
         v2.PILToTensor(),
         v2.RandomResizedCrop(image_size, scale=(0.25, 1.0), antialias=True),
@@ -98,6 +173,6 @@ def train_transform(preset: str, image_size: int, cutout_frac: float = 0.25) -> 
             v2.RandomErasing(p=0.5, scale=(cutout_frac**2 * 0.5, cutout_frac**2 * 1.5), ratio=(0.5, 2.0), value=0),
         ]
     else:
-        raise ValueError(f"unknown augmentation preset '{preset}' (choose none, light or strong)")
+        raise ValueError(f"unknown augmentation preset '{preset}' (choose none, light, strong or shifts)")
     return v2.Compose(ops)
 
