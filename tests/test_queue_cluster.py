@@ -101,9 +101,12 @@ def test_stop_priority_and_a_dispatcher_crash(test_cluster, cluster_env, store, 
     assert [i for _, i in started] == [first.id, urgent.id, waiting[0].id, waiting[2].id]
     ray = _ray_ids(cluster_env)
     assert waiting[1].id not in ray  # never reached Ray
-    for i in ids:  # every other job ran exactly once, under its own id, with no second attempt
+    for i in ids:  # every other job's driver ran exactly once: any earlier attempt never started
         if i != waiting[1].id:
-            assert ray.count(i) == 1 and not any(r.startswith(f"{i}-r") for r in ray)
+            attempts = [r for r in ray if r == i or r.startswith(f"{i}-r")]
+            history = json.loads(jobs[i].history)
+            assert len(attempts) == len(history) == jobs[i].attempt + 1, (attempts, history)
+            assert all(h["cause"] == "start" for h in history[:-1]), history
 
 
 def test_fifty_small_jobs_all_finish_and_the_head_answers(cluster_env, store):
@@ -200,6 +203,17 @@ def test_three_at_once_with_a_limit_of_two(cluster_env, store, dataset_uri, trai
     for t in threads:
         t.join()
     assert all(ids), ids
+    # what a user sees meanwhile: two running, the third waiting with its reason
+    deadline, table = time.monotonic() + 300, ""
+    while time.monotonic() < deadline:
+        r = subprocess.run([sys.executable, "-m", "flowers.cli", "jobs", "list"], capture_output=True, text=True,
+                           cwd=REPO, timeout=300, env={**os.environ, **env})
+        table = r.stdout
+        if any("WAITING" in ln and "queue 'train' full: 2/2 running" in ln for ln in table.splitlines()):
+            break
+        time.sleep(2)
+    print(table)
+    assert "queue 'train' full: 2/2 running" in table, table
     peak, stop = [0], threading.Event()
 
     def sample() -> None:

@@ -72,7 +72,7 @@ class Dispatcher:
             decisions = plan(queued, active, self.store.queues(), self.cluster_cpus())
             for job, reason in decisions:
                 if reason is None:
-                    if self.store.move(job.id, [job.state], state=S.ADMITTING, admitted_at=time.time(),
+                    if self.store.move(job.id, [job.state], state=S.ADMITTING, admitted_at=job.admitted_at or time.time(),
                                        ray_id=job.attempt_id(), reason=None):
                         self._hand_to_ray(self.store.get(job.id))
                 elif reason != job.reason:
