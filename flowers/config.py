@@ -397,7 +397,7 @@ def replace(cfg: Any, changes: dict[str, Any]) -> Any:
 # Settings of the Ray jobs (`flowers study`, `flowers tune`, `flowers score`), typed like the run configs.
 
 STUDY_LEVELS = ("l1", "l2", "l3")
-STUDY_STAGES = ("tune", "ensemble", "distill")
+STUDY_STAGES = ("tune", "ensemble", "distill", "robustness")
 
 
 @dataclass(frozen=True)
@@ -437,6 +437,10 @@ class StudyConfig:
     # champion gate: a challenger is kept out only when shown worse by more than this accuracy
     # fraction (0.005 = half a point) on the same test images (flowers/governance.py)
     gate_margin: float = 0.005
+    # the robustness step (flowers/evaluation/study_step.py): shift suite spec, test images per class, OOD photos
+    shift_suite: str = "all"
+    shift_per_class: int | None = 2
+    ood_dir: str | None = None  # None: built once from its Debian package (flowers/evaluation/ood_sources.py)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ FP32_PER_IMAGE = "test_per_image_fp32.json"  # the fp32 student's per-image test
 
 
 def run_distill_stage(cfg: C.Config, out_dir: Path, callback: Callable | None = None,
-                      threshold_policy: str = "coverage", threshold_target: float = 0.9,
+                      threshold_policy: str = "coverage", threshold_target: float = 0.95,
                       latency_iters: int = 50, explain_images: int = 8, export_kwargs: dict | None = None,
                       ood_images: int = 32) -> StageResult:
     """Distil (fit with DistillationTask) → export fp32/INT8 ONNX + TorchScript → threshold on val →

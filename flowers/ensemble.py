@@ -394,7 +394,7 @@ def plot_diversity(report: dict[str, Any], path: Path) -> Path:
 
 def run_ensemble_stage(member_uris: dict[str, str], data_cfg: DataConfig, out_dir: Path,
                        weights: dict[str, float] | None = None, threshold_policy: str = "coverage",
-                       threshold_target: float = 0.9, workers: int | None = None,
+                       threshold_target: float = 0.95, workers: int | None = None,
                        explain_images: int = 8, ood_images: int = 32) -> StageResult:
     """Build the ensemble, evaluate members and ensemble on val/test, write diversity tables and plots.
 

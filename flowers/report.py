@@ -393,6 +393,9 @@ def render(info: dict[str, Any], out_dir: Path) -> str:
                    f"{tags.get('int8_saturation_safe', '?')}); exported and validated on {tags.get('int8_validated_on', '?')}."]
     else:
         md.append("not run")
+    from flowers.evaluation.study_step import report_lines
+
+    md += report_lines(stages.get("robustness"))
     md.append("")
     return "\n".join(md)
 

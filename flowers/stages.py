@@ -41,7 +41,7 @@ class Explained:
 
 def stage_tail(out_dir: Path, model_dir: Path, deployed: LoadedModel, val: tuple[np.ndarray, np.ndarray],
                test: tuple[np.ndarray, np.ndarray], curves: dict[str, np.ndarray], *, policy: str = "coverage",
-               target: float = 0.9, ood_images: int = 32, explain: Sequence[Explained] = (),
+               target: float = 0.95, ood_images: int = 32, explain: Sequence[Explained] = (),
                explain_images: int = 8, manifest: dict[str, Any] | None = None,
                metrics: dict[str, float] | None = None) -> tuple[dict[str, float], list[Path]]:
     """Threshold → risk–coverage → OOD → explain → manifest, for the deployed model.
@@ -53,13 +53,15 @@ def stage_tail(out_dir: Path, model_dir: Path, deployed: LoadedModel, val: tuple
     out_dir = Path(out_dir)
     metrics = dict(metrics or {})
     (val_p, val_y), (test_p, test_y) = val, test
-    thr = U.choose_threshold(val_p, val_y, policy, target)
-    metrics["uncertainty_threshold"] = thr
+    # temperature on val (kept when it lowers val NLL), threshold on the scaled val (ECE before/after in metrics)
+    temp, thr, cal = U.calibrate(val_p, val_y, test_p, test_y, policy, target)
+    metrics.update(cal)
+    test_p = U.temperature_scale(test_p, temp)  # the flag judges what the predictor reports
     metrics.update(U.selective_summary(test_p, test_y, thr))
     rc = {name: U.risk_coverage(p, test_y) for name, p in curves.items()}
     artifacts = [U.plot_risk_coverage(rc, out_dir / "test_risk_coverage.png", metrics["coverage_at_threshold"])]
     # generated non-flower images go through the deployed model's own preprocessing
-    metrics.update(U.ood_report(lambda px: deployed.predict_proba(deployed.from_pixels(px)), test_p,
+    metrics.update(U.ood_report(lambda px: U.temperature_scale(deployed.predict_proba(deployed.from_pixels(px)), temp), test_p,
                                 deployed.draft_size, n=ood_images, threshold=thr))
     if explain_images:
         from flowers.explain import explain_dataset
@@ -68,7 +70,8 @@ def stage_tail(out_dir: Path, model_dir: Path, deployed: LoadedModel, val: tuple
             sub = out_dir / "explain" / e.name if len(explain) > 1 else out_dir / "explain"
             artifacts += explain_dataset(e.model, e.dataset, e.probs, test_y, sub, n=explain_images,
                                          pairs=min(3, explain_images))
-    update_manifest(model_dir, uncertainty_threshold=thr, uncertainty_policy={"policy": policy, "target": target},
+    update_manifest(model_dir, uncertainty_threshold=thr, uncertainty_temperature=temp,
+                    uncertainty_policy={"policy": policy, "target": target},
                     metrics={k: v for k, v in metrics.items() if np.isfinite(v)}, **(manifest or {}))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics, artifacts

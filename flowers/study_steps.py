@@ -199,6 +199,14 @@ def run_distill(study: C.StudyConfig, config_dir: Path, tracker: T.StudyTracker,
     return _log_stage(study, tracker, run_id, result, "distill")
 
 
+def run_robustness(study: C.StudyConfig, config_dir: Path, tracker: T.StudyTracker, registered: dict[str, str],
+                   out_dir: Path) -> str | None:
+    """After L5: the shift suite and the OOD photos for the champions (flowers.evaluation.study_step)."""
+    from flowers.evaluation.study_step import run_robustness as run
+
+    return run(study, config_dir, tracker, registered, out_dir, study.shift_suite, study.shift_per_class, study.ood_dir)
+
+
 def hardware() -> str:
     """One line for reports: CPU model and cores, GPU if any."""
     import torch

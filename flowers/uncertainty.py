@@ -115,6 +115,28 @@ def choose_threshold(probs: np.ndarray, labels: np.ndarray, policy: str = "cover
     return float(sorted_ent[i])
 
 
+def calibrate(val_p: np.ndarray, val_y: np.ndarray, test_p: np.ndarray, test_y: np.ndarray,
+              policy: str = "coverage", target: float = 1.0 - FLAG_RATE) -> tuple[float, float, dict[str, float]]:
+    """Temperature scaling fitted on validation (kept only when it lowers validation NLL), then the flag
+    threshold chosen by `policy`/`target` on the scaled validation probabilities (coverage 0.95: at most
+    5 % of validation images flagged). Returns (temperature, threshold, metrics with ECE before/after)."""
+    from flowers.evaluate import expected_calibration_error as ece
+
+    def nll(p: np.ndarray, y: np.ndarray) -> float:
+        return float(-np.log(np.clip(p[np.arange(len(y)), np.asarray(y)], 1e-12, 1.0)).mean()) if len(y) else 0.0
+
+    t = fit_temperature(val_p, val_y)
+    if not nll(temperature_scale(val_p, t), val_y) < nll(val_p, val_y):
+        t = 1.0
+    val_t, test_t = temperature_scale(val_p, t), temperature_scale(test_p, t)
+    thr = choose_threshold(val_t, val_y, policy, target)
+    metrics = {"uncertainty_temperature": t, "uncertainty_threshold": thr,
+               "val_ece_before_temperature": ece(val_p, val_y), "val_ece_after_temperature": ece(val_t, val_y),
+               "test_ece_before_temperature": ece(test_p, test_y), "test_ece_after_temperature": ece(test_t, test_y),
+               "val_flagged_at_threshold": float((normalized_entropy(val_t) > thr).mean())}
+    return t, thr, metrics
+
+
 def risk_coverage(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Coverage and selective risk (error rate of accepted images) as the entropy threshold rises."""
     ent = normalized_entropy(probs)

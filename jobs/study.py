@@ -102,6 +102,8 @@ def _run_stages(study: C.StudyConfig, config_dir: Path, target: TrackingTarget, 
             outcome.registered["distill"] = uri
         else:
             outcome.skipped["distill"] = "no student config"
+    if "robustness" in study.stages and not (resume and S.stage_done(tracker, "robustness")):
+        _run_stage("run_robustness", study, config_dir, target, dict(outcome.registered), out_root / "robustness")
 
 
 def run_study(study: C.StudyConfig, config_dir: Path, resume: bool = False, address: str | None = None) -> StudyOutcome:

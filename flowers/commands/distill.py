@@ -16,7 +16,7 @@ def register(sub) -> None:
     add_config_args(p)
     p.add_argument("--out", help="output folder (default: train.out_dir/l5-<time>); the student goes to OUT/model")
     p.add_argument("--policy", choices=["coverage", "accuracy"], default="coverage", help="uncertainty threshold policy")
-    p.add_argument("--target", type=float, default=0.9, help="target coverage / selective accuracy (default 0.9)")
+    p.add_argument("--target", type=float, default=0.95, help="target coverage / selective accuracy (default 0.95: at most 5 %% of validation images flagged)")
     p.add_argument("--explain", type=int, default=8, metavar="N", help="Grad-CAM grids for N test images (0: none)")
     p.set_defaults(func=run, heavy=True)
 

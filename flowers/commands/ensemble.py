@@ -20,7 +20,7 @@ def register(sub) -> None:
     add_config_args(p)
     p.add_argument("--policy", choices=["coverage", "accuracy"], default="coverage",
                    help="uncertainty threshold policy on val: target coverage or target selective accuracy")
-    p.add_argument("--target", type=float, default=0.9, help="target coverage / selective accuracy (default 0.9)")
+    p.add_argument("--target", type=float, default=0.95, help="target coverage / selective accuracy (default 0.95: at most 5 %% of validation images flagged)")
     p.add_argument("--explain", type=int, default=8, metavar="N", help="Grad-CAM grids for N test images per member (0: none)")
     p.set_defaults(func=run, heavy=True)
 
