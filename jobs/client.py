@@ -363,13 +363,7 @@ def short_label(entry: str) -> str:
 
 def tail_logs(submission_id: str, address: str | None = None):
     """The job's log as it grows (Ray's `tail_job_logs`), chunk by chunk, until the job ends."""
-    c = client(address)
-
-    async def chunks(out: list[str]):
-        async for chunk in c.tail_job_logs(submission_id):
-            yield chunk
-
-    agen = chunks([])
+    agen = client(address).tail_job_logs(submission_id)  # an async generator: driven here, one chunk at a time
     loop = asyncio.new_event_loop()
     try:
         while True:

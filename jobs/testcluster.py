@@ -97,6 +97,11 @@ def unavailable_reason(masks: bool = True) -> str | None:
     return None
 
 
+def _sbin(tool: str) -> str:
+    """An administration tool by full path: a plain user's PATH (/usr/bin:/bin) lacks the sbin folders."""
+    return shutil.which(tool, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin") or tool
+
+
 def ray_binary() -> str | None:
     here = Path(sys.executable).with_name("ray")
     return str(here) if here.is_file() else shutil.which("ray")
@@ -258,7 +263,7 @@ def _start_postgres(state_dir: Path, port: int) -> dict:
     as_pg: list[str] = []
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root
         shutil.chown(pg, "postgres", "postgres")
-        as_pg = ["runuser", "-u", "postgres", "--"]
+        as_pg = [_sbin("runuser"), "-u", "postgres", "--"]
     password = secrets.token_hex(12)
     pwfile = pg / "pw"
     pwfile.write_text(password + "\n")
@@ -286,7 +291,7 @@ def _start_postgres(state_dir: Path, port: int) -> dict:
 
 
 def _stop_postgres(rec: dict) -> None:
-    as_pg = ["runuser", "-u", rec["run_as"], "--"] if rec.get("run_as") and os.geteuid() == 0 else []
+    as_pg = [_sbin("runuser"), "-u", rec["run_as"], "--"] if rec.get("run_as") and os.geteuid() == 0 else []
     if alive(rec):
         subprocess.run(as_pg + [str(PG_BIN / "pg_ctl"), "-D", rec["data"], "-m", "fast", "-w", "-t", "20", "stop"],
                        capture_output=True, timeout=60, cwd="/")

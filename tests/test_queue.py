@@ -233,3 +233,25 @@ def test_submit_bad_input_is_one_line_and_queues_nothing(tmp_path, monkeypatch, 
     assert main(["jobs", "list", "--json", "--address", dead]) == 2
     out = json.loads(capsys.readouterr().out)
     assert "cannot reach" in out["error"]
+
+
+def test_queues_command_and_jobs_table(store, monkeypatch, capsys):
+    from flowers.cli import main
+    from flowers.commands.jobs import table
+    from jobs.queue import api
+
+    monkeypatch.setenv("FLOWERS_QUEUE_URL", store.url)
+    store.set_queues([QueueSpec("default", 4), QueueSpec("train", 2, 3)])
+    add(store, "train")
+    assert main(["queues", "--json"]) == 0
+    rows = {r["queue"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["train"] == {"queue": "train", "max_running": 2, "priority": 3, "running": 0, "waiting": 1}
+    assert main(["queues"]) == 0
+    assert "train" in capsys.readouterr().out
+    job = store.jobs()[0]
+    store.set(job.id, reason="queue 'train' full: 2/2 running")
+    text = table([api.describe(store.get(job.id), {job.id: 1})])
+    head, line = text.splitlines()
+    assert head.split()[:5] == ["ID", "QUEUE", "PRI", "POS", "STATE"]
+    assert line.split()[:5] == [job.id, "train", "0", "1", "WAITING"]
+    assert line.endswith("queue 'train' full: 2/2 running")

@@ -60,6 +60,7 @@ def walk_dirs():
     if not FLOWERS.is_file():
         pytest.skip(f"no `flowers` script next to {sys.executable} (install the project: pip install -e .)")
     tmp = Path(tempfile.mkdtemp(prefix="flw-", dir="/tmp"))  # short: Ray's socket paths
+    tmp.chmod(0o755)  # PostgreSQL runs as `postgres` and must reach its data dir inside
     try:
         yield tmp
     finally:

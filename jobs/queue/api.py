@@ -144,15 +144,30 @@ def _ray_message(r: dict[str, Any]) -> str:
 
 
 def status(job_id: str, address: str | None = None, store_url: str | None = None) -> dict[str, Any]:
+    """The queue's view of a job; for a job submitted to Ray around the queue, Ray's."""
     store = open_store(address, store_url)
-    job = find(store, job_id)
-    return describe(job, positions(store.jobs(S.QUEUED)))
+    job = store.get(job_id)
+    if job is not None:
+        return describe(job, positions(store.jobs(S.QUEUED)))
+    info = J.job_info(J.client(address), job_id)
+    if info is None:
+        raise ConfigError(f"no job '{job_id}' in the queue or in Ray: see `flowers jobs list`")
+    r = {"submission_id": job_id, "status": J.status_name(info.status), "entrypoint": info.entrypoint,
+         "message": info.message, "driver_exit_code": getattr(info, "driver_exit_code", None)}
+    start, end = (info.start_time or 0) / 1000, (info.end_time or 0) / 1000
+    return {"id": job_id, "queue": "-", "priority": None, "position": None, "state": r["status"],
+            "job": J.short_label(info.entrypoint or ""), "attempt": 0, "ray_id": job_id, "need_cpus": None,
+            "submitted": start or None, "started": start or None,
+            "duration_s": round((end or time.time()) - start, 1) if start else None,
+            "message": _ray_message(r), "retries": None}
 
 
 def stop(job_id: str, address: str | None = None, store_url: str | None = None) -> str:
     """A waiting job is removed (it never starts); a running one is stopped through Ray."""
     store = open_store(address, store_url)
-    job = find(store, job_id)
+    job = store.get(job_id)
+    if job is None:  # a job submitted to Ray around the queue
+        return "stopping" if J.stop_job(J.client(address), job_id) else "not running"
     if store.move(job_id, S.QUEUED, state=S.STOPPED, ended_at=time.time(), reason=None,
                   message="removed from the queue before it started"):
         return "removed from the queue (it never started)"
@@ -166,7 +181,9 @@ def stop(job_id: str, address: str | None = None, store_url: str | None = None) 
 
 
 def logs(job_id: str, address: str | None = None, store_url: str | None = None) -> str:
-    job = find(open_store(address, store_url), job_id)
+    job = open_store(address, store_url).get(job_id)
+    if job is None:  # a job submitted to Ray around the queue
+        return J.client_logs(job_id, address)
     if not job.ray_id:
         return f"job {job_id} has not started: {job.reason or job.message or job.state}\n"
     return J.client_logs(job.ray_id, address)
@@ -176,6 +193,9 @@ def follow(job_id: str, address: str | None = None, store_url: str | None = None
            poll_s: float = 1.0) -> Iterator[str]:
     """Wait for the job to start, then its log as it grows (Ray's tail_job_logs) until it ends."""
     store = open_store(address, store_url)
+    if store.get(job_id) is None:  # a job submitted to Ray around the queue
+        yield from J.tail_logs(job_id, address)
+        return
     job = find(store, job_id)
     said = None
     while job.state in S.QUEUED + (S.ADMITTING,):
