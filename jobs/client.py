@@ -226,6 +226,15 @@ def wait(job_id: str, address: str | None = None, timeout_s: float = 600, poll_s
 # ----------------------------------------------------------------------------- used by the queue
 
 
+def quiet_ray_logs() -> None:
+    """Ray's client logs an INFO line per working-dir upload on its own handlers; commands and the
+    dispatcher keep their output to what the user asked for."""
+    for name in list(logging.root.manager.loggerDict):
+        if name == "ray" or name.startswith("ray."):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray._private.runtime_env").setLevel(logging.ERROR)  # ".git is now ignored", each time
+
+
 def status_name(s: Any) -> str:
     return str(s.value if hasattr(s, "value") else s)
 
@@ -316,9 +325,9 @@ def explain_failure(info: Any, logs: str, python: str = "python") -> str:
     """One line a user acts on for a job that failed on its own: missing modules, no interpreter, the
     entry point's own `error: …` line, else the last exception line of its log."""
     text = logs or str(getattr(info, "message", "") or "")
-    m = re.search(r"ModuleNotFoundError: No module named '([^']+)'", text)
-    if m:
-        return (f"the job's Python ({python}) cannot import '{m.group(1)}': pass `flowers submit --python "
+    missing = re.findall(r"ModuleNotFoundError: No module named '([^'\"]+)'", text)
+    if missing:  # the last one: the log also echoes the entrypoint
+        return (f"the job's Python ({python}) cannot import '{missing[-1]}': pass `flowers submit --python "
                 f"/path/to/the/project/.venv/bin/python` (the environment where flowers is installed on the nodes)")
     if re.search(r"(not found|No such file or directory)", text) and getattr(info, "driver_exit_code", None) in (126, 127):
         return (f"the cluster node has no {python}: pass `flowers submit --python PATH` with the Python of the "
@@ -383,7 +392,7 @@ PROBE_MODULES = ("ray", "torch", "mlflow", "torchvision", "pyarrow")
 # from the interpreter's environment; a miss reads as Python's own "No module named" line
 _PROBE_CODE = ("import importlib.util as u, sys; import flowers, jobs; "
                "m = [n for n in %r if u.find_spec(n) is None]; "
-               "m and sys.exit(f\"ModuleNotFoundError: No module named '{m[0]}'\")" % (PROBE_MODULES,))
+               "m and sys.exit('ModuleNotFoundError: No module named ' + repr(m[0]))" % (PROBE_MODULES,))
 
 
 def probe_environment(c, python: str, renv: dict[str, Any], timeout_s: float = 180) -> str | None:

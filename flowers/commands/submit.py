@@ -40,7 +40,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import logging
     import os
     from pathlib import Path
 
@@ -48,7 +47,7 @@ def run(args) -> int:
     from jobs import client as J
     from jobs.queue import api
 
-    logging.getLogger("ray").setLevel(logging.ERROR)  # its packaging chatter for every working-dir upload
+    J.quiet_ray_logs()
     extra = list(args.args)
     tracked = any(a == "--tracking-uri" or a.startswith("--tracking-uri=") for a in extra) or \
         bool(os.environ.get("MLFLOW_TRACKING_URI"))

@@ -205,7 +205,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: Any) -> int:
-    logging.getLogger("ray").setLevel(logging.WARNING)  # no packaging chatter for every admitted job
+    J.quiet_ray_logs()
     address = J.resolve_address(args.address)
     store = S.Store(S.resolve_url(args.store, address))
     if args.queues:
