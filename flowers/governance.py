@@ -350,6 +350,8 @@ def describe_version(mv, aliases: Sequence[str] = ()) -> dict[str, Any]:
         "name": mv.name, "version": str(mv.version), "aliases": sorted(aliases),
         "test_accuracy": float(tags[ACCURACY_TAG]) if tags.get(ACCURACY_TAG) else None,
         "kind": tags.get("flowers.kind"), "run_id": mv.run_id, "source": mv.source,
+        "uncertainty_threshold": tags.get("flowers.uncertainty_threshold"),
+        "uncertainty_temperature": tags.get("flowers.uncertainty_temperature"),
         "created": time.strftime("%Y-%m-%d %H:%M", time.gmtime(mv.creation_timestamp / 1000))
         if mv.creation_timestamp else None,
         "lineage": {k[len(LINEAGE_PREFIX):]: v for k, v in tags.items() if k.startswith(LINEAGE_PREFIX)},

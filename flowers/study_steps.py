@@ -154,6 +154,9 @@ def _log_stage(study: C.StudyConfig, tracker: T.StudyTracker, run_id: str, resul
     name = registry.REGISTERED[stage]
     version = tracker.log_model_dir(run_id, result.model_dir, "model", name, registry.CHALLENGER,
                                     {T.STUDY_TAG: tracker.study})
+    for key in ("uncertainty_threshold", "uncertainty_temperature"):  # the stored flag rule, on the version too
+        if result.metrics.get(key) is not None:
+            tracker.client.set_model_version_tag(name, str(version), f"flowers.{key}", f"{result.metrics[key]:.6g}")
     gate(study, tracker, name, version)
     tracker.finish(run_id)
     return champion_uri(stage)

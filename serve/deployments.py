@@ -112,7 +112,8 @@ class BatchedModel:
         return {"route": self.role, "name": m.name, "version": m.version, "alias": m.meta.get("alias"),
                 "uri": self.uri, "kind": m.meta.get("kind"), "test_accuracy": m.meta.get("test_accuracy"),
                 "num_classes": len(m.class_names), "image_size": m.preprocessing.image_size,
-                "uncertainty_threshold": self.predictor.threshold, "torch_threads": self.threads, "device": self.device,
+                "uncertainty_threshold": self.predictor.threshold, "uncertainty_temperature": self.predictor.temperature,
+                "torch_threads": self.threads, "device": self.device,
                 **self.gate.settings(), "batch_sizes_seen": {str(k): v for k, v in sorted(self.batch_sizes.items())},
                 # an INT8 file's own weight check, and what loading it on this replica's CPU had to say
                 # (e.g. 8-bit weights on a CPU without VNNI: exact only through ORT's slower kernels)

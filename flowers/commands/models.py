@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-LIST_COLUMNS = ("name", "version", "aliases", "test_acc", "decision", "split", "git", "created")
+LIST_COLUMNS = ("name", "version", "aliases", "test_acc", "threshold", "decision", "split", "git", "created")
 
 
 def register(sub) -> None:
@@ -55,6 +55,7 @@ def run_list(args) -> int:
         return 0
     table = [[r["name"], r["version"], ",".join(r["aliases"]) or "-",
               f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "-",
+              r.get("uncertainty_threshold") or "-",
               r["gate"].get("decision", "-"), r["lineage"].get("split_hash", "-"),
               (r["lineage"].get("git_commit") or "-")[:10] + ("+dirty" if r["lineage"].get("git_dirty") == "True" else ""),
               r["created"] or "-"] for r in rows]
