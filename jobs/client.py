@@ -229,10 +229,10 @@ def wait(job_id: str, address: str | None = None, timeout_s: float = 600, poll_s
 def quiet_ray_logs() -> None:
     """Ray's client logs an INFO line per working-dir upload on its own handlers; commands and the
     dispatcher keep their output to what the user asked for."""
-    for name in list(logging.root.manager.loggerDict):
+    packaging = "ray._private.runtime_env"  # warns ".git is now ignored" at every upload
+    for name in [*logging.root.manager.loggerDict, packaging]:
         if name == "ray" or name.startswith("ray."):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("ray._private.runtime_env").setLevel(logging.ERROR)  # ".git is now ignored", each time
+            logging.getLogger(name).setLevel(logging.ERROR if name.startswith(packaging) else logging.WARNING)
 
 
 def status_name(s: Any) -> str:
