@@ -115,3 +115,30 @@ def test_shift_suite_and_ood_on_a_checkpoint_make_the_report_section(trained_che
                                                                    "ood_photos": 6}, "tags": tags}))
     assert "| clean |" in text and "| worst |" in text and f"({tags['m.worst_shift']})" in text
     assert "Non-flower photos (6" in text
+
+
+@pytest.mark.slow
+def test_an_ensemble_is_scored_through_its_members(trained_checkpoint, smoke_config, tmp_path):
+    """One pass gives each member (the levels) and the soft vote, equal to the ensemble's own predict_proba."""
+    from flowers.ensemble import build_ensemble
+    from flowers.evaluation.robustness import run_shift_suite, suite_models
+    from flowers.evaluation.shifts import parse_shifts
+    from flowers.predict import load_model
+
+    folder = build_ensemble([str(trained_checkpoint), str(trained_checkpoint)], tmp_path / "ens", [1.0, 3.0],
+                            member_names=["a", "b"])
+    models, ensembles, rules = suite_models("ensemble", str(folder))
+    assert [m.name for m in models] == ["ensemble/a", "ensemble/b"]
+    assert ensembles == {"ensemble": (["ensemble/a", "ensemble/b"], [1.0, 3.0])} and set(rules) == {
+        "ensemble", "ensemble/a", "ensemble/b"}
+    suite = run_shift_suite({"ensemble": str(folder)}, parse_shifts("small64"), smoke_config.data, tmp_path / "o",
+                            per_class=1)
+    assert set(suite.tables) == {"ensemble", "ensemble/a", "ensemble/b"}
+    assert suite.tables["ensemble"][0]["top1"] == suite.tables["ensemble/a"][0]["top1"]  # same network twice
+    ens = load_model(str(folder))
+    photos = tmp_path / "p"
+    photos.mkdir()
+    Image.fromarray(np.zeros((50, 60, 3), np.uint8)).save(photos / "x.png")
+    direct = O.run_model(ens, O.ood_paths(photos)).probs
+    members = [O.run_model(m.model, O.ood_paths(photos)) for m in models]
+    np.testing.assert_allclose(O.mean_outputs(members, [1.0, 3.0]).probs, direct, atol=1e-5)
