@@ -144,7 +144,7 @@ def main() -> None:
             exp = mc.get_experiment_by_name(name)
             for r in mc.search_runs([exp.experiment_id], "tags.`flowers.role` = 'trial'") if exp else []:
                 if r.info.status == "RUNNING" and r.data.tags.get("ray.node_id") in workers and \
-                        len(mc.get_metric_history(r.info.run_id, "val_acc")) >= 1:
+                        len(mc.get_metric_history(r.info.run_id, "val/acc")) >= 1:
                     victim = r
                     break
             time.sleep(0.5)

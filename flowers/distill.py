@@ -119,7 +119,8 @@ def run_distill_stage(cfg: C.Config, out_dir: Path, callback: Callable | None = 
              metrics["test_top1"], metrics["int8_test_top1"], metrics["teacher_test_top1"],
              metrics["latency_int8_p50_ms"], metrics["latency_teacher_p50_ms"])
     return StageResult(model_dir=model_dir, metrics={k: float(v) for k, v in metrics.items()}, params=params,
-                       artifacts=artifacts + [res.best_checkpoint, res.run_dir / "curves.png"],
+                       artifacts=artifacts + [res.best_checkpoint, res.run_dir / "curves.png",
+                                              res.run_dir / "datasets.json"],
                        tags={"stage": "l5", "registered_name": REGISTERED_NAME, "distill_mode": task.mode,
                              "int8_recipe": str(quant.get("recipe")), "int8_saturation_safe": str(quant.get("saturation_safe")),
                              "int8_validated_on": f"{validated.get('cpu')} ({' '.join(validated.get('flags') or [])})"})

@@ -463,6 +463,10 @@ def run_ensemble_stage(member_uris: dict[str, str], data_cfg: DataConfig, out_di
                   "config": data_config,
                   "lineage": {**data_lineage(data, data_config), **(manifest.get("lineage") or {})}})
     artifacts += tail_files
+    from flowers.run_notes import dataset_record  # the splits as the stage run's MLflow dataset inputs
+
+    (out_dir / "datasets.json").write_text(json.dumps(dataset_record(data)))
+    artifacts.append(out_dir / "datasets.json")
     params = {"members": ",".join(keys), "weights": ",".join(f"{x:g}" for x in w),
               "uncertainty_policy": threshold_policy, "uncertainty_target": threshold_target,
               **{f"member_{k}_uri": member_uris[k] for k in keys}}

@@ -5,6 +5,7 @@
     MLmodel                         flavors: python_function (+ onnx for an exported student),
                                     signature, input example, flowers metadata (kind, lineage)
     flowers_pyfunc.py               "models from code": three lines that build the pyfunc
+    code/flowers/                   the flowers package that wrote the model (MLflow's code_paths)
     input_example.json, serving_input_example.json, requirements.txt, python_env.yaml, conda.yaml
     model_card.md                   (when given)
     artifacts/flowers_model/        the flowers model folder itself: manifest, weights, per-image results
@@ -48,8 +49,11 @@ from flowers.mlflow_model import pyfunc_model
 
 mlflow.models.set_model(pyfunc_model())
 '''
-# what the pyfunc imports at serving time (the flowers package itself must be installed too)
-REQUIREMENTS = ("mlflow", "torch", "torchvision", "numpy", "pandas", "pillow", "onnxruntime", "safetensors", "scipy")
+# what the pyfunc imports at serving time besides the flowers package, which travels inside the model
+# (`code/flowers`, MLflow's code_paths): `mlflow models serve` with its default environment manager
+# builds a virtualenv from these and the model's own copy of the code, nothing else
+REQUIREMENTS = ("mlflow", "torch", "torchvision", "numpy", "pandas", "pillow", "onnxruntime", "onnx", "safetensors",
+                "scipy", "pyyaml", "tqdm")
 
 
 def signature():
@@ -96,6 +100,18 @@ def requirements() -> list[str]:
         except PackageNotFoundError:
             out.append(name)
     return out
+
+
+def package_source(tmp: str | Path) -> str:
+    """A copy of the installed `flowers` package (no bytecode) in `tmp`, for the model's `code/` folder:
+    the pyfunc imports the very code that wrote the model, wherever it is served."""
+    import shutil
+
+    import flowers
+
+    dst = Path(tmp) / "flowers"
+    shutil.copytree(Path(flowers.__file__).parent, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return str(dst)
 
 
 def pyfunc_model():
@@ -149,7 +165,7 @@ def save(folder: str | Path, out: str | Path, card: str | Path | None = None,
         code.write_text(CODE)
         mlflow.pyfunc.save_model(
             str(out), python_model=str(code), artifacts={FOLDER: str(folder)}, signature=signature(),
-            input_example=input_example(), pip_requirements=requirements(),
+            input_example=input_example(), pip_requirements=requirements(), code_paths=[package_source(tmp)],
             metadata={"flowers": json.loads(json.dumps(metadata or {}, default=str))})
     if manifest.get("kind") == "onnx" and manifest.get("file"):
         import onnx

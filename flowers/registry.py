@@ -252,27 +252,68 @@ def describe(uri: str | Path) -> ModelInfo:
 # ----------------------------------------------------------------------------- registering
 
 
+def logged_model(c, run_id: str, name: str = "model"):
+    """The newest READY logged model `name` of a run (MLflow 3's model entity), or None."""
+    exp = c.get_run(run_id).info.experiment_id
+    found = [m for m in c.search_logged_models(experiment_ids=[exp], filter_string=f"name = '{name}'",
+                                                max_results=1000)
+             if m.source_run_id == run_id and str(m.status).endswith("READY")]
+    return max(found, key=lambda m: m.creation_timestamp) if found else None
+
+
 def register(c, name: str, run_id: str, artifact_path: str = "model", alias: str | None = CHALLENGER,
              tags: dict[str, str] | None = None, description: str | None = None,
-             model_tags: dict[str, str] | None = None) -> str:
-    """Register `runs:/<run_id>/<artifact_path>` as a new version of `name` and set `alias` on it.
+             model_tags: dict[str, str] | None = None, model=None) -> str:
+    """Register the run's logged model `artifact_path` (or `model`, a LoggedModel) as a new version of
+    `name` and set `alias` on it; a run without one registers `runs:/<run_id>/<artifact_path>`.
 
-    `tags` go on the version; `model_tags` (default: the same) on the registered model. New
-    versions are challengers: `flowers.governance.decide` is what moves `champion`.
+    `tags` go on the version, `description` (the model card) too; `model_tags` (default: the
+    same tags) on the registered model, whose description says what the family is and what
+    its aliases mean. New versions are challengers: `flowers.governance.decide` is what moves
+    `champion`.
     """
     from mlflow.exceptions import MlflowException
 
+    from flowers.run_notes import model_description
+
     model_tags = dict(tags or {}) if model_tags is None else dict(model_tags)
     try:
-        c.create_registered_model(name, tags=model_tags, description=description)
+        c.create_registered_model(name, tags=model_tags, description=model_description(name))
     except MlflowException as e:
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise
-    source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    mv = c.create_model_version(name, source=source, run_id=run_id, tags=tags or {}, description=description)
+        if c.get_registered_model(name).description != model_description(name):
+            c.update_registered_model(name, description=model_description(name))
+    model = model or logged_model(c, run_id, artifact_path)
+    mv = None
+    if model is not None:  # the version's source is the logged model (`models:/<model id>`: the UI links the two)
+        try:
+            mv = c.create_model_version(name, source=f"models:/{model.model_id}", run_id=run_id, tags=tags or {},
+                                        description=fit_description(description), model_id=model.model_id)
+        except MlflowException as e:  # an embedded store resolves that URI against the process's global store
+            log.info("registering %s by its artifact location (%s)", name, str(e).splitlines()[0])
+            mv = c.create_model_version(name, source=model.artifact_location, run_id=run_id, tags=tags or {},
+                                        description=fit_description(description), model_id=model.model_id)
+    if mv is None:
+        source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        mv = c.create_model_version(name, source=source, run_id=run_id, tags=tags or {},
+                                    description=fit_description(description))
     if alias:
         c.set_registered_model_alias(name, alias, mv.version)
     for k, v in model_tags.items():
         c.set_registered_model_tag(name, k, v)
     log.info("registered %s version %s%s", name, mv.version, f" @{alias}" if alias else "")
     return str(mv.version)
+
+
+DESCRIPTION_CHARS = 5000  # MLflow's limit on a model version description
+
+
+def fit_description(text: str | None) -> str | None:
+    """A model card cut to MLflow's limit at a section boundary (the full card is the model's `model_card.md`)."""
+    if text is None or len(text) <= DESCRIPTION_CHARS:
+        return text
+    note = "\n\n(cut here; the full card is `model_card.md` in the model's artifacts)"
+    head = text[:DESCRIPTION_CHARS - len(note)]
+    cut = head.rfind("\n## ")
+    return (head[:cut] if cut > 0 else head) + note

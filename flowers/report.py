@@ -44,10 +44,9 @@ MODEL_RECORD = f"model/{FOLDER_PATH}/{PER_IMAGE}"
 FP32_RECORD = "artifacts/test_per_image_fp32.json"
 ENSEMBLE_STAGE, DISTILL_STAGE = "l4-ensemble", "l5-distill"
 LEVEL_TITLES = {"l1": "L1 transfer baseline", "l2": "L2 regularized recipe", "l3": "L3 attention pooling"}
-ENSEMBLE_KEYS = ("val_top1", "test_top1")
-DIVERSITY_KEYS = ("mean_disagreement", "mean_double_fault", "oracle_top1", "gain_over_best_member", "test_ece")
-DISTILL_KEYS = ("test_top1", "int8_test_top1", "teacher_test_top1", "latency_fp32_p50_ms", "latency_int8_p50_ms",
-                "latency_dynamic_int8_p50_ms", "latency_teacher_p50_ms")
+# MLflow metric names (the `flowers.run_notes` vocabulary) the L4 section shows
+DIVERSITY_KEYS = ("diversity/mean_disagreement", "diversity/mean_double_fault", "diversity/oracle_acc",
+                  "test/gain_over_best_member", "test/ece")
 
 
 def _pct(v: float | None) -> str:
@@ -125,9 +124,12 @@ def level_trial(info: dict[str, Any], level: str) -> dict[str, Any] | None:
 
 def _download_record(client, run_id: str, path: str) -> dict[str, Any] | None:
     """A per-image record logged with a run (None when the run has none)."""
+    from mlflow.artifacts import download_artifacts
+
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = Path(client.download_artifacts(run_id, path, tmp))
+        try:  # runs:/ reaches the run's logged models too (`model/...`), not only its artifact folder
+            local = Path(download_artifacts(artifact_uri=f"runs:/{run_id}/{path}", dst_path=tmp,
+                                            tracking_uri=client.tracking_uri))
         except Exception:  # MLflow raises many types for an absent artifact
             return None
         try:
@@ -204,8 +206,8 @@ def comparisons(info: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
             ("L3 vs L1", paired(rec.get("l3"), rec.get("l1")))]
     ens = info["stages"].get(ENSEMBLE_STAGE)
     m = (ens or {}).get("metrics") or {}
-    members = {k[len("member_"):-len("_test_top1")]: v for k, v in m.items()
-               if k.startswith("member_") and k.endswith("_test_top1")}
+    members = {k[len("members/"):-len("/test_acc")]: v for k, v in m.items()
+               if k.startswith("members/") and k.endswith("/test_acc")}
     if members:
         best = max(members, key=lambda k: members[k])
         rows.append((f"ensemble vs best member ({best})", paired(rec.get("ensemble"), rec.get(f"member:{best}"))))
@@ -237,15 +239,15 @@ def comparison_table(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
 
 def _claim_lines(m: dict[str, float]) -> list[str]:
     """The seed's diversity claim with its intervals, from the L4 stage's metrics."""
-    if "arch_minus_hparam_gain" not in m:
+    if "diversity/arch_minus_hparam_gain" not in m:
         return []
     kinds = []
     for kind in ("architecture", "hyperparameter"):
-        g = m.get(f"{kind}_pairs_mean_gain_over_best_member")
-        lo, hi = m.get(f"{kind}_pairs_gain_low"), m.get(f"{kind}_pairs_gain_high")
+        g = m.get(f"diversity/{kind}_pairs_mean_gain_over_best_member")
+        lo, hi = m.get(f"diversity/{kind}_pairs_gain_low"), m.get(f"diversity/{kind}_pairs_gain_high")
         if g is not None and lo is not None and hi is not None:
             kinds.append(f"{kind} pairs {_points(g)} points [{_points(lo)}, {_points(hi)}]")
-    d, lo, hi = m["arch_minus_hparam_gain"], m["arch_minus_hparam_gain_low"], m["arch_minus_hparam_gain_high"]
+    d, lo, hi = m["diversity/arch_minus_hparam_gain"], m["diversity/arch_minus_hparam_gain_low"], m["diversity/arch_minus_hparam_gain_high"]
     verdict = ("supported on this test set (interval above 0)" if lo > 0 else
                "contradicted on this test set (interval below 0)" if hi < 0 else
                "not shown: the interval contains 0, so these test images cannot tell the two kinds apart")
@@ -260,14 +262,14 @@ def seed_table(info: dict[str, Any]) -> list[str]:
     md = ["| model | this run: test top-1 % | seed: test top-1 % | seed's bar |", "|---|---|---|---|"]
     for level in ("l1", "l2", "l3"):
         t = level_trial(info, level)
-        mine = _pct(t["metrics"].get("test_top1")) if t else "not run"
+        mine = _pct(t["metrics"].get("test/acc")) if t else "not run"
         md.append(f"| {LEVEL_TITLES[level]} | {mine} | {SEED[level][1]:.2f} | – |")
     ens = (info["stages"].get(ENSEMBLE_STAGE) or {}).get("metrics") or {}
-    md.append(f"| L4 ensemble | {_pct(ens.get('test_top1')) if ens else 'not run'} | not reported | – |")
+    md.append(f"| L4 ensemble | {_pct(ens.get('test/acc')) if ens else 'not run'} | not reported | – |")
     dis = (info["stages"].get(DISTILL_STAGE) or {}).get("metrics") or {}
-    md.append(f"| L5 student, static INT8 | {_pct(dis.get('int8_test_top1')) if dis else 'not run'} | not reported | "
+    md.append(f"| L5 student, static INT8 | {_pct(dis.get('test/acc_int8')) if dis else 'not run'} | not reported | "
               f"≥ {SEED['student_bar_top1']:.0f} |")
-    md.append(f"| L5 student INT8, batch-1 p50 latency (ms) | {_ms(dis.get('latency_int8_p50_ms')) if dis else 'not run'} | "
+    md.append(f"| L5 student INT8, batch-1 p50 latency (ms) | {_ms(dis.get('latency/int8_p50_ms')) if dis else 'not run'} | "
               f"{SEED['student_int8_latency_ms']:.0f} | < {SEED['student_bar_latency_ms']:.0f} |")
     return md
 
@@ -326,9 +328,9 @@ def render(info: dict[str, Any], out_dir: Path) -> str:
         sv, st = SEED[level]
         if t:
             m = t["metrics"]
-            md.append(f"| {LEVEL_TITLES[level]} | {t['key']} | {_setup(t['params'])} | {_pct(m.get('best_val_acc'))} | "
-                      f"{_pct(m.get('test_top1'))} | {sv:.2f} | {st:.2f} |")
-            level_rows.append((level, m.get("best_val_acc"), m.get("test_top1")))
+            md.append(f"| {LEVEL_TITLES[level]} | {t['key']} | {_setup(t['params'])} | {_pct(m.get('val/best_acc'))} | "
+                      f"{_pct(m.get('test/acc'))} | {sv:.2f} | {st:.2f} |")
+            level_rows.append((level, m.get("val/best_acc"), m.get("test/acc")))
         else:
             md.append(f"| {LEVEL_TITLES[level]} | – | – | not run | not run | {sv:.2f} | {st:.2f} |")
     png = _bar_png(level_rows, out_dir / "levels.png", "Levels: val/test top-1")
@@ -347,8 +349,8 @@ def render(info: dict[str, Any], out_dir: Path) -> str:
         for t in abl:
             m = t["metrics"]
             md.append("| " + " | ".join(t["axes"].get(a, "") for a in axes) +
-                      f" | {t['key']} | {_pct(m.get('best_val_acc'))} | {_pct(m.get('test_top1'))} |")
-            rows.append(("/".join(t["axes"].get(a, "") for a in axes), m.get("best_val_acc"), m.get("test_top1")))
+                      f" | {t['key']} | {_pct(m.get('val/best_acc'))} | {_pct(m.get('test/acc'))} |")
+            rows.append(("/".join(t["axes"].get(a, "") for a in axes), m.get("val/best_acc"), m.get("test/acc")))
         png = _bar_png(rows, out_dir / "ablation.png", "Ablation: val/test top-1")
         if png:
             md += ["", f"![ablation]({png.name})"]
@@ -364,12 +366,12 @@ def render(info: dict[str, Any], out_dir: Path) -> str:
     if ens and ens["metrics"]:
         m = ens["metrics"]
         md += ["| model | test |", "|---|---|"]
-        for k in sorted(k for k in m if k.startswith("member_") and k.endswith("_test_top1")):
-            md.append(f"| member {k[len('member_'):-len('_test_top1')]} | {_pct(m[k])} |")
-        md.append(f"| **ensemble** (val {_pct(m.get('val_top1'))}) | **{_pct(m.get('test_top1'))}** |")
+        for k in sorted(k for k in m if k.startswith("members/") and k.endswith("/test_acc")):
+            md.append(f"| member {k[len('members/'):-len('/test_acc')]} | {_pct(m[k])} |")
+        md.append(f"| **ensemble** (val {_pct(m.get('val/acc'))}) | **{_pct(m.get('test/acc'))}** |")
         div = {k: v for k, v in m.items() if k in DIVERSITY_KEYS}
         if div:
-            md += ["", "Diversity: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(div.items()))]
+            md += ["", "Diversity: " + ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in sorted(div.items()))]
         md += _claim_lines(m)
         md += ["", f"Setup: {_setup(ens['params']) if 'data.root' in ens['params'] else 'members as above'}; hardware as above."]
     else:
@@ -381,10 +383,10 @@ def render(info: dict[str, Any], out_dir: Path) -> str:
     if dis and dis["metrics"]:
         m = dis["metrics"]
         md += ["| model | test top-1 % | batch-1 latency p50 (ms) |", "|---|---|---|",
-               f"| teacher | {_pct(m.get('teacher_test_top1'))} | {_ms(m.get('latency_teacher_p50_ms'))} |",
-               f"| student fp32 | {_pct(m.get('test_top1'))} | {_ms(m.get('latency_fp32_p50_ms'))} |",
-               f"| student INT8 (static) | {_pct(m.get('int8_test_top1'))} | {_ms(m.get('latency_int8_p50_ms'))} |",
-               f"| student INT8 (dynamic) | – | {_ms(m.get('latency_dynamic_int8_p50_ms'))} |",
+               f"| teacher | {_pct(m.get('teacher/test_acc'))} | {_ms(m.get('latency/teacher_p50_ms'))} |",
+               f"| student fp32 | {_pct(m.get('test/acc_fp32'))} | {_ms(m.get('latency/fp32_p50_ms'))} |",
+               f"| student INT8 (static) | {_pct(m.get('test/acc_int8'))} | {_ms(m.get('latency/int8_p50_ms'))} |",
+               f"| student INT8 (dynamic) | – | {_ms(m.get('latency/dynamic_int8_p50_ms'))} |",
                f"| seed student INT8 | – | {SEED['student_int8_latency_ms']:.0f} |",
                "", f"Setup: {_setup(dis['params'])}; latency on the hardware above."]
         tags = dis.get("tags") or {}
@@ -415,11 +417,15 @@ def _grid_budget_note(grid: list[dict], levels: list[dict | None]) -> list[str]:
 
 
 def write_report(study: str, out_dir: str | Path, tracker: T.StudyTracker | None = None) -> Path:
-    """Write `<out_dir>/report.md` (+ PNGs) for `study`; returns the Markdown path."""
+    """Write `<out_dir>/report.md` (+ PNGs) and `report.html` (the same, figures inline: MLflow's artifact
+    viewer renders it) for `study`; returns the Markdown path."""
+    from flowers.report_html import markdown_to_html
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = render(collect(study, tracker), out_dir)
     path = out_dir / "report.md"
     path.write_text(text)
+    path.with_suffix(".html").write_text(markdown_to_html(text, out_dir, f"Study report: {study}"))
     log.info("report written to %s", path)
     return path

@@ -28,6 +28,7 @@ from flowers.data.transforms import Normalize, Preprocessing, train_transform
 from flowers.governance import data_lineage
 from flowers.models import TailNet, build_model, model_spec
 from flowers.predict import predict_dataset
+from flowers.run_notes import dataset_record
 from flowers.runtime import configure_torch_threads, progress_bar
 
 if TYPE_CHECKING:
@@ -222,6 +223,8 @@ def fit(
     log.info("data %s: train %d, val %d, test %d images, %d classes", data.source,
              len(data.train), len(data.val), len(data.test), data.num_classes)
     (run_dir / "split.json").write_text(json.dumps(data.split))
+    # the splits as MLflow dataset inputs (checksum and per-part hashes; flowers.tracking.log_datasets)
+    (run_dir / "datasets.json").write_text(json.dumps(dataset_record(data)))
     C.dump_yaml(cfg, run_dir / "config.yaml")
 
     model = build_model(cfg.model.name, num_classes=data.num_classes, pretrained=cfg.model.pretrained,

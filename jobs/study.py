@@ -25,6 +25,7 @@ from typing import Any
 from flowers import config as C
 from flowers import registry
 from flowers import report as R
+from flowers import run_notes as N
 from flowers import study_steps as S
 from flowers import tracking as T
 from flowers.study import build_trials, load_study
@@ -115,7 +116,8 @@ def run_study(study: C.StudyConfig, config_dir: Path, resume: bool = False, addr
     preflight.check_study(study, specs, target, cluster.spans_nodes())  # before anything is written
     T.configure(target)
     tracker = T.StudyTracker(study.name, target, {"study": study.name})
-    tracker.set_tags(tracker.parent_id, {"hardware": S.hardware()})
+    tracker.set_tags(tracker.parent_id, {"hardware": S.hardware(),
+                                         N.NOTE_TAG: N.study_note(study.name, [s.key for s in specs], study.stages)})
     outcome = StudyOutcome(study.name, target.tracking_uri, tracker.experiment_id, tracker.parent_id)
     tracker.log_params(tracker.parent_id, {
         "trials": ",".join(s.key for s in specs), "stages": ",".join(study.stages),
@@ -129,16 +131,17 @@ def run_study(study: C.StudyConfig, config_dir: Path, resume: bool = False, addr
             # (on a cluster each node's first trial builds its own, node-local copy)
             student = S.student_config(study, config_dir) if "distill" in study.stages else None
             seconds = S.warm_feature_caches([s.cfg for s in specs] + ([student] if student else []))
-            tracker.log_metrics(tracker.parent_id, {"feature_cache_seconds": seconds})
+            tracker.log_metrics(tracker.parent_id, {"feature_cache_seconds": seconds}, kind="trial")
         if "tune" in study.stages:
             finished = {r["key"] for r in S.trial_records(tracker) if r["status"] == "FINISHED"} if resume else set()
             outcome.failed_trials = run_tune(study, specs, target, resume, finished)
         outcome.registered.update(S.register_levels(study, tracker, S.trial_records(tracker)))
         _run_stages(study, config_dir, target, tracker, outcome, resume)
-        tracker.log_metrics(tracker.parent_id, {"study_wall_seconds": time.perf_counter() - t0})
+        tracker.log_metrics(tracker.parent_id, {"study_wall_seconds": time.perf_counter() - t0}, kind="trial")
         report_dir = Path(study.report_dir or Path(study.home) / "reports" / study.name)
         outcome.report = R.write_report(study.name, report_dir, tracker=tracker)
-        tracker.log_artifacts(tracker.parent_id, [outcome.report, *sorted(report_dir.glob("*.png"))], "report")
+        tracker.log_artifacts(tracker.parent_id, [outcome.report, outcome.report.with_suffix(".html"),
+                                                  *sorted(report_dir.glob("*.png"))], "report")
         status = "FINISHED"
     finally:
         tracker.finish_study(status)

@@ -20,14 +20,15 @@ import ray
 from ray import tune
 
 from flowers import config as C
+from flowers import run_notes as N
 from flowers import tracking as T
 from flowers.registry import TrackingTarget
 
 log = logging.getLogger(__name__)
 
 # files of a finished trial that travel in its final checkpoint (the driver logs them)
-FINAL_FILES = ("best.pt", "config.yaml", "split.json", "metrics.json", "curves.png", "test_confusion.png",
-               "test_confusion.csv", "test_per_class.csv", "test_most_confused.json")
+FINAL_FILES = ("best.pt", "config.yaml", "split.json", "datasets.json", "metrics.json", "curves.png",
+               "test_confusion.png", "test_confusion.csv", "test_per_class.csv", "test_most_confused.json")
 PENDING_WAIT_S = 300  # at the end, how long queued MLflow writes wait for the server to come back
 NODE_TAG = "ray.node_id"  # the node a trial's last result came from
 NODES_TAG = "ray.node_ids"  # every node it ran on, in order (a node failure moves it)
@@ -140,14 +141,19 @@ class MlflowStudyCallback(tune.Callback):
     def _run_for(self, trial) -> str:
         spec = trial.config["trial"]
         key = trial_key(trial.config, trial.trial_id)
+        axes = spec.get("axes", {})
+        # study trials get a readable name (`L1 baseline`, `grid strong/ls_wd/cosine`); search trials keep their key
+        name = key if trial.config.get("overrides") else N.run_name(key, spec["roles"], axes)
         run_id = self.tracker.child(key, "trial", {
-            "flowers.roles": ",".join(spec["roles"]), "flowers.level": spec["cfg"]["level"],
-            **{f"axis.{k}": str(v) for k, v in spec.get("axes", {}).items()}})
+            "flowers.roles": ",".join(spec["roles"]), N.LEVEL_TAG: N.level_of(spec["roles"]),
+            "mlflow.runName": name, **{f"axis.{k}": str(v) for k, v in axes.items()}})
         if key not in self._params_logged:  # once per driver process (log_params skips what a restored run has)
             params = C.to_flat_dict(C.build(C.Config, spec["cfg"]))
-            params.update({f"axis.{k}": v for k, v in spec.get("axes", {}).items()})
+            params.update({f"axis.{k}": v for k, v in axes.items()})
             params.update(trial.config.get("overrides") or {})
             self.tracker.log_params(run_id, params)
+            # the description is generated from the config this trial trains (never a hand-written text)
+            self.tracker.set_tags(run_id, {N.NOTE_TAG: N.describe_trial(params, spec["roles"], axes)})
             self._params_logged.add(key)
         return run_id
 
@@ -183,12 +189,12 @@ class MlflowStudyCallback(tune.Callback):
             return
         run_id = self._run_for(trial)
         self._record_node(run_id, result.get("node_id"))
-        if result.get("final"):
-            keep = {k: v for k, v in result.items() if k.startswith("test_") or k in ("best_val_acc", "best_epoch")}
-            self.tracker.log_metrics(run_id, keep)
+        step = int(result.get("epoch", 0))
+        if result.get("final"):  # at the last epoch's step: no artificial step-0 point
+            keep = {k: v for k, v in result.items() if k.startswith("test_") or k == "best_epoch"}
         else:
             keep = {k: v for k, v in result.items() if k in EPOCH_METRICS}
-            self.tracker.log_metrics(run_id, keep, step=int(result.get("epoch", 0)))
+        self.tracker.log_metrics(run_id, N.mlflow_metrics(keep, "trial"), step=step)
 
     def _log_final(self, trial, ckpt) -> None:
         run_id = self._run_for(trial)
@@ -198,6 +204,7 @@ class MlflowStudyCallback(tune.Callback):
                 T.log_run_dir(self.tracker, run_id, d)
                 if (d / "best.pt").is_file():
                     self.tracker.log_model_dir(run_id, d, "model")
+                T.log_run_views(self.tracker, run_id, d)
         self.tracker.finish(run_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:

@@ -97,7 +97,7 @@ def _wait_for(what: str, cond, job: str, address: str, timeout: float = 600, pol
 
 
 def _steps(client, run_id: str) -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, "val_acc"))
+    return sorted(m.step for m in client.get_metric_history(run_id, "val/acc"))
 
 
 def test_submitted_study_survives_a_worker_kill_and_an_mlflow_outage(test_cluster, cluster_env, dataset_uri,

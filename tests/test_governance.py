@@ -118,7 +118,7 @@ def test_gate_keeps_a_worse_challenger_promotes_a_better_one_and_records_force(t
 
     # list and show read it all back
     rc, out, _ = _cli(capsys, "models", "list", name, "--json", "--tracking-uri", mlflow_server)
-    rows = [json.loads(line) for line in out.splitlines()]
+    rows = json.loads(out)  # one JSON document
     assert [r["version"] for r in rows] == [v3, v2, v1] and rows[0]["aliases"] == [R.CHAMPION]
     assert rows[0]["test_accuracy"] == 1.0 and rows[1]["gate"]["decision"] == "forced"
     rc, out, _ = _cli(capsys, "models", "show", f"{name}@champion", "--json", "--tracking-uri", mlflow_server)
@@ -164,6 +164,8 @@ def test_bad_input_one_line_exit_2_and_no_alias_moves(tracker, base_ckpt, tmp_pa
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr[-2000:]
     rc, _, err = _cli(capsys, "models", "list", "--tracking-uri", dead)
     assert rc == 2 and err.startswith(f"error: cannot reach the model registry at {dead}") and err.count("\n") == 1
+    rc, out, err = _cli(capsys, "models", "list", "--json", "--tracking-uri", dead)  # still valid JSON
+    assert rc == 2 and json.loads(out)["error"].startswith(f"cannot reach the model registry at {dead}")
     assert "gate.decision" not in tr.client.get_model_version(name, v2).tags
     # with --force the other split is accepted, recorded as uncompared
     d = G.decide(name, v2, mlflow_server, force=True)

@@ -144,6 +144,12 @@ def test_pyfunc_from_code_signature_and_predictions(folder, synth_root, tmp_path
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
     assert f"{MM.FOLDER_PATH}/{WEIGHTS}" in files and "flowers_pyfunc.py" in files
+    # what the pyfunc needs travels with it: the flowers code (no bytecode) and pinned third-party requirements
+    assert {"code/flowers/predict.py", "code/flowers/mlflow_model.py"} <= files
+    assert not [f for f in files if "__pycache__" in f]
+    reqs = (out / "requirements.txt").read_text().split()
+    assert f"torch=={torch.__version__.split('+')[0]}" in [r.split("+")[0] for r in reqs]
+    assert {r.split("==")[0] for r in reqs} >= {"mlflow", "torch", "onnxruntime", "pyyaml", "tqdm", "safetensors"}
     meta = mlflow.models.Model.load(str(out / "MLmodel"))
     assert meta.flavors["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"
     assert meta.signature.inputs.input_names() == ["image"]
@@ -160,22 +166,24 @@ def test_pyfunc_from_code_signature_and_predictions(folder, synth_root, tmp_path
     assert got["label"].iloc[3] == -1 and "not a recognised image" in got["error"].iloc[3]
 
 
-def _serve(uri: str, tracking: str, port: int, log: Path) -> subprocess.Popen:
+def _serve(uri: str, tracking: str, port: int, log: Path, env_manager: str | None = "local") -> subprocess.Popen:
     # as in an activated environment: MLflow execs `uvicorn` from PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+    manager = ["--env-manager", env_manager] if env_manager else []  # None: MLflow's default (virtualenv)
+    return subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, *manager,
                              "-h", "127.0.0.1", "-p", str(port), "--workers", "1"], env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-@pytest.mark.slow
-def test_mlflow_models_serve_answers_for_the_student(mlflow_server, trained_checkpoint, synth_root, tmp_path):
-    """`mlflow models serve -m models:/flowers-student@champion` answers over HTTP on loopback."""
+@pytest.fixture(scope="module")
+def registered_student(mlflow_server, trained_checkpoint, tmp_path_factory) -> Path:
+    """An exported student registered through the study's code path as flowers-student@champion."""
     from flowers.export import export_student
 
-    student = export_student(trained_checkpoint, tmp_path / "student", [torch.randint(0, 256, (4, 3, 64, 64),
-                             dtype=torch.uint8)], 0.5, calibration_size=4, torchscript=False, dynamic=False)
+    student = export_student(trained_checkpoint, tmp_path_factory.mktemp("student") / "student",
+                             [torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)], 0.5, calibration_size=4,
+                             torchscript=False, dynamic=False)
     old = mlflow.get_tracking_uri()
     old_env = os.environ.get("MLFLOW_TRACKING_URI")
     target = R.resolve_target(mlflow_server)
@@ -194,11 +202,31 @@ def test_mlflow_models_serve_answers_for_the_student(mlflow_server, trained_chec
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = old_env
+    return student
 
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_for_the_student(mlflow_server, registered_student, synth_root, tmp_path):
+    """`mlflow models serve -m models:/flowers-student@champion` answers over HTTP on loopback."""
+    _serve_and_ask(mlflow_server, registered_student, synth_root, tmp_path, "local", 180)
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_with_the_default_environment_manager(mlflow_server, registered_student, synth_root,
+                                                                  tmp_path):
+    """The same with MLflow's default environment manager (virtualenv): a new environment from the model's
+    python_env.yaml (pyenv's Python) and requirements.txt (pinned, from the package indexes pip is set up
+    with), the flowers code from the model's own `code/` folder. Costly the first time on a machine (the
+    pinned torch build and its libraries, about 6 GB; MLflow keeps the environment under ~/.mlflow/envs)."""
+    _serve_and_ask(mlflow_server, registered_student, synth_root, tmp_path, None, 1500)
+
+
+def _serve_and_ask(mlflow_server: str, student: Path, synth_root: Path, tmp_path: Path, env_manager: str | None,
+                   start_s: float) -> None:
     port = free_port()
-    proc = _serve("models:/flowers-student@champion", mlflow_server, port, tmp_path / "serve.log")
+    proc = _serve("models:/flowers-student@champion", mlflow_server, port, tmp_path / "serve.log", env_manager)
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + start_s
         while time.time() < deadline:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()

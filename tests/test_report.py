@@ -6,6 +6,8 @@ import pytest
 
 from flowers.checkpoint import per_image_record
 from flowers.report import comparisons, paired, render
+from flowers.report_html import markdown_to_html
+from flowers.run_notes import mlflow_metrics
 
 
 def _record(correct, n=None, prefix="jpg"):
@@ -18,7 +20,7 @@ def _record(correct, n=None, prefix="jpg"):
 def _info(stages=None, records=None):
     trial = {"key": "l1", "status": "FINISHED", "run_id": "r1", "roles": ["l1", "ablation"],
              "axes": {"augment": "light", "schedule": "constant"},
-             "metrics": {"best_val_acc": 0.9, "test_top1": 0.85},
+             "metrics": mlflow_metrics({"best_val_acc": 0.9, "test_top1": 0.85}),  # as MLflow holds them
              "params": {"data.root": "/d", "data.split": "random", "data.seed": "0", "data.image_size": "128",
                         "model.arch": "efficientnet_lite0", "model.attention": "False", "model.pretrained": "packaged",
                         "train.epochs": "2", "data.classes": "None", "data.max_train_batches": "120"}, "tags": {}}
@@ -43,15 +45,22 @@ def test_render_levels_ablation_and_not_run(tmp_path):
                 "student INT8 vs student fp32"):
         assert f"| {row} | not run (or no per-image results) |" in md
     assert (tmp_path / "levels.png").is_file() and (tmp_path / "ablation.png").is_file()
+    # the HTML report MLflow's artifact viewer renders: tables as tables, figures inline
+    page = markdown_to_html(md, tmp_path, "Study report: s")
+    assert page.count("<table>") == sum(line.startswith("|---") for line in md.splitlines()) >= 4
+    assert page.count('src="data:image/png;base64,') == 2 and "![" not in page and "**" not in page
+    assert "<td>L1 transfer baseline</td>" in page
 
 
 def test_render_l4_l5_when_present(tmp_path):
     stages = {
-        "l4-ensemble": {"metrics": {"val_top1": 0.95, "test_top1": 0.94, "member_l1_test_top1": 0.9,
-                                    "member_l3_test_top1": 0.91, "mean_disagreement": 0.05}, "params": {}},
-        "l5-distill": {"metrics": {"test_top1": 0.9, "int8_test_top1": 0.89, "teacher_test_top1": 0.94,
-                                   "latency_fp32_p50_ms": 10.0, "latency_int8_p50_ms": 5.0,
-                                   "latency_dynamic_int8_p50_ms": 7.0, "latency_teacher_p50_ms": 80.0},
+        "l4-ensemble": {"metrics": mlflow_metrics({"val_top1": 0.95, "test_top1": 0.94, "member_l1_test_top1": 0.9,
+                                                   "member_l3_test_top1": 0.91, "mean_disagreement": 0.05}, "ensemble"),
+                        "params": {}},
+        "l5-distill": {"metrics": mlflow_metrics({"test_top1": 0.9, "int8_test_top1": 0.89, "teacher_test_top1": 0.94,
+                                                  "latency_fp32_p50_ms": 10.0, "latency_int8_p50_ms": 5.0,
+                                                  "latency_dynamic_int8_p50_ms": 7.0, "latency_teacher_p50_ms": 80.0},
+                                                 "student"),
                        "params": {"model.arch": "mobilenet_v3_large"}},
     }
     md = render(_info(stages), tmp_path)
@@ -86,14 +95,14 @@ def test_render_comparisons_claim_and_int8_recipe(tmp_path):
             "member:l3": _record(np.arange(n) < 160), "student_int8": _record(np.arange(n) < 168),
             "student_fp32": _record(np.arange(n) < 169)}
     stages = {
-        "l4-ensemble": {"metrics": {"val_top1": 0.86, "test_top1": 0.85, "member_l1_test_top1": 0.75,
+        "l4-ensemble": {"metrics": mlflow_metrics({"val_top1": 0.86, "test_top1": 0.85, "member_l1_test_top1": 0.75,
                                     "member_l3_test_top1": 0.80, "architecture_pairs_mean_gain_over_best_member": 0.02,
                                     "architecture_pairs_gain_low": 0.005, "architecture_pairs_gain_high": 0.035,
                                     "hyperparameter_pairs_mean_gain_over_best_member": 0.01,
                                     "hyperparameter_pairs_gain_low": -0.005, "hyperparameter_pairs_gain_high": 0.025,
                                     "arch_minus_hparam_gain": 0.01, "arch_minus_hparam_gain_low": -0.01,
-                                    "arch_minus_hparam_gain_high": 0.03}, "params": {}, "tags": {}},
-        "l5-distill": {"metrics": {"test_top1": 0.845, "int8_test_top1": 0.84}, "params": {},
+                                    "arch_minus_hparam_gain_high": 0.03}, "ensemble"), "params": {}, "tags": {}},
+        "l5-distill": {"metrics": mlflow_metrics({"test_top1": 0.845, "int8_test_top1": 0.84}, "student"), "params": {},
                        "tags": {"int8_recipe": "u8s8_7bit", "int8_saturation_safe": "True",
                                 "int8_validated_on": "AMD EPYC (avx2 avx512f avx512_vnni)"}},
     }

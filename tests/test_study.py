@@ -13,6 +13,7 @@ import pytest
 
 from conftest import REPO, write_small_study
 from flowers import config as C
+from flowers.registry import logged_model
 from flowers.study import build_trials, load_study
 
 
@@ -83,10 +84,11 @@ def test_concurrent_trials_log_to_sqlite_and_register_levels(small_study):
     for r in trials:
         assert r.info.status == "FINISHED"
         assert r.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
-        assert {"val_acc", "train_loss", "test_top1", "best_val_acc", "images_per_s"} <= set(r.data.metrics)
+        assert {"val/acc", "train/loss", "test/acc", "val/best_acc", "perf/images_per_s"} <= set(r.data.metrics)
         assert r.data.params["data.split"] == "official"
         arts = {a.path for a in client.list_artifacts(r.info.run_id)}
-        assert {"curves.png", "test_confusion.png", "test_per_class.csv", "split.json", "config.yaml", "model"} <= arts
+        assert {"curves.png", "test_confusion.png", "test_per_class.csv", "split.json", "config.yaml"} <= arts
+        assert logged_model(client, r.info.run_id) is not None  # the model: an MLflow logged model of the run
     mv = client.get_model_version_by_alias("flowers-l1", "champion")
     assert client.get_run(mv.run_id).data.tags["flowers.key"] == "l1"
     assert client.get_registered_model("flowers-l1").tags["flowers.study"] == "small"
@@ -94,7 +96,9 @@ def test_concurrent_trials_log_to_sqlite_and_register_levels(small_study):
     # registered as challengers, made champion by the gate (first versions), with lineage; real MLflow Models
     assert mv.tags["gate.decision"] == "first" and mv.tags["lineage.study"] == "small"
     assert mv.tags["lineage.split_hash"] and mv.tags["lineage.data_checksum"] and mv.tags["lineage.config_hash"]
-    assert {"model/MLmodel", "model/model_card.md"} <= {a.path for a in client.list_artifacts(mv.run_id, "model")}
+    logged = logged_model(client, mv.run_id)  # an MLflow logged model of the run, the version's source
+    assert mv.source == f"models:/{logged.model_id}"
+    assert {"MLmodel", "model_card.md"} <= {a.path for a in client.list_logged_model_artifacts(logged.model_id)}
     ens = client.get_model_version_by_alias("flowers-ensemble", "champion")
     assert ens.tags["gate.decision"] == "first"
     assert sorted(ens.tags["lineage.parents"].split(",")) == ["flowers-l1/1", "flowers-l3/1"]
@@ -107,7 +111,7 @@ def test_registered_level_loads_in_fresh_process_and_reproduces_test_accuracy(sm
     _, outcome = small_study
     client = MlflowClient(outcome.tracking_uri)
     mv = client.get_model_version_by_alias("flowers-l1", "champion")
-    logged = client.get_run(mv.run_id).data.metrics["test_top1"]
+    logged = client.get_run(mv.run_id).data.metrics["test/acc"]
     code = REPRO
     env = {**os.environ, "MLFLOW_TRACKING_URI": outcome.tracking_uri}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
@@ -136,7 +140,7 @@ def test_distill_stage_registers_the_student_and_serve_answers_from_the_registry
     assert mv.tags["lineage.parents"] == "flowers-ensemble/1"
     run = client.get_run(mv.run_id)
     assert run.data.tags["flowers.key"] == "l5-distill" and run.data.tags["int8_recipe"] == "u8s8_7bit_bc"
-    assert {"int8_test_top1", "test_top1", "latency_int8_p50_ms"} <= set(run.data.metrics)
+    assert {"test/acc_int8", "test/acc_fp32", "test/acc", "latency/int8_p50_ms"} <= set(run.data.metrics)
     assert "artifacts/test_per_image_fp32.json" in {a.path for a in client.list_artifacts(mv.run_id, "artifacts")}
 
     port = free_port()
@@ -240,7 +244,7 @@ def test_resume_after_killing_the_driver(synth_root, tmp_path):
     exp = client.get_experiment_by_name("resume")
     l3 = client.search_runs([exp.experiment_id], "tags.`flowers.key` = 'l3'")
     assert len(l3) == 1 and l3[0].info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(l3[0].info.run_id, "train_loss")]
+    steps = [m.step for m in client.get_metric_history(l3[0].info.run_id, "train/loss")]
     assert sorted(set(steps)) == list(range(1, RESUME_EPOCHS + 1)) and steps.count(1) == 1, steps
     assert client.get_model_version_by_alias("flowers-l3", "champion").run_id == l3[0].info.run_id
 

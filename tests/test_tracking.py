@@ -59,8 +59,13 @@ def _log_and_load(uri: str, target: R.TrackingTarget, run, study: str) -> None:
         mv = client.get_model_version("flowers-l1", version)
         assert {"lineage.split_hash", "lineage.data_checksum", "lineage.config_hash", R.MANIFEST_TAG,
                 "flowers.test_accuracy"} <= set(mv.tags)
-        arts = {a.path for a in client.list_artifacts(child, "model")}
-        assert {"model/MLmodel", "model/model_card.md", "model/artifacts"} <= arts
+        # logged as the run's MLflow logged model (the version's source), the model card as the version's description
+        lm = R.logged_model(client, child)
+        assert lm.source_run_id == child and mv.source in (f"models:/{lm.model_id}", lm.artifact_location)
+        arts = {a.path for a in client.list_logged_model_artifacts(lm.model_id)}
+        assert {"MLmodel", "model_card.md", "artifacts", "code", "requirements.txt"} <= arts
+        assert mv.description.startswith("# Model card: flowers-l1")
+        assert "champion" in client.get_registered_model("flowers-l1").description
         # every epoch's value at its step (MLflow's client retries a request whose answer it did not get,
         # so a loaded server may hold a write twice: same step, same value)
         hist = client.get_metric_history(child, "val_acc")

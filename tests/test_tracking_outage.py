@@ -60,7 +60,7 @@ def test_writes_during_an_outage_are_delivered_in_order_afterwards(monkeypatch):
     tracker.down = False
     cb.on_trial_complete(0, [], t)
     assert [m[2] for m in tracker.metrics] == [1, 2, 3]
-    assert [m[1]["val_acc"] for m in tracker.metrics] == [0.1, 0.2, 0.3]
+    assert [m[1]["val/acc"] for m in tracker.metrics] == [0.1, 0.2, 0.3]
     assert tracker.finished == ["run-l1"]
     monkeypatch.setattr(trial_mod, "PENDING_WAIT_S", 0)
     cb.on_experiment_end([])

@@ -69,4 +69,4 @@ def test_a_finished_trial_listed_as_running_by_a_stale_state_is_not_trained_agai
     assert set(runs) == {"l1", "l2"} and runs["l1"].info.run_id == done
     assert [m.step for m in client.get_metric_history(done, "val_acc")] == [1]  # nothing logged again
     assert client.list_artifacts(done) == [] and runs["l1"].info.status == "FINISHED"
-    assert runs["l2"].info.status == "FINISHED" and client.get_metric_history(runs["l2"].info.run_id, "val_acc")
+    assert runs["l2"].info.status == "FINISHED" and client.get_metric_history(runs["l2"].info.run_id, "val/acc")

@@ -19,11 +19,12 @@ def register(sub) -> None:
     ls = verbs.add_parser("list", parents=[store],
                           help="versions with aliases, test accuracy, gate decision, split hash, git commit")
     ls.add_argument("name", nargs="?", help="one registered model (default: all)")
-    ls.add_argument("--json", action="store_true", help="one JSON object per version")
+    ls.add_argument("--json", action="store_true",
+                    help="a JSON list, one object per version (errors as {\"error\": ...})")
     ls.set_defaults(func=run_list)
     sh = verbs.add_parser("show", parents=[store], help="one version: lineage, gate decision and statistics")
     sh.add_argument("spec", metavar="NAME[@ALIAS|/VERSION]", help="e.g. flowers-l1@champion, flowers-l1/3")
-    sh.add_argument("--json", action="store_true")
+    sh.add_argument("--json", action="store_true", help="one JSON object (errors as {\"error\": ...})")
     sh.set_defaults(func=run_show)
     pr = verbs.add_parser("promote", parents=[store], help="run the gate for a version against the champion (or --force it)")
     pr.add_argument("name")
@@ -49,9 +50,8 @@ def run_list(args) -> int:
 
     client, _ = _connect(args)
     rows = list_versions(client, args.name)
-    if args.json:
-        for r in rows:
-            print(json.dumps(r))
+    if args.json:  # one document, so `json.loads(stdout)` works whatever the number of versions
+        print(json.dumps(rows, default=str))
         return 0
     table = [[r["name"], r["version"], ",".join(r["aliases"]) or "-",
               f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "-",
