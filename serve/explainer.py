@@ -58,8 +58,12 @@ def explainable(uri: str) -> tuple[LoadedModel, LoadedModel | None, str]:
     except ModelLoadError as e:
         src = served.meta.get("source_checkpoint")
         if src and Path(src).is_file():  # the INT8 student's fp32 checkpoint, where this node can read it
-            fp32 = load_model(src)
-            explainable_modules(fp32)
+            try:
+                fp32 = load_model(src)
+                explainable_modules(fp32)
+            except Exception as e2:  # a broken source file must not take the whole app down: 501 for it
+                log.warning("explainer: cannot use %s for %s: %s", src, served.name, e2)
+                return served, None, f"{e}; its source checkpoint {src} did not load: {e2}"
             return served, fp32, f"fp32 source checkpoint of {served.name} ({Path(src).name})"
         return served, None, str(e)
 

@@ -15,6 +15,8 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve import schemas, web
+
 IMAGE_TYPES = frozenset({"image/jpeg", "image/jpg", "image/png", "image/webp"})
 MULTIPART = "multipart/form-data"
 # curl -F and browsers label unknown files octet-stream; the decoder decides for those parts
@@ -39,8 +41,6 @@ def error_response(status: int, message: str) -> JSONResponse:
 def make_api() -> FastAPI:
     """The FastAPI app of the ingress, with every error answered as JSON, its web page, and API docs
     whose assets it serves itself (serve/web.py)."""
-    from serve import schemas, web
-
     api = FastAPI(title="flowers", version="1", docs_url=None, redoc_url=None,
                   description="Flowers-102 classification: a soft-voting ensemble and its INT8 student, side by "
                               "side. Every error is JSON {\"error\": message, \"status\": code}. "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 STATIC = Path(__file__).with_name("static")
 VENDOR = "static/vendor"
@@ -52,11 +52,9 @@ def static_digest() -> str:
 
 
 def asset_response(name: str, request: Request, extra: dict[str, str] | None = None) -> Response:
-    from serve.http import ApiError  # serve.http imports this module
-
     found = assets().get(name)
-    if found is None:
-        raise ApiError(404, f"no static file '{name}'")
+    if found is None:  # the API's JSON error body (serve/http.py)
+        return JSONResponse({"error": f"no static file '{name}'", "status": 404}, status_code=404)
     data, ctype, etag = found
     headers = {"ETag": etag, "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", **(extra or {})}
     if request.headers.get("if-none-match") == etag:
