@@ -127,7 +127,7 @@ def test_readme_quickstart_from_a_plain_shell(tmp_path):
         r = sh(["curl", "-s", "--data-binary", f"@{first}", "-H", "content-type: image/jpeg",
                 f"http://127.0.0.1:{port}/v1/predict/student?top_k=3"], work, env, timeout=120)
         answer = json.loads(r.stdout)
-        assert len(answer["top_k"]) == 3 and answer["model"]["name"] == "flowers-student", answer
+        assert len(answer["top_k"]) == 3 and answer["model"] == "flowers-student" and answer["version"] == "1", answer
         page = wait_http(f"http://127.0.0.1:{port}/", 60).decode()
         assert "<html" in page.lower() and "flowers" in page.lower()
     finally:
