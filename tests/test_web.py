@@ -334,3 +334,32 @@ def test_explain_route_checks_input_like_predict(web, photo):
     for resp, status, needle in cases:
         assert resp.status_code == status and needle in resp.json()["error"], (status, resp.text)
     print(json.dumps({k: v for k, v in body.items() if k != "png_base64"}))
+
+
+def test_explain_is_bounded_and_prediction_keeps_answering(web, photo):
+    """16 explain requests at once: at most 4 wait per ingress replica, the rest get 503 at once with
+    the JSON error; predictions sent meanwhile are all answered (Grad-CAM runs in its own deployment)."""
+    import concurrent.futures as cf
+    import threading
+
+    _, client = web
+    jpeg = photo.read_bytes()
+    start = threading.Barrier(20)
+
+    def explain(_):
+        start.wait()
+        return client.post("/v1/explain/ensemble", content=jpeg, headers={"content-type": "image/jpeg"})
+
+    def predict(_):
+        start.wait()
+        return client.post("/v1/predict/student", content=jpeg, headers={"content-type": "image/jpeg"})
+
+    with cf.ThreadPoolExecutor(20) as pool:
+        cams = [pool.submit(explain, i) for i in range(16)]
+        preds = [pool.submit(predict, i) for i in range(4)]
+        cams, preds = [f.result() for f in cams], [f.result() for f in preds]
+    codes = sorted(r.status_code for r in cams)
+    assert set(codes) <= {200, 503} and codes.count(200) >= 1 and codes.count(503) >= 1, codes
+    busy = next(r.json() for r in cams if r.status_code == 503)
+    assert busy["status"] == 503 and "explanations already waiting" in busy["error"]
+    assert [r.status_code for r in preds] == [200] * 4
