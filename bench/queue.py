@@ -1,8 +1,11 @@
 """The job queue on the local test cluster: admission latency, short jobs per minute, CPU use with a
 full queue. Trivial jobs (no training): what is measured is the queue and Ray Jobs, not a model.
 
-    python bench/queue.py                       # starts a test cluster (2 workers x 1 CPU), stops it after
-    python bench/queue.py --state /tmp/fc       # an already running `flowers cluster up --state /tmp/fc`
+    python -m bench.queue                       # starts a test cluster (2 workers x 1 CPU), stops it after
+    python -m bench.queue --state /tmp/fc       # an already running `flowers cluster up --state /tmp/fc`
+
+(`-m`, from the checkout: as `python bench/queue.py` this file would stand in for the standard
+library's `queue` module, which Ray's HTTP client imports.)
 
 - admission latency: one job into an empty queue; submit (row committed) → handed to Ray (store
   RUNNING) → Ray reports the driver RUNNING. Median of --latency-runs;
@@ -14,11 +17,15 @@ Prints the CPU model and flags; nothing here asserts a speed.
 """
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__" and not __package__:
+    sys.exit("run it as `python -m bench.queue` from the checkout (this file's name hides the stdlib `queue`)")
+
 import argparse
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -134,7 +141,8 @@ def main() -> int:
         print(f"cluster: head (0 CPUs) + {len(cluster.workers)} workers, {total:g} CPUs; queue 'bench' max_running 4; "
               "dispatcher polls every 1 s")
         a, s = latency(store, args.latency_runs)
-        print(f"admission latency (median of {args.latency_runs}): submit → in Ray {a:.2f} s, → driver RUNNING {s:.2f} s")
+        print(f"admission latency (median of {args.latency_runs}): submit → in Ray {a:.2f} s, "
+              f"→ driver RUNNING {s:.2f} s")
         print(f"short jobs (python -c pass, {args.short} at once): {throughput(store, args.short):.1f} jobs/min")
         held, used = utilisation(store, args.burn, args.burn_s, total)
         print(f"full queue ({args.burn} jobs x one 1-CPU task of {args.burn_s:g} s): admitted jobs hold "

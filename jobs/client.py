@@ -89,7 +89,8 @@ def _explain(e: Exception, addr: str) -> str:
     if "401" in msg or "403" in msg or "nauthori" in msg or "orbidden" in msg or "uthentication" in msg:
         return (f"Ray at {addr} refused the request ({msg}). The cluster uses token authentication: "
                 "put its token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head prints it).")
-    return f"cannot reach the Ray Jobs API at {addr}: {msg.rstrip('.')}. Start a head with `ray start --head` or pass --address."
+    return (f"cannot reach the Ray Jobs API at {addr}: {msg.rstrip('.')}. Start a head with `ray start --head` "
+            "or pass --address.")
 
 
 def default_python() -> str:
@@ -329,7 +330,8 @@ def explain_failure(info: Any, logs: str, python: str = "python") -> str:
     if missing:  # the last one: the log also echoes the entrypoint
         return (f"the job's Python ({python}) cannot import '{missing[-1]}': pass `flowers submit --python "
                 f"/path/to/the/project/.venv/bin/python` (the environment where flowers is installed on the nodes)")
-    if re.search(r"(not found|No such file or directory)", text) and getattr(info, "driver_exit_code", None) in (126, 127):
+    no_python = getattr(info, "driver_exit_code", None) in (126, 127)
+    if no_python and re.search(r"(not found|No such file or directory)", text):
         return (f"the cluster node has no {python}: pass `flowers submit --python PATH` with the Python of the "
                 f"project's environment on the nodes")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]

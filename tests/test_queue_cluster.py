@@ -80,7 +80,8 @@ def test_stop_priority_and_a_dispatcher_crash(test_cluster, cluster_env, store, 
     from jobs.queue import api
 
     flag = tmp_path / "go"  # the first job holds the queue's one slot until the test creates this file
-    first = _enqueue("solo", f"import os, time; [time.sleep(0.2) for _ in iter(lambda: os.path.exists({str(flag)!r}), True)]")
+    hold = f"import os, time; [time.sleep(0.2) for _ in iter(lambda: os.path.exists({str(flag)!r}), True)]"
+    first = _enqueue("solo", hold)
     deadline = time.monotonic() + 300
     while store.get(first.id).state != "RUNNING":  # it holds the queue's one slot from now on
         assert time.monotonic() < deadline, store.get(first.id)

@@ -13,7 +13,8 @@ def register(sub) -> None:
                        description="Everything after `--` goes to the entry point, e.g. "
                                    "`flowers submit study -- --profile study-cpu`. Token auth: RAY_AUTH_TOKEN or "
                                    "~/.ray/auth_token. Queue store: $FLOWERS_QUEUE_URL (a cluster's PostgreSQL; "
-                                   "`flowers cluster env` sets it), else a SQLite file per cluster under ~/.flowers/queues.")
+                                   "`flowers cluster env` sets it), else a SQLite file per cluster under "
+                                   "~/.flowers/queues.")
     p.add_argument("job", choices=ENTRYPOINTS)
     p.add_argument("args", nargs="*", help="arguments for the entry point (after --)")
     p.add_argument("--address", help="Ray dashboard/Jobs address (default $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS, "

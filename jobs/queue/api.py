@@ -124,7 +124,8 @@ def list_all(address: str | None = None, store_url: str | None = None, limit: in
     known = {j.id for j in jobs} | {j.ray_id for j in jobs if j.ray_id} | \
         {j.attempt_id(n) for j in jobs for n in range(j.attempt + 1)}
     for r in J.list_jobs(address):
-        if not r["submission_id"] or r["submission_id"] in known or (r.get("entrypoint") or "").find("import flowers, jobs") >= 0:
+        probe = "import flowers, jobs" in (r.get("entrypoint") or "")  # submit's environment check
+        if not r["submission_id"] or r["submission_id"] in known or probe:
             continue
         start, end = (r["start_time"] or 0) / 1000, (r["end_time"] or 0) / 1000
         out.append({"id": r["submission_id"], "queue": "-", "priority": None, "position": None,
@@ -215,7 +216,8 @@ def queue_summary(address: str | None = None, store_url: str | None = None) -> l
     for q in store.queues().values():
         mine = [j for j in jobs if j.queue == q.name]
         out.append({"queue": q.name, "max_running": q.max_running, "priority": q.priority,
-                    "running": sum(j.state in S.ACTIVE for j in mine), "waiting": sum(j.state in S.QUEUED for j in mine)})
+                    "running": sum(j.state in S.ACTIVE for j in mine),
+                    "waiting": sum(j.state in S.QUEUED for j in mine)})
     return out
 
 

@@ -72,7 +72,8 @@ class Dispatcher:
             decisions = plan(queued, active, self.store.queues(), self.cluster_cpus())
             for job, reason in decisions:
                 if reason is None:
-                    if self.store.move(job.id, [job.state], state=S.ADMITTING, admitted_at=job.admitted_at or time.time(),
+                    first_start = job.admitted_at or time.time()  # a retried job keeps its first start
+                    if self.store.move(job.id, [job.state], state=S.ADMITTING, admitted_at=first_start,
                                        ray_id=job.attempt_id(), reason=None):
                         self._hand_to_ray(self.store.get(job.id))
                 elif reason != job.reason:
