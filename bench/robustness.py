@@ -35,15 +35,16 @@ def cpu_line() -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ensemble", default="models:/flowers-ensemble@champion")
-    p.add_argument("--student", default="models:/flowers-student@champion")
+    p.add_argument("--model", action="append", metavar="NAME=URI",
+                   help="a model to score (repeatable; default: the champion ensemble and student)")
     p.add_argument("--shifts", default="all")
     p.add_argument("--per-class", type=int, default=2)
     p.add_argument("--ood-dir", default=str(default_ood_dir()))
     p.add_argument("--out", default="robustness-bench")
     args = p.parse_args()
     data_cfg = C.load_config(REPO / "configs/level1.yaml", "study-cpu").data
-    uris = {"ensemble": args.ensemble, "student": args.student}
+    pairs = args.model or ["ensemble=models:/flowers-ensemble@champion", "student=models:/flowers-student@champion"]
+    uris = dict(x.split("=", 1) for x in pairs)
     out = Path(args.out)
     t0 = time.perf_counter()
     suite = run_shift_suite(uris, parse_shifts(args.shifts), data_cfg, out, per_class=args.per_class, seed=data_cfg.seed)
