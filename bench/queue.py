@@ -24,6 +24,7 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import os
+import shlex
 import statistics
 import subprocess
 import tempfile
@@ -49,7 +50,7 @@ BURN = ("import ray, time\nray.init()\n@ray.remote(num_cpus=1)\ndef burn(s):\n  
 def enqueue(queue: str, code: str, cpus: float):
     from jobs.queue import api
 
-    return api.enqueue("cmd", [], queue=queue, entrypoint=f"{sys.executable} -c {code!r}", num_cpus=cpus,
+    return api.enqueue("cmd", [], queue=queue, entrypoint=f"{sys.executable} -c {shlex.quote(code)}", num_cpus=cpus,
                        start_dispatcher=False)
 
 
@@ -89,7 +90,7 @@ def throughput(store, n: int) -> float:
     jobs = wait_all(store, ids)
     bad = [j for j in jobs if j.state != "SUCCEEDED"]
     if bad:
-        print(f"  {len(bad)} short jobs did not succeed: {bad[0].message}")
+        raise SystemExit(f"{len(bad)} short jobs did not succeed: {bad[0].message}")
     return n / ((max(j.ended_at for j in jobs) - t0) / 60)
 
 
@@ -107,6 +108,9 @@ def utilisation(store, n: int, burn_s: float, total: float) -> tuple[float, floa
         held.append(sum(j.need_cpus for j in jobs if j.state in S.ACTIVE) / total)
         time.sleep(0.5)
     jobs = wait_all(store, ids)
+    bad = [j for j in jobs if j.state != "SUCCEEDED"]
+    if bad:
+        raise SystemExit(f"{len(bad)} burn jobs did not succeed: {bad[0].message}")
     wall = max(j.ended_at for j in jobs) - t0
     c = J.client()
     cpu_s = 0.0
@@ -114,6 +118,7 @@ def utilisation(store, n: int, burn_s: float, total: float) -> tuple[float, floa
         for line in J.logs_tail(c, j.ray_id).splitlines():
             if line.startswith("cpu_s "):
                 cpu_s += float(line.split()[1])
+    print(f"  full queue: {n} jobs done in {wall:.0f} s (at best {n * burn_s / total:.0f} s), {cpu_s:.0f} CPU-s burned")
     return (statistics.mean(held) if held else float("nan")), cpu_s / (total * wall)
 
 
