@@ -41,6 +41,7 @@ def main() -> int:
     p.add_argument("--per-class", type=int, default=2)
     p.add_argument("--ood-dir", default=str(default_ood_dir()))
     p.add_argument("--out", default="robustness-bench")
+    p.add_argument("--no-ood", action="store_true", help="the shift suite only")
     args = p.parse_args()
     data_cfg = C.load_config(REPO / "configs/level1.yaml", "study-cpu").data
     pairs = args.model or ["ensemble=models:/flowers-ensemble@champion", "student=models:/flowers-student@champion"]
@@ -49,18 +50,19 @@ def main() -> int:
     t0 = time.perf_counter()
     suite = run_shift_suite(uris, parse_shifts(args.shifts), data_cfg, out, per_class=args.per_class, seed=data_cfg.seed)
     t1 = time.perf_counter()
-    ood = run_ood(uris, data_cfg, args.ood_dir, out)
+    ood = None if args.no_ood else run_ood(uris, data_cfg, args.ood_dir, out)
     t2 = time.perf_counter()
-    metrics, tags = flat_metrics(suite.tables, ood.tables, {"shift_suite": t1 - t0, "ood": t2 - t1})
+    metrics, tags = flat_metrics(suite.tables, ood.tables if ood else {}, {"shift_suite": t1 - t0, "ood": t2 - t1})
     (out / "metrics.json").write_text(json.dumps({"metrics": metrics, "tags": tags}, indent=1))
     print(f"CPU: {cpu_line()}")
     print("\n".join(report_lines({"metrics": metrics, "tags": tags,
                                   "params": {"test_images": suite.images, "per_class": args.per_class,
-                                             "ood_photos": ood.photos, "ood_dir": args.ood_dir}})))
+                                             "ood_photos": ood.photos if ood else 0, "ood_dir": args.ood_dir}})))
     print()
     print(suite.markdown)
-    print()
-    print(ood.markdown)
+    if ood:
+        print()
+        print(ood.markdown)
     return 0
 
 
