@@ -158,6 +158,12 @@ def install_openapi(api: FastAPI) -> None:
         for ops in schema.get("paths", {}).values():
             for op in ops.values():
                 op.get("responses", {}).pop("422", None)
+                for param in op.get("parameters", []):
+                    # Swagger UI 5 pre-fills an optional integer without an example with '{}' (a 400 on
+                    # Execute), and inside a Serve replica the parameters come with `example: {}`;
+                    # an explicit null example leaves the field empty, i.e. the default
+                    if param.get("in") == "query" and param.get("example") in (None, {}):
+                        param["example"] = None
         for name in ("HTTPValidationError", "ValidationError"):
             schema.get("components", {}).get("schemas", {}).pop(name, None)
         api.openapi_schema = schema

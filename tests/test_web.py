@@ -249,7 +249,7 @@ def _network(driver) -> dict[str, dict]:
     return reqs
 
 
-def test_docs_and_redoc_load_nothing_from_another_host(web, browser, tmp_path):
+def test_docs_and_redoc_load_nothing_from_another_host(web, browser, photo, tmp_path):
     """/docs and /redoc render from the app's own assets; nothing reaches another host (ReDoc's
     sidebar logo points at its CDN: the page's CSP blocks it before a request leaves)."""
     base, client = web
@@ -272,6 +272,20 @@ def test_docs_and_redoc_load_nothing_from_another_host(web, browser, tmp_path):
     text = browser.find_element("css selector", ".swagger-ui").text
     for route in ("/v1/predict/{model}", "/v1/compare", "/v1/explain/{model}", "/v1/models", "/healthz"):
         assert route in text
+    # "Try it out" sends a photo: the declared body gives a file chooser, the optional query fields stay empty
+    browser.find_elements("css selector", ".opblock-summary")[0].click()  # POST /v1/predict/{model}
+    chooser = _wait(browser, lambda d: d.find_elements("css selector", ".opblock.is-open input[type=file]"), 30,
+                    "the request body's file chooser")[0]
+    fields = browser.find_elements("css selector", ".opblock.is-open .parameters input:not([type=file])")
+    assert [f.get_attribute("value") for f in fields] == [""], [f.get_attribute("outerHTML") for f in fields]
+    chooser.send_keys(str(photo))
+    browser.find_element("css selector", ".opblock.is-open .execute").click()
+    status = ".opblock.is-open .live-responses-table .response-col_status:not(.col_header)"
+    codes = f"return [...document.querySelectorAll('{status}')].map(e => e.textContent.trim())"
+    _wait(browser, lambda d: d.execute_script(codes) == ["200"], 60, "Execute")
+    answer = browser.execute_script("return document.querySelector("
+                                    "'.opblock.is-open .live-responses-table pre.microlight').textContent")
+    assert json.loads(answer)["route"] == "ensemble" and len(json.loads(answer)["top_k"]) == 5
     _screenshot(browser, tmp_path / "docs.png")
 
 
