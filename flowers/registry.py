@@ -23,6 +23,7 @@ DEFAULT_HOME = ".flowers"  # the embedded store lives under the working folder
 CHAMPION = "champion"  # what serving and scoring follow; moved only by the gate (flowers.governance)
 CHALLENGER = "challenger"  # every newly registered version
 MANIFEST_TAG = "flowers.manifest_sha256"  # version tag: SHA-256 of the version's model manifest
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # logged-model tag: the registered versions made from it
 # the study registers each level's model under these names
 REGISTERED = {"l1": "flowers-l1", "l2": "flowers-l2", "l3": "flowers-l3",
               "ensemble": "flowers-ensemble", "distill": "flowers-student"}
@@ -298,6 +299,12 @@ def register(c, name: str, run_id: str, artifact_path: str = "model", alias: str
         source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
         mv = c.create_model_version(name, source=source, run_id=run_id, tags=tags or {},
                                     description=fit_description(description))
+    if model is not None:  # the logged model lists its versions (the UI's "Registered models" column)
+        import json
+
+        known = json.loads(c.get_logged_model(model.model_id).tags.get(MODEL_VERSIONS_TAG) or "[]")
+        c.set_logged_model_tags(model.model_id, {MODEL_VERSIONS_TAG: json.dumps(
+            [*known, {"name": name, "version": str(mv.version)}])})
     if alias:
         c.set_registered_model_alias(name, alias, mv.version)
     for k, v in model_tags.items():

@@ -120,6 +120,7 @@ def test_the_study_store_reads_well_in_the_ui(small_study):
     mv = client.get_model_version_by_alias("flowers-l1", "champion")
     lm = logged_model(client, mv.run_id)
     assert mv.source == f"models:/{lm.model_id}" and lm.source_run_id == by_key["l1"].info.run_id
+    assert json.loads(lm.tags["mlflow.modelVersions"]) == [{"name": "flowers-l1", "version": str(mv.version)}]
     test_digest = {i.tags[0].value: i.dataset.digest for i in by_key["l1"].inputs.dataset_inputs}["test"]
     assert test_digest.endswith(mv.tags["lineage.split_hash"]) and test_digest.startswith(mv.tags["lineage.data_checksum"])
     assert mv.description.startswith("# Model card: flowers-l1") and "## Gate decision" in mv.description

@@ -65,6 +65,7 @@ def _log_and_load(uri: str, target: R.TrackingTarget, run, study: str) -> None:
         arts = {a.path for a in client.list_logged_model_artifacts(lm.model_id)}
         assert {"MLmodel", "model_card.md", "artifacts", "code", "requirements.txt"} <= arts
         assert mv.description.startswith("# Model card: flowers-l1")
+        assert {"name": "flowers-l1", "version": version} in json.loads(lm.tags["mlflow.modelVersions"])
         assert "champion" in client.get_registered_model("flowers-l1").description
         # every epoch's value at its step (MLflow's client retries a request whose answer it did not get,
         # so a loaded server may hold a write twice: same step, same value)
