@@ -46,6 +46,7 @@ def test_posts_declare_image_bodies_top_k_and_errors(spec):
         if path != "/v1/explain/{model}":
             top_k = params["top_k"]["schema"]
             assert (top_k["type"], top_k["minimum"], top_k["maximum"]) == ("integer", 1, MAX_TOP_K)
+            assert params["top_k"]["example"] is None  # Swagger UI leaves it empty (the default), not '{}'
     explain = spec["paths"]["/v1/explain/{model}"]["post"]
     assert {"501", "503"} <= set(explain["responses"])
     assert explain["parameters"][1]["name"] == "label"
