@@ -1,11 +1,8 @@
 """The job queue on the local test cluster: admission latency, short jobs per minute, CPU use with a
 full queue. Trivial jobs (no training): what is measured is the queue and Ray Jobs, not a model.
 
-    python -m bench.queue                       # starts a test cluster (2 workers x 1 CPU), stops it after
-    python -m bench.queue --state /tmp/fc       # an already running `flowers cluster up --state /tmp/fc`
-
-(`-m`, from the checkout: as `python bench/queue.py` this file would stand in for the standard
-library's `queue` module, which Ray's HTTP client imports.)
+    python bench/job_queue.py                   # starts a test cluster (2 workers x 1 CPU), stops it after
+    python bench/job_queue.py --state /tmp/fc   # an already running `flowers cluster up --state /tmp/fc`
 
 - admission latency: one job into an empty queue; submit (row committed) → handed to Ray (store
   RUNNING) → Ray reports the driver RUNNING. Median of --latency-runs;
@@ -17,16 +14,12 @@ Prints the CPU model and flags; nothing here asserts a speed.
 """
 from __future__ import annotations
 
-import sys
-
-if __name__ == "__main__" and not __package__:
-    sys.exit("run it as `python -m bench.queue` from the checkout (this file's name hides the stdlib `queue`)")
-
 import argparse
 import os
 import shlex
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path

@@ -13,22 +13,16 @@ timed separately on `--explain` of the photos. Prints the CPU (model and vector 
 """
 from __future__ import annotations
 
-import sys
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 
-# run as a script, bench/ comes first on sys.path, and a bench/queue.py would shadow the stdlib's
-# `queue` (which urllib3, under selenium, imports)
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import argparse  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import httpx  # noqa: E402
+import httpx
 
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
 
