@@ -36,6 +36,18 @@ def _get(flat: Mapping[str, Any], key: str) -> str:
     return UNKNOWN if v is None or v in ("", "None", "null") else str(v)
 
 
+def _int(v: Any) -> int:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _classes(flat: Mapping[str, Any]) -> str:
+    n = _int(flat.get("data.classes"))
+    return f" (first {n} classes only)" if n else ""
+
+
 def _data_root(flat: Mapping[str, Any]) -> str:
     if "data.root" in flat and flat["data.root"] in (None, "None", "null"):
         return "$FLOWERS_DATA (else the download cache)"  # what an unset root means, not a missing field
@@ -77,14 +89,15 @@ def _setup_lines(flat: Mapping[str, Any]) -> list[str]:
     return [
         f"- Architecture: {arch}{frozen}",
         f"- Pretrained weights: {_pretrained(flat)}",
-        f"- Data: {_data_root(flat)}, split {_get(flat, 'data.split')} (seed {_get(flat, 'data.seed')}), "
+        f"- Data: {_data_root(flat)}{_classes(flat)}, split {_get(flat, 'data.split')} (seed {_get(flat, 'data.seed')}), "
         f"image size {_get(flat, 'data.image_size')} px",
         f"- Training: {_get(flat, 'train.epochs')} epochs, AdamW lr {_get(flat, 'optim.lr')} "
         f"(backbone x{_get(flat, 'optim.backbone_lr_mult')}), weight decay {_get(flat, 'optim.weight_decay')}, "
         f"label smoothing {_get(flat, 'optim.label_smoothing')}, {_get(flat, 'optim.schedule')} schedule "
         f"(warmup {_get(flat, 'optim.warmup_epochs')} epochs), batch {_get(flat, 'data.batch_size')}",
         f"- Augmentation: {_get(flat, 'data.augment')}" + (
-            f" (cutout {_get(flat, 'data.cutout_frac')})" if _get(flat, "data.augment") == "strong" else ""),
+            f" (cutout {_get(flat, 'data.cutout_frac')})" if _get(flat, "data.augment") == "strong" else "") + (
+            f", plus {flat['data.shift_views']} shift-matched cached views" if _int(flat.get("data.shift_views")) else ""),
     ]
 
 
