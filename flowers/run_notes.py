@@ -279,8 +279,7 @@ def dataset_record(data: Any, name: str = "flowers") -> dict[str, Any]:
     """What a run trained and was tested on (a `flowers.data.bundle.DataBundle`), for MLflow's dataset
     inputs: the dataset checksum and, per split part, its image count and hash (the test part's hash
     is the lineage's `split_hash`)."""
-    from flowers.checkpoint import image_id, split_hash
-    from flowers.governance import dataset_checksum
+    from flowers.checkpoint import dataset_checksum, image_id, split_hash
 
     parts = {"train": data.train, "val": data.val, "test": data.test}
     return {"name": name, "source": data.source,
