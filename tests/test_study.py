@@ -18,18 +18,18 @@ from flowers.study import build_trials, load_study
 
 
 def test_study_grid_shares_l1_and_l2_and_keeps_the_comparison_controlled():
-    """Without a grid budget, L1 and L2 are grid points and train once: 12 grid points + L3."""
+    """Without a grid budget, L1 and L2 are grid points and train once: 8 grid points + L3."""
     study, d = load_study(REPO / "configs/study.yaml", "cpu")
     trials = build_trials(study, d)
     keys = [t.key for t in trials]
-    assert len(trials) == 13 and len(set(keys)) == 13  # 12 grid points + L3; L1 and L2 train once
+    assert len(trials) == 9 and len(set(keys)) == 9  # 8 grid points + L3; L1 and L2 train once
     by_key = {t.key: t for t in trials}
     assert by_key["l1"].roles == ["l1", "ablation"]
     assert by_key["l1"].axes == {"augment": "light", "regularization": "none", "schedule": "constant"}
     assert by_key["l2"].axes == {"augment": "strong", "regularization": "ls_wd", "schedule": "cosine"}
     grid = [t for t in trials if "ablation" in t.roles]
-    assert len(grid) == 12
-    assert {tuple(sorted(t.axes.items())) for t in grid}.__len__() == 12
+    assert len(grid) == 8
+    assert {tuple(sorted(t.axes.items())) for t in grid}.__len__() == 8
     # same split, seed, epochs and backbone everywhere: only the axes differ
     for field in ("data.split", "data.seed", "train.seed", "train.epochs", "model.arch", "data.image_size"):
         assert len({C.to_flat_dict(t.cfg)[field] for t in trials}) == 1, field
@@ -37,15 +37,15 @@ def test_study_grid_shares_l1_and_l2_and_keeps_the_comparison_controlled():
 
 
 def test_study_cpu_grid_runs_at_its_own_smaller_budget():
-    """study-cpu's `grid:` section gives the 12 grid points 2 epochs and the levels 8: 3 levels + 12 grid
+    """study-cpu's `grid:` section gives the 8 grid points 2 epochs and the levels 8: 3 levels + 8 grid
     points, every grid point at the same budget, split and seed; the levels are not grid points."""
     study, d = load_study(REPO / "configs/study.yaml", "study-cpu")
     trials = build_trials(study, d)
     by_key = {t.key: t for t in trials}
-    assert len(trials) == 15 and {"l1", "l2", "l3"} <= set(by_key)
+    assert len(trials) == 11 and {"l1", "l2", "l3"} <= set(by_key)
     assert by_key["l1"].roles == ["l1"] and by_key["l2"].roles == ["l2"]
     grid = [t for t in trials if "ablation" in t.roles]
-    assert len(grid) == 12 and all(t.roles == ["ablation"] for t in grid)
+    assert len(grid) == 8 and all(t.roles == ["ablation"] for t in grid)
     assert {t.cfg.train.epochs for t in grid} == {2}
     assert {by_key[k].cfg.train.epochs for k in ("l1", "l2", "l3")} == {8}
     for field in ("data.split", "data.seed", "train.seed", "model.arch", "data.image_size", "data.feature_cache",
