@@ -60,3 +60,14 @@ def test_cluster():
         reaper.wait(10)
         if (state / T.STATE_FILE).is_file():  # up failed half-way or down raised: leave nothing running
             T.TestCluster.load(state).down()
+
+
+@pytest.fixture(scope="module")
+def cluster_env(test_cluster):
+    """The cluster's client env in os.environ for one test module (Ray token, MLflow, S3, the queue store)."""
+    env = test_cluster.env()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

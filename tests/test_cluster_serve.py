@@ -35,17 +35,6 @@ FLOWERS_SERIES = ("ray_flowers_predictions_total", "ray_flowers_uncertain_predic
                   "ray_flowers_batch_size_bucket")
 
 
-@pytest.fixture(scope="module")
-def cluster_env(test_cluster):
-    """The cluster's client env in os.environ for the module (MLflow, S3, Ray token)."""
-    env = test_cluster.env()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-
-
 def _rolled(ckpt_path: Path, out: Path) -> Path:
     """The same network with its classifier rows rolled by one: every top-1 moves to the next class,
     so this 'student' disagrees with the 'ensemble' on every image (the disagreement counter moves)."""

@@ -5,7 +5,6 @@ server down for 10 s, the driver killed and the study resumed."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -19,17 +18,6 @@ from conftest import REPO
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 EPOCHS = 3
-
-
-@pytest.fixture(scope="module")
-def cluster_env(test_cluster):
-    """The cluster's client env in os.environ for the module (MLflow, S3, Ray token)."""
-    env = test_cluster.env()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 @pytest.fixture(scope="module")

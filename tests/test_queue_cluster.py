@@ -25,17 +25,6 @@ QUEUES = {"default": {"max_running": 4}, "train": {"max_running": 2}, "solo": {"
 
 
 @pytest.fixture(scope="module")
-def cluster_env(test_cluster):
-    """The cluster's client env in os.environ for the module (Ray token, MLflow, S3, the queue store)."""
-    env = test_cluster.env()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-
-
-@pytest.fixture(scope="module")
 def store(cluster_env):
     """The queue store with this module's queues (what the dispatcher's --queues file writes)."""
     from jobs.queue import store as S

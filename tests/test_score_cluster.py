@@ -24,17 +24,6 @@ MODEL = "flowers-score-test"
 
 
 @pytest.fixture(scope="module")
-def cluster_env(test_cluster):
-    """The cluster's client env in os.environ for the module (MLflow, S3, Ray token)."""
-    env = test_cluster.env()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-
-
-@pytest.fixture(scope="module")
 def model_uri(cluster_env, trained_run):
     """The smoke model registered on the cluster's MLflow server (artifacts on S3), alias champion."""
     import mlflow
