@@ -23,9 +23,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from flowers import registry
-    from flowers import tracking as T
-    from flowers.study import build_trials, load_study
+    from flowers.registry import uris as registry
+    from flowers.registry import tracking as T
+    from flowers.study.plan import build_trials, load_study
     from jobs.cluster import connect
     from jobs.tune import run_tune
 

@@ -2,7 +2,7 @@
 
     python bench/int8_recipes.py --checkpoint runs/l5/train/best.pt [--data DIR] [--recipes u8s8_7bit_bc u8s8]
 
-Exports the checkpoint once per recipe (`flowers.export.INT8_RECIPES`, calibrated on the same
+Exports the checkpoint once per recipe (`flowers.inference.export.INT8_RECIPES`, calibrated on the same
 training images), then evaluates ONNX fp32 and every INT8 file on the checkpoint's own test
 split (same images, paired: difference to fp32 with a 95 % bootstrap interval and McNemar's p)
 and times batch-1 p50/p95 and batch-32 throughput, interleaved over rounds. Prints this CPU's
@@ -34,13 +34,13 @@ import numpy as np
 import torch
 
 from flowers import config as C
-from flowers import stats
-from flowers.checkpoint import load_checkpoint
+from flowers.evaluation import stats
+from flowers.models.checkpoint import load_checkpoint
 from flowers.data.bundle import build_data
 from flowers.data.transforms import Preprocessing
-from flowers.export import DEFAULT_INT8_RECIPE, INT8_RECIPES, export_student
-from flowers.onnx_models import cpu_flags, describe_cpu, latency, load_variant
-from flowers.predict import predict_dataset
+from flowers.inference.export import DEFAULT_INT8_RECIPE, INT8_RECIPES, export_student
+from flowers.inference.onnx_models import cpu_flags, describe_cpu, latency, load_variant
+from flowers.inference.predict import predict_dataset
 from flowers.runtime import configure_torch_threads, cpu_share
 
 

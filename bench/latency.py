@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 from flowers import config as C
-from flowers.checkpoint import save_checkpoint
+from flowers.models.checkpoint import save_checkpoint
 from flowers.data.transforms import Preprocessing
-from flowers.export import export_student
-from flowers.onnx_models import cpu_flags, describe_cpu, latency, load_variant
+from flowers.inference.export import export_student
+from flowers.inference.onnx_models import cpu_flags, describe_cpu, latency, load_variant
 from flowers.models import build_model, model_spec
-from flowers.predict import LoadedModel, load_model
+from flowers.inference.predict import LoadedModel, load_model
 from flowers.runtime import configure_torch_threads, cpu_share
 
 log = logging.getLogger("bench.latency")
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     notes = []
 
     # ---------------------------------------------------------------- members and the ensemble
-    from flowers.commands.ensemble import parse_members
-    from flowers.ensemble import build_ensemble
+    from flowers.cli.commands.ensemble import parse_members
+    from flowers.training.ensemble import build_ensemble
 
     if args.members:
         uris = parse_members(args.members)
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---------------------------------------------------------------- the student
     if args.student:
-        from flowers.predict import find_manifest, resolve_uri
+        from flowers.inference.predict import find_manifest, resolve_uri
 
         local, _ = resolve_uri(args.student)  # a folder or a models:/ URI of an exported student
         student_dir = find_manifest(local).parent

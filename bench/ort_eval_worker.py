@@ -5,7 +5,7 @@
 `bench/int8_recipes.py --emulate-cpu Haswell` runs this under `qemu-x86_64 -cpu Haswell` to
 see what a CPU without VNNI computes; importing torch there would take minutes. `--precise`
 sets ONNX Runtime's `session.x64quantprecision` (exact u8 x u8 kernels where u8 x s8 could
-saturate), as `flowers.onnx_models.load_onnx` does for an 8-bit model on a CPU without VNNI. Prints one
+saturate), as `flowers.inference.onnx_models.load_onnx` does for an 8-bit model on a CPU without VNNI. Prints one
 JSON object: path → {"preds": top-1 per image, "probs": probabilities per image}.
 """
 import json

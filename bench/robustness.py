@@ -20,7 +20,7 @@ from flowers import config as C
 from flowers.evaluation.ood import run_ood
 from flowers.evaluation.robustness import run_shift_suite
 from flowers.evaluation.shifts import parse_shifts
-from flowers.evaluation.study_step import default_ood_dir, flat_metrics, report_lines
+from flowers.study.robustness_step import default_ood_dir, flat_metrics, report_lines
 
 REPO = Path(__file__).resolve().parents[1]
 

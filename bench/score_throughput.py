@@ -73,7 +73,7 @@ def random_student(dst: Path) -> tuple[str, str]:
     from flowers.data import class_names
     from flowers.data.transforms import Preprocessing
     from flowers.models import build_model, model_spec
-    from flowers.checkpoint import CHECKPOINT_FORMAT
+    from flowers.models.checkpoint import CHECKPOINT_FORMAT
 
     name, size = "mobilenet_v3_large", 160
     spec = model_spec(name)
@@ -95,7 +95,7 @@ def _worker_init(uri: str, paths: list[str]) -> None:
     global _PRED, _BATCH
     import torch
 
-    from flowers.predict import Predictor
+    from flowers.inference.predict import Predictor
 
     torch.set_num_threads(1)
     _PRED = Predictor.from_uri(uri)

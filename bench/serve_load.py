@@ -243,7 +243,7 @@ def student_overhead(base: str, images: list[bytes], args) -> dict:
     """
     import httpx
 
-    from flowers.predict import Predictor
+    from flowers.inference.predict import Predictor
     from flowers.runtime import configure_torch_threads
 
     threads = max(1, int(args.cpus_per_model))

@@ -30,7 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from flowers.onnx_models import cpu_flags, describe_cpu
+from flowers.inference.onnx_models import cpu_flags, describe_cpu
 from flowers.models import TailNet, build_model
 
 

@@ -38,7 +38,7 @@ class DataConfig:
     workers: int = 2
     max_train_batches: int | None = None  # cap per epoch (smoke tests)
     max_eval_batches: int | None = None
-    # Frozen-trunk training (flowers/feature_cache.py): the backbone below model.trainable_units
+    # Frozen-trunk training (flowers/training/feature_cache.py): the backbone below model.trainable_units
     # stays frozen, its features are computed once per image (and per augmented view) and cached.
     feature_cache: bool = False
     cache_views: int = 2  # augmented views cached per training image (plus its clean version)
@@ -96,7 +96,7 @@ class DistillConfig:
     temperature: float = 4.0
     alpha: float = 0.7  # weight of the KD term; (1 - alpha) weights cross-entropy
     cache_teacher: bool = True  # precompute teacher probabilities once per image
-    # static INT8 weights of the exported student (flowers/export.py INT8_RECIPES): the 7-bit ones cannot
+    # static INT8 weights of the exported student (flowers/inference/export.py INT8_RECIPES): the 7-bit ones cannot
     # saturate on any x86 CPU, u8s8_7bit_bc also bias-corrects; u8s8 keeps 8-bit weights (exact on VNNI
     # CPUs; flowers' loaders switch ONNX Runtime to its exact kernels elsewhere and say so); u8u8 cannot
     # saturate either but runs slowly
@@ -435,9 +435,9 @@ class StudyConfig:
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under home
     report_dir: str | None = None  # None: <home>/reports/<name>
     # champion gate: a challenger is kept out only when shown worse by more than this accuracy
-    # fraction (0.005 = half a point) on the same test images (flowers/governance.py)
+    # fraction (0.005 = half a point) on the same test images (flowers/registry/governance.py)
     gate_margin: float = 0.005
-    # the robustness step (flowers/evaluation/study_step.py): shift suite spec, test images per class, OOD photos
+    # the robustness step (flowers/study/robustness_step.py): shift suite spec, test images per class, OOD photos
     shift_suite: str = "all"
     shift_per_class: int | None = 2
     ood_dir: str | None = None  # None: built once from its Debian package (flowers/evaluation/ood_sources.py)

@@ -12,8 +12,8 @@ import urllib.request
 from flowers import config as C
 from flowers import storage
 from flowers.data.remote import materialize
-from flowers.registry import TrackingTarget
-from flowers.study import TrialSpec, storage_path
+from flowers.registry.uris import TrackingTarget
+from flowers.study.plan import TrialSpec, storage_path
 
 log = logging.getLogger(__name__)
 

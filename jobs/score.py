@@ -28,9 +28,10 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from flowers import registry, storage
+from flowers import storage
+from flowers.registry import uris as registry
 from flowers.config import ConfigError, ScoreConfig
-from flowers.registry import TrackingTarget
+from flowers.registry.uris import TrackingTarget
 from flowers.scoring.batch import Scorer
 from flowers.scoring.plan import ScorePlan, check_cluster_paths, plan_scoring
 from flowers.scoring.reader import read_objects

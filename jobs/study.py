@@ -6,7 +6,7 @@
     flowers study --profile study-cpu                  # same, in this process
 
 Inside a Ray job RAY_ADDRESS is set, so the study joins that cluster. The plan
-(`flowers.study`) and the steps after Tune (`flowers.study_steps`) are the library's.
+(`flowers.study.plan`) and the steps after Tune (`flowers.study.steps`) are the library's.
 """
 from __future__ import annotations
 
@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from flowers import config as C
-from flowers import registry
-from flowers import report as R
-from flowers import run_notes as N
-from flowers import study_steps as S
-from flowers import tracking as T
-from flowers.study import build_trials, load_study
-from flowers.registry import TrackingTarget
+from flowers.registry import uris as registry
+from flowers.study import report as R
+from flowers.registry import run_notes as N
+from flowers.study import steps as S
+from flowers.registry import tracking as T
+from flowers.study.plan import build_trials, load_study
+from flowers.registry.uris import TrackingTarget
 from jobs import cluster, entry, preflight
 from jobs.options import add_study_arguments
 from jobs.tune import run_tune

@@ -1,4 +1,4 @@
-"""One Tune trial: the trainable around `flowers.train.fit`, and the driver-side MLflow callback.
+"""One Tune trial: the trainable around `flowers.training.loop.fit`, and the driver-side MLflow callback.
 
 The trainable is a plain function of `config`: every epoch goes to
 `tune.report(metrics, checkpoint=...)`, and a restarted trial picks up
@@ -20,9 +20,9 @@ import ray
 from ray import tune
 
 from flowers import config as C
-from flowers import run_notes as N
-from flowers import tracking as T
-from flowers.registry import TrackingTarget
+from flowers.registry import run_notes as N
+from flowers.registry import tracking as T
+from flowers.registry.uris import TrackingTarget
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +69,14 @@ def trial_dirname(trial) -> str:
 
 
 def train_trial(config: dict[str, Any], finished: Sequence[str] = ()) -> None:
-    """Tune trainable: one trial. `config['trial']` is a `flowers.study.TrialSpec.to_param()`.
+    """Tune trainable: one trial. `config['trial']` is a `flowers.study.plan.TrialSpec.to_param()`.
 
     `finished`: trial keys MLflow records as finished (a resumed study). Tune's saved state is
     uploaded to remote storage in the background, so a driver killed just after a trial ended can
     leave a state that still lists it as running; such a trial reports `skipped` and trains nothing.
     """
-    from flowers.tasks import make_task
-    from flowers.train import fit
+    from flowers.training.tasks import make_task
+    from flowers.training.loop import fit
 
     spec = dict(config["trial"])
     cfg = C.build(C.Config, spec["cfg"])

@@ -20,10 +20,11 @@ from typing import Any
 from ray import tune
 
 from flowers import config as C
-from flowers import registry, storage
-from flowers import tracking as T
-from flowers.registry import TrackingTarget
-from flowers.study import TrialSpec, pin_data_root, run_root, storage_path
+from flowers import storage
+from flowers.registry import uris as registry
+from flowers.registry import tracking as T
+from flowers.registry.uris import TrackingTarget
+from flowers.study.plan import TrialSpec, pin_data_root, run_root, storage_path
 from jobs import cluster, entry
 from jobs.options import add_tune_arguments, search_settings
 from jobs.trial import MlflowStudyCallback, train_trial, trial_dirname

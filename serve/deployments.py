@@ -9,7 +9,7 @@
 The student's forward pass costs about what one more process hop in front of it would
 (docs/serving.md), so the Student deployment *is* the ingress: it validates every request
 (serve/http.py), answers student requests itself and forwards ensemble requests to the
-Ensemble deployment. Both load by URI through `flowers.predict.Predictor`, so serving uses the
+Ensemble deployment. Both load by URI through `flowers.inference.predict.Predictor`, so serving uses the
 same decoding and eval preprocessing as training evaluation. Decoding happens per item inside
 the batched method, so a bad image in a batch becomes an error for that item only.
 """
@@ -27,8 +27,8 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from flowers import registry
-from flowers.predict import Predictor
+from flowers.registry import uris as registry
+from flowers.inference.predict import Predictor
 from flowers.runtime import configure_torch_threads
 from serve import http, schemas
 from serve.config import MAX_TOP_K, app_config

@@ -27,11 +27,11 @@ import numpy as np
 import ray
 from ray import serve
 
-from flowers import registry
-from flowers.checkpoint import ModelLoadError
+from flowers.registry import uris as registry
+from flowers.models.checkpoint import ModelLoadError
 from flowers.data import ImageDecodeError
-from flowers.explain import explain_batch, explainable_modules, overlay
-from flowers.predict import LoadedModel, Predictor, collate, load_model
+from flowers.inference.explain import explain_batch, explainable_modules, overlay
+from flowers.inference.predict import LoadedModel, Predictor, collate, load_model
 from flowers.runtime import configure_torch_threads
 from serve.metrics import ExplainMetrics
 

@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 
-from flowers import registry
+from flowers.registry import uris as registry
 from flowers.config import ConfigError, ServeAppConfig, ServeConfig
 from serve import config as serve_config
 from serve.http import curl_examples

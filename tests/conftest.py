@@ -61,8 +61,8 @@ def smoke_config(smoke_overrides):
 @pytest.fixture(scope="session")
 def trained_run(smoke_config, tmp_path_factory):
     """A 2-epoch smoke run on synthetic data: a real checkpoint for predictor/serve/score tests."""
-    from flowers.tasks import make_task
-    from flowers.train import fit
+    from flowers.training.tasks import make_task
+    from flowers.training.loop import fit
 
     return fit(smoke_config, make_task(smoke_config), run_dir=tmp_path_factory.mktemp("run") / "l1")
 
@@ -163,7 +163,7 @@ def small_study(ray_session, synth_root, tmp_path_factory):
     L4 ensemble and the L5 distill stage (the smoke student, registered as flowers-student)."""
     import mlflow
 
-    from flowers.study import load_study
+    from flowers.study.plan import load_study
     from jobs.study import run_study
 
     tmp = tmp_path_factory.mktemp("study")

@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def flowers(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "flowers.cli", *args], capture_output=True, text=True, cwd=REPO, env=env)
+    return subprocess.run([sys.executable, "-m", "flowers.cli.main", *args], capture_output=True, text=True, cwd=REPO, env=env)
 
 
 def test_help_lists_levels_and_commands():
@@ -53,7 +53,7 @@ def test_submit_takes_its_flags_before_the_double_dash_and_requires_a_tracking_s
     """`flowers submit study --address URL -- ARGS`: the job's args follow `--`; a submitted study
     without a tracking URI would lose its store with the job's temporary working dir."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    cmd = [sys.executable, "-m", "flowers.cli", "submit", "study", "--address", "http://127.0.0.1:1", "--",
+    cmd = [sys.executable, "-m", "flowers.cli.main", "submit", "study", "--address", "http://127.0.0.1:1", "--",
            "--profile", "smoke"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "needs a tracking server" in r.stderr and r.stderr.count("\n") == 1, r.stderr

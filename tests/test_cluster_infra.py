@@ -126,7 +126,7 @@ def test_mlflow_run_from_a_worker_lands_in_postgres_and_s3(test_cluster):
 
 
 def test_env_command_and_second_up_refused(test_cluster, capsys):
-    from flowers.cli import main
+    from flowers.cli.main import main
     from jobs import testcluster as T
 
     assert main(["cluster", "env", "--state", str(test_cluster.state_dir)]) == 0

@@ -40,7 +40,7 @@ def _rolled(ckpt_path: Path, out: Path) -> Path:
     so this 'student' disagrees with the 'ensemble' on every image (the disagreement counter moves)."""
     import torch
 
-    from flowers.checkpoint import load_checkpoint, save_checkpoint
+    from flowers.models.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(ckpt_path)
     state = ckpt["model"]
@@ -59,8 +59,8 @@ def registered(cluster_env, trained_run, tmp_path_factory):
     """Two small models registered in the cluster's MLflow (@champion), by the study's code path."""
     import mlflow
 
-    from flowers import registry as R
-    from flowers import tracking as T
+    from flowers.registry import uris as R
+    from flowers.registry import tracking as T
 
     student_dir = _rolled(trained_run.best_checkpoint, tmp_path_factory.mktemp("clserve") / "student")
     old = mlflow.get_tracking_uri()
@@ -169,7 +169,7 @@ def test_submitted_app_serves_exports_metrics_and_survives_a_worker_kill(test_cl
     env = cluster_env
     port = serve_port
     base = f"http://127.0.0.1:{port}"
-    r = subprocess.run([sys.executable, "-m", "flowers.cli", "submit", "deploy", "--address",
+    r = subprocess.run([sys.executable, "-m", "flowers.cli.main", "submit", "deploy", "--address",
                         env["RAY_API_SERVER_ADDRESS"], "--python", sys.executable, "--wait", "--",
                         "--config", str(_config(tmp_path, port)), "--ensemble", registered["ensemble"],
                         "--student", registered["student"], "--tracking-uri", env["MLFLOW_TRACKING_URI"]],

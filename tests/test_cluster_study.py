@@ -48,7 +48,7 @@ def _study_yaml(tmp: Path, name: str, data_uri: str, stages: list[str]) -> Path:
 
 
 def _flowers(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flowers.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "flowers.cli.main", *args], capture_output=True, text=True,
                           cwd=REPO, timeout=timeout)
 
 
@@ -147,7 +147,7 @@ import json, os, subprocess, sys, ray
 ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
 @ray.remote(num_cpus=0, resources={sys.argv[1]: 0.01})
 def load(uris, tracking):
-    probe = "import json, sys; from flowers.predict import load_model; " \
+    probe = "import json, sys; from flowers.inference.predict import load_model; " \
             "print(json.dumps([[load_model(u).name, len(load_model(u).class_names)] for u in sys.argv[1:]]))"
     p = subprocess.run([sys.executable, "-c", probe, *uris], capture_output=True, text=True,
                        env={**os.environ, "MLFLOW_TRACKING_URI": tracking})

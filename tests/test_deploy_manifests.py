@@ -26,7 +26,7 @@ import yaml
 from flowers.config import ConfigError
 from flowers.runtime import GLIBC_TUNING
 from flowers.storage import ENDPOINT_VARS, is_remote
-from flowers.study import build_trials, load_study
+from flowers.study.plan import build_trials, load_study
 from jobs.options import ENTRYPOINTS, add_score_arguments, add_study_arguments, add_tune_arguments
 from serve import options as serve_options
 from serve.ingress_env import ingress_env
@@ -451,7 +451,7 @@ def doc_commands() -> list[str]:
 
 
 def test_docs_commands_parse():
-    from flowers.cli import build_parser
+    from flowers.cli.main import build_parser
 
     checked = 0
     for line in doc_commands():

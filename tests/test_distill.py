@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from flowers import config as C
-from flowers.tasks import DistillationTask, kd_loss
+from flowers.training.tasks import DistillationTask, kd_loss
 
 
 def test_kd_loss_zero_when_student_equals_teacher_alpha_one():
@@ -38,7 +38,8 @@ def test_kd_loss_t_squared_scaling_and_gradients():
 
 def test_online_teacher_sees_exact_uint8_batch(synth_root, monkeypatch):
     """Online mode inverts the loop's normalization: the teacher gets the original pixels back."""
-    from flowers import predict, tasks
+    from flowers.inference import predict
+    from flowers.training import tasks
     from flowers.data.bundle import build_data
     from flowers.data.transforms import Normalize, Preprocessing
 
@@ -66,7 +67,8 @@ def test_online_teacher_sees_exact_uint8_batch(synth_root, monkeypatch):
 def test_online_teacher_of_another_size_gets_its_own_eval_preprocessing(synth_root, monkeypatch):
     """A 48 px teacher sees the student's 64 px augmented pixels resized and centre-cropped as in its
     own eval transform (resize short side to 55, crop 48), not a plain resize of the student's crop."""
-    from flowers import predict, tasks
+    from flowers.inference import predict
+    from flowers.training import tasks
     from flowers.data.bundle import build_data
     from flowers.data.transforms import Normalize, Preprocessing, resize_crop
 
@@ -91,7 +93,8 @@ def test_online_teacher_of_another_size_gets_its_own_eval_preprocessing(synth_ro
 
 
 def test_teacher_class_mismatch_is_a_config_error(synth_root, monkeypatch):
-    from flowers import predict, tasks
+    from flowers.inference import predict
+    from flowers.training import tasks
     from flowers.data.bundle import build_data
     from flowers.data.transforms import Preprocessing
 
@@ -105,9 +108,9 @@ def test_teacher_class_mismatch_is_a_config_error(synth_root, monkeypatch):
 @pytest.mark.slow
 def test_smoke_distillation_stage_end_to_end(trained_checkpoint, smoke_overrides, tmp_path):
     """Teacher = an ensemble of the smoke checkpoint; 1 epoch through fit, export, evaluation, latency."""
-    from flowers.distill import run_distill_stage
-    from flowers.ensemble import build_ensemble
-    from flowers.predict import load_model
+    from flowers.training.distill import run_distill_stage
+    from flowers.training.ensemble import build_ensemble
+    from flowers.inference.predict import load_model
 
     teacher = build_ensemble([str(trained_checkpoint)], tmp_path / "teacher")
     cfg = C.load_config("configs/level5.yaml", "configs/profiles/smoke.yaml",

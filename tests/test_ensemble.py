@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowers.ensemble import build_ensemble, diversity_metrics, diversity_report, run_ensemble_stage, soft_vote
-from flowers.predict import Predictor, load_model
+from flowers.training.ensemble import build_ensemble, diversity_metrics, diversity_report, run_ensemble_stage, soft_vote
+from flowers.inference.predict import Predictor, load_model
 
 
 def test_soft_vote_is_mean_of_member_probs():
@@ -123,7 +123,7 @@ def test_ensemble_stage_end_to_end(trained_checkpoint, smoke_config, synth_root,
 
 def _resized_copy(ckpt_path, size: int, dest):
     """The same network recorded as trained at another image size (global pooling takes any size)."""
-    from flowers.checkpoint import load_checkpoint, save_checkpoint
+    from flowers.models.checkpoint import load_checkpoint, save_checkpoint
     from flowers.data.transforms import Preprocessing
 
     ckpt = load_checkpoint(ckpt_path)

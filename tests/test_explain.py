@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from flowers.cli import main
+from flowers.cli.main import main
 from flowers.data.transforms import Preprocessing
-from flowers.explain import attention_maps, gradcam_maps
+from flowers.inference.explain import attention_maps, gradcam_maps
 from flowers.models import build_model, model_spec
-from flowers.predict import TorchProbModel
+from flowers.inference.predict import TorchProbModel
 
 SIZE = 128
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from flowers.export import export_student
-from flowers.onnx_models import load_variant
-from flowers.predict import load_model
+from flowers.inference.export import export_student
+from flowers.inference.onnx_models import load_variant
+from flowers.inference.predict import load_model
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_int8_agrees_with_fp32(exported, trained_checkpoint, synth_root):
 
 def test_loads_in_fresh_process_without_flowers(exported, synth_root, tmp_path):
     """The module docstring's snippet, run by a plain interpreter that cannot import flowers."""
-    import flowers.onnx_models as E
+    import flowers.inference.onnx_models as E
 
     doc = E.__doc__
     snippet = doc[doc.index("    import json, numpy"):doc.index("(`tests/test_export.py`")]
@@ -92,8 +92,8 @@ VNNI = {"cpu": "Simulated Xeon", "arch": "x86_64", "flags": ["avx2", "avx512f", 
 
 
 def test_manifest_records_recipe_weight_range_and_cpu_flags(exported):
-    from flowers.export import DEFAULT_INT8_RECIPE
-    from flowers.onnx_models import cpu_flags, int8_weight_check
+    from flowers.inference.export import DEFAULT_INT8_RECIPE
+    from flowers.inference.onnx_models import cpu_flags, int8_weight_check
 
     q = json.loads((exported / "flowers_model.json").read_text())["quantization"]
     assert q["recipe"] == DEFAULT_INT8_RECIPE == "u8s8_7bit_bc" and q["activations"] == "uint8"
@@ -115,7 +115,7 @@ def test_manifest_records_recipe_weight_range_and_cpu_flags(exported):
 @pytest.fixture(scope="module")
 def unsafe_int8(exported, tmp_path_factory):
     """The same fp32 graph quantized with full 8-bit weights (the recipe that saturates without VNNI)."""
-    from flowers.export import quantize_static_int8
+    from flowers.inference.export import quantize_static_int8
 
     size = json.loads((exported / "flowers_model.json").read_text())["preprocessing"]["image_size"]
     rng = np.random.default_rng(0)
@@ -125,16 +125,16 @@ def unsafe_int8(exported, tmp_path_factory):
 
 
 def _load_logged(path, manifest, caplog):
-    from flowers.onnx_models import load_onnx
+    from flowers.inference.onnx_models import load_onnx
 
     caplog.clear()
-    with caplog.at_level("WARNING", logger="flowers.onnx_models"):
+    with caplog.at_level("WARNING", logger="flowers.inference.onnx_models"):
         model = load_onnx(path, manifest, "cpu")
-    return model, [r for r in caplog.records if r.name == "flowers.onnx_models" and r.levelname == "WARNING"]
+    return model, [r for r in caplog.records if r.name == "flowers.inference.onnx_models" and r.levelname == "WARNING"]
 
 
 def test_unsafe_int8_on_a_cpu_without_vnni_logs_one_line(exported, unsafe_int8, monkeypatch, caplog):
-    import flowers.onnx_models as E
+    import flowers.inference.onnx_models as E
 
     manifest = json.loads((exported / "flowers_model.json").read_text())
     assert E.int8_weight_check(unsafe_int8)["max_abs_weight"] > 64
@@ -159,7 +159,7 @@ def test_unsafe_int8_on_a_cpu_without_vnni_logs_one_line(exported, unsafe_int8, 
 def test_exact_kernels_only_for_an_8bit_model_on_a_cpu_without_vnni(exported, unsafe_int8, monkeypatch):
     """ORT's session.x64quantprecision keeps an 8-bit model exact without VNNI, but also slows it
     down on VNNI CPUs: asked for exactly when the file can saturate on this CPU."""
-    import flowers.onnx_models as E
+    import flowers.inference.onnx_models as E
 
     on = E.onnx_session(exported / "model_int8.onnx", precise=True).get_session_options()
     off = E.onnx_session(exported / "model_int8.onnx").get_session_options()
@@ -176,7 +176,7 @@ def test_exact_kernels_only_for_an_8bit_model_on_a_cpu_without_vnni(exported, un
 
 
 def test_unknown_or_non_x86_cpu_claims_nothing(unsafe_int8):
-    from flowers.onnx_models import int8_weight_check, saturation_warning
+    from flowers.inference.onnx_models import int8_weight_check, saturation_warning
 
     check = int8_weight_check(unsafe_int8)
     assert saturation_warning(unsafe_int8, check, NO_VNNI)
@@ -185,7 +185,7 @@ def test_unknown_or_non_x86_cpu_claims_nothing(unsafe_int8):
 
 
 def test_cpu_flags_from_cpuinfo():
-    from flowers.onnx_models import cpu_flags, describe_cpu
+    from flowers.inference.onnx_models import cpu_flags, describe_cpu
 
     avx2 = "processor\t: 0\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\n"
     info = cpu_flags(avx2, "x86_64")
@@ -241,7 +241,7 @@ def test_bias_correction_removes_the_mean_shift_of_7bit_weights(tmp_path):
     model's (a grouped 1x1 conv: exactly, up to float error); uncorrected, it is off. The second conv
     (3x3, padded: the mean is then approximate) gets the bias it lacked, and its mean error shrinks.
     A no-op or sign-flipped correction fails."""
-    from flowers.export import bias_correct_7bit
+    from flowers.inference.export import bias_correct_7bit
 
     rng = np.random.default_rng(0)
     src = _two_conv_model(tmp_path / "fp32.onnx", rng)

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from flowers import config as C
-from flowers import feature_cache as FC
-from flowers.checkpoint import load_checkpoint, model_from_checkpoint
+from flowers.training import feature_cache as FC
+from flowers.models.checkpoint import load_checkpoint, model_from_checkpoint
 from flowers.data.bundle import build_data
 from flowers.data.transforms import Normalize, Preprocessing
 from flowers.models import TailNet, backbone_units, build_model
-from flowers.tasks import make_task
-from flowers.train import fit
+from flowers.training.tasks import make_task
+from flowers.training.loop import fit
 
 
 @pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet18", "mobilenet_v3_small"])
@@ -171,9 +171,9 @@ def test_teacher_probabilities_from_cached_features_equal_the_teacher_on_images(
     """The distillation shortcut is exact: an ensemble whose members share the student's frozen trunk
     gives the same probabilities from the cached features as from the images; a member with another
     trunk makes it decline (None), so the caller falls back to the images."""
-    from flowers.ensemble import EnsembleModule
-    from flowers.predict import LoadedModel, TorchProbModel
-    from flowers.tasks import teacher_probs_from_features
+    from flowers.training.ensemble import EnsembleModule
+    from flowers.inference.predict import LoadedModel, TorchProbModel
+    from flowers.training.tasks import teacher_probs_from_features
 
     model, pp, data = lite_setup
     torch.manual_seed(0)
@@ -229,7 +229,7 @@ def test_entry_keys_do_not_depend_on_object_addresses():
 
 
 def test_int8_recipe_choices_are_the_exporters():
-    from flowers.export import DEFAULT_INT8_RECIPE, INT8_RECIPES
+    from flowers.inference.export import DEFAULT_INT8_RECIPE, INT8_RECIPES
 
     assert set(C.CHOICES["distill.int8_recipe"]) == set(INT8_RECIPES)
     assert C.Config().distill.int8_recipe == DEFAULT_INT8_RECIPE

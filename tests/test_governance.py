@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import free_port
-from flowers import governance as G
-from flowers import registry as R
-from flowers import tracking as T
-from flowers.checkpoint import load_checkpoint, split_hash, write_checkpoint_folder
+from flowers.registry import governance as G
+from flowers.registry import uris as R
+from flowers.registry import tracking as T
+from flowers.models.checkpoint import load_checkpoint, split_hash, write_checkpoint_folder
 from flowers.cli import main as cli
 
 
@@ -158,7 +158,7 @@ def test_bad_input_one_line_exit_2_and_no_alias_moves(tracker, base_ckpt, tmp_pa
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1, (argv, err)
         assert tr.client.get_registered_model(name).aliases == before
     # the real command line, in its own process: one line on stderr, exit 2
-    r = subprocess.run([sys.executable, "-m", "flowers.cli", "models", "promote", name, v2, "--tracking-uri",
+    r = subprocess.run([sys.executable, "-m", "flowers.cli.main", "models", "promote", name, v2, "--tracking-uri",
                         mlflow_server], capture_output=True, text=True, timeout=120,
                        env={k: v for k, v in os.environ.items() if k != "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"})
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr[-2000:]
@@ -175,7 +175,7 @@ def test_bad_input_one_line_exit_2_and_no_alias_moves(tracker, base_ckpt, tmp_pa
 def test_study_gate_records_a_refusal_instead_of_failing(tracker, base_ckpt, tmp_path):
     """In a study, a version the gate cannot compare stays a challenger with the reason; the study goes on."""
     from flowers.config import StudyConfig
-    from flowers.study_steps import gate
+    from flowers.study.steps import gate
 
     tr, name = tracker, f"gate-study-{uuid.uuid4().hex[:6]}"
     v1 = _version(tr, base_ckpt, name, np.ones(20, bool), tmp_path)
@@ -189,7 +189,7 @@ def test_study_gate_records_a_refusal_instead_of_failing(tracker, base_ckpt, tmp
 
 def test_model_card(base_ckpt, tmp_path):
     folder = write_checkpoint_folder(base_ckpt, tmp_path / "m")
-    from flowers.checkpoint import read_manifest, read_per_image
+    from flowers.models.checkpoint import read_manifest, read_per_image
 
     manifest = {**read_manifest(folder), "uncertainty_threshold": 0.42,
                 "uncertainty_policy": {"policy": "coverage", "target": 0.9},

@@ -130,7 +130,7 @@ def test_submit_study_job_to_a_real_head(ray_head, synth_root, mlflow_server, tm
 
 def test_cli_builds_its_parser_without_ray_or_torch():
     """`flowers --help` stays fast: the commands take their options from jobs/options.py, not the Ray jobs."""
-    code = ("import sys, flowers.cli; flowers.cli.build_parser(); "
+    code = ("import sys, flowers.cli.main; flowers.cli.main.build_parser(); "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch', 'mlflow'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:] or out.stdout

@@ -20,13 +20,13 @@ import pytest
 import torch
 
 from conftest import free_port
-from flowers import governance as G
-from flowers import mlflow_model as MM
-from flowers import registry as R
-from flowers import tracking as T
-from flowers.checkpoint import (MANIFEST, PER_IMAGE, WEIGHTS, ModelLoadError, load_checkpoint, read_manifest,
+from flowers.registry import governance as G
+from flowers.registry import flavor as MM
+from flowers.registry import uris as R
+from flowers.registry import tracking as T
+from flowers.models.checkpoint import (MANIFEST, PER_IMAGE, WEIGHTS, ModelLoadError, load_checkpoint, read_manifest,
                                 update_manifest, write_checkpoint_folder)
-from flowers.predict import Predictor, load_model
+from flowers.inference.predict import Predictor, load_model
 
 
 class Payload:
@@ -100,7 +100,7 @@ def test_tampered_artifacts_are_refused_and_run_nothing(folder, tmp_path):
     (bad / "evil.pt").write_bytes(evil)
     update_manifest(bad, file="evil.pt")
     _refused(bad, marker, "not a plain flowers checkpoint")
-    torch.save({"format": "flowers.checkpoint/1", "model": Payload(marker)}, bad / "evil.pt")  # zip format too
+    torch.save({"format": "flowers.models.checkpoint/1", "model": Payload(marker)}, bad / "evil.pt")  # zip format too
     update_manifest(bad, file="evil.pt")
     _refused(bad, marker, "not a plain flowers checkpoint")
 
@@ -179,7 +179,7 @@ def _serve(uri: str, tracking: str, port: int, log: Path, env_manager: str | Non
 @pytest.fixture(scope="module")
 def registered_student(mlflow_server, trained_checkpoint, tmp_path_factory) -> Path:
     """An exported student registered through the study's code path as flowers-student@champion."""
-    from flowers.export import export_student
+    from flowers.inference.export import export_student
 
     student = export_student(trained_checkpoint, tmp_path_factory.mktemp("student") / "student",
                              [torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)], 0.5, calibration_size=4,

@@ -16,8 +16,8 @@ import pytest
 
 from conftest import REPO, free_port
 from flowers import config as C
-from flowers import run_notes as N
-from flowers.study import build_trials, load_study
+from flowers.registry import run_notes as N
+from flowers.study.plan import build_trials, load_study
 
 SHOTS = Path(os.environ.get("FLOWERS_UI_SHOTS", tempfile.gettempdir())) / "flowers-ui-shots"
 
@@ -83,7 +83,7 @@ def _runs(outcome):
 
 @pytest.mark.slow
 def test_the_study_store_reads_well_in_the_ui(small_study):
-    from flowers.registry import logged_model
+    from flowers.registry.uris import logged_model
 
     _, outcome = small_study
     client, by_key, runs = _runs(outcome)
@@ -142,7 +142,7 @@ def test_the_study_store_reads_well_in_the_ui(small_study):
 
 def _ui(home: Path, port: int, log: Path) -> subprocess.Popen:
     """`flowers ui` on the study's embedded store, in its own process group."""
-    return subprocess.Popen([sys.executable, "-m", "flowers.cli", "ui", "--home", str(home), "--port", str(port),
+    return subprocess.Popen([sys.executable, "-m", "flowers.cli.main", "ui", "--home", str(home), "--port", str(port),
                              "--study", "small"],
                             cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "MLFLOW_TRACKING_URI": ""})

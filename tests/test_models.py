@@ -122,7 +122,7 @@ def test_attention_weighted_pooling_math() -> None:
 
 @pytest.mark.parametrize("name", ["resnet18", "attention_efficientnet_lite0"])
 def test_gradcam_runs(name: str) -> None:
-    from flowers.explain import gradcam_maps
+    from flowers.inference.explain import gradcam_maps
 
     class Wrapped(torch.nn.Module):  # the shape explain expects: uint8-range input, `.net.gradcam_layer()`
         def __init__(self, net):

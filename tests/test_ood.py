@@ -85,7 +85,7 @@ def test_score_table_separates_and_flags_at_the_rate():
     both = O.score_table(O.Outputs(p(z_in), z_in), O.Outputs(p(z_out), z_out), threshold=0.5)
     assert both["energy_auroc"] > 0.95
     vote = O.mean_outputs([O.Outputs(p(z_in), z_in), O.Outputs(p(z_in), z_in)], [1.0, 1.0])
-    from flowers.uncertainty import uncertainty_score
+    from flowers.inference.uncertainty import uncertainty_score
 
     np.testing.assert_allclose(uncertainty_score(vote.probs, "energy", vote.logits),
                                uncertainty_score(p(z_in), "energy", z_in), rtol=1e-6)
@@ -95,7 +95,7 @@ def test_score_table_separates_and_flags_at_the_rate():
 def test_shift_suite_and_ood_on_a_checkpoint_make_the_report_section(trained_checkpoint, smoke_config, tmp_path):
     from flowers.evaluation.robustness import run_shift_suite
     from flowers.evaluation.shifts import parse_shifts
-    from flowers.evaluation.study_step import flat_metrics, report_lines
+    from flowers.study.robustness_step import flat_metrics, report_lines
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -120,10 +120,10 @@ def test_shift_suite_and_ood_on_a_checkpoint_make_the_report_section(trained_che
 @pytest.mark.slow
 def test_an_ensemble_is_scored_through_its_members(trained_checkpoint, smoke_config, tmp_path):
     """One pass gives each member (the levels) and the soft vote, equal to the ensemble's own predict_proba."""
-    from flowers.ensemble import build_ensemble
+    from flowers.training.ensemble import build_ensemble
     from flowers.evaluation.robustness import run_shift_suite, suite_models
     from flowers.evaluation.shifts import parse_shifts
-    from flowers.predict import load_model
+    from flowers.inference.predict import load_model
 
     folder = build_ensemble([str(trained_checkpoint), str(trained_checkpoint)], tmp_path / "ens", [1.0, 3.0],
                             member_names=["a", "b"])

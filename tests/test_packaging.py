@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def flowers(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flowers.cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "flowers.cli.main", *args], capture_output=True, text=True, cwd=REPO,
                           env=env)
 
 

@@ -8,8 +8,8 @@ import torch
 
 from flowers.data import open_image
 from flowers.data.transforms import eval_transform
-from flowers.checkpoint import ModelLoadError
-from flowers.predict import Predictor, load_model
+from flowers.models.checkpoint import ModelLoadError
+from flowers.inference.predict import Predictor, load_model
 
 
 def test_predictor_matches_the_training_eval_path(trained_checkpoint, synth_root):
@@ -21,7 +21,7 @@ def test_predictor_matches_the_training_eval_path(trained_checkpoint, synth_root
     assert len(out[0]["top_k"]) == 3 and out[0]["name"] == pred.class_names[out[0]["label"]]
     assert 0.0 <= out[0]["entropy"] <= 1.0 and isinstance(out[0]["uncertain"], bool)
     # same numbers as the loop's own eval: uint8 eval transform + model
-    from flowers.checkpoint import load_checkpoint, model_from_checkpoint
+    from flowers.models.checkpoint import load_checkpoint, model_from_checkpoint
     from flowers.data.transforms import Normalize, Preprocessing
 
     ckpt = load_checkpoint(trained_checkpoint)
@@ -53,7 +53,7 @@ def test_bad_uri_is_clear(uri, msg, tmp_path, monkeypatch):
 
 
 def test_cli_bad_uri_one_line_exit_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "flowers.cli", "predict", "x.jpg", "--model", str(tmp_path / "nope.pt")],
+    r = subprocess.run([sys.executable, "-m", "flowers.cli.main", "predict", "x.jpg", "--model", str(tmp_path / "nope.pt")],
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error: model not found") and "Traceback" not in r.stderr

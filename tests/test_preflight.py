@@ -13,9 +13,9 @@ from conftest import REPO, free_port
 from flowers import config as C
 from flowers.data import DataError
 from flowers.data.remote import publish
-from flowers.registry import TrackingTarget, embedded_target
+from flowers.registry.uris import TrackingTarget, embedded_target
 from flowers.storage import StorageError
-from flowers.study import TrialSpec
+from flowers.study.plan import TrialSpec
 from jobs.preflight import check_study, check_tracking
 
 SERVER = TrackingTarget("http://mlflow.example:5000")
@@ -77,7 +77,7 @@ def test_missing_bucket_and_bad_dataset_fail_before_any_trial(s3_server, synth_r
 
 def test_study_with_a_missing_bucket_exits_2_and_writes_nothing(s3_server, tmp_path):
     """End to end through the CLI: one line on stderr, exit 2, no MLflow store, no Tune folder."""
-    cmd = [sys.executable, "-m", "flowers.cli", "study", "--config", str(REPO / "configs/study.yaml"),
+    cmd = [sys.executable, "-m", "flowers.cli.main", "study", "--config", str(REPO / "configs/study.yaml"),
            "--profile", "smoke", "--set", "study.storage_path=s3://no-such-bucket/tune",
            "--set", f"study.home={tmp_path / 'home'}", "--set", f"data.root={tmp_path}"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)

@@ -217,7 +217,7 @@ def test_declared_cpus(tmp_path):
 
 def test_submit_bad_input_is_one_line_and_queues_nothing(tmp_path, monkeypatch, capsys):
     from conftest import free_port
-    from flowers.cli import main
+    from flowers.cli.main import main
 
     monkeypatch.setenv("HOME", str(tmp_path))
     for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "FLOWERS_QUEUE_URL"):
@@ -236,8 +236,8 @@ def test_submit_bad_input_is_one_line_and_queues_nothing(tmp_path, monkeypatch, 
 
 
 def test_queues_command_and_jobs_table(store, monkeypatch, capsys):
-    from flowers.cli import main
-    from flowers.commands.jobs import table
+    from flowers.cli.main import main
+    from flowers.cli.commands.jobs import table
     from jobs.queue import api
 
     monkeypatch.setenv("FLOWERS_QUEUE_URL", store.url)

@@ -145,7 +145,7 @@ def _study(tmp: Path, name: str, data_uri: str, levels=("l1",), epochs: int = 1)
 
 
 def _submit(env: dict, *args: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "flowers.cli", "submit", *args], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "flowers.cli.main", "submit", *args], capture_output=True, text=True,
                        cwd=REPO, timeout=600, env={**os.environ, **env})
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     return r.stdout.split()[1].rstrip(":")
@@ -163,8 +163,8 @@ def test_three_at_once_with_a_limit_of_two(cluster_env, store, dataset_uri, trai
     import boto3
     from mlflow import MlflowClient
 
-    from flowers import registry as R
-    from flowers import tracking as T
+    from flowers.registry import uris as R
+    from flowers.registry import tracking as T
     from jobs.queue import store as S
 
     env = cluster_env
@@ -196,7 +196,7 @@ def test_three_at_once_with_a_limit_of_two(cluster_env, store, dataset_uri, trai
     # what a user sees meanwhile: two running, the third waiting with its reason
     deadline, table = time.monotonic() + 300, ""
     while time.monotonic() < deadline:
-        r = subprocess.run([sys.executable, "-m", "flowers.cli", "jobs", "list"], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-m", "flowers.cli.main", "jobs", "list"], capture_output=True, text=True,
                            cwd=REPO, timeout=300, env={**os.environ, **env})
         table = r.stdout
         if any("WAITING" in ln and "queue 'train' full: 2/2 running" in ln for ln in table.splitlines()):

@@ -108,7 +108,7 @@ def test_readme_quickstart_from_a_plain_shell(tmp_path):
 
     # 7. the Python API in five lines
     first = sorted(photos.glob("*.jpg"))[0]
-    code = ("from flowers.predict import Predictor\n"
+    code = ("from flowers.inference.predict import Predictor\n"
             "predictor = Predictor.from_uri('models:/flowers-student@champion')\n"
             f"for result in predictor.predict([{str(first)!r}, 'missing.jpg'], top_k=3):\n"
             "    print(result.get('name'), result.get('confidence'), result.get('uncertain'), result.get('error'))\n")

@@ -11,8 +11,8 @@ pytestmark = [requires_real_data, pytest.mark.realdata]
 def test_cpu_profile_learns_on_a_class_subset(tmp_path):
     """Pretrained Lite0, 10 classes, 2 short epochs: far above the 10 % chance level."""
     from flowers.config import load_config
-    from flowers.tasks import make_task
-    from flowers.train import fit
+    from flowers.training.tasks import make_task
+    from flowers.training.loop import fit
 
     cfg = load_config(REPO / "configs/level1.yaml", "cpu", [
         f"data.root={real_data_root()}", "data.classes=10", "data.image_size=128", "train.epochs=2",

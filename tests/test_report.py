@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flowers.checkpoint import per_image_record
-from flowers.report import comparisons, paired, render
-from flowers.report_html import markdown_to_html
-from flowers.run_notes import mlflow_metrics
+from flowers.models.checkpoint import per_image_record
+from flowers.study.report import comparisons, paired, render
+from flowers.study.report_html import markdown_to_html
+from flowers.registry.run_notes import mlflow_metrics
 
 
 def _record(correct, n=None, prefix="jpg"):
@@ -138,7 +138,7 @@ def test_report_from_a_real_study(small_study):
 
 
 def test_report_says_when_the_grid_ran_at_a_smaller_budget():
-    from flowers.report import _grid_budget_note
+    from flowers.study.report import _grid_budget_note
 
     grid = [{"params": {"train.epochs": "2"}}, {"params": {"train.epochs": "2"}}]
     levels = [{"params": {"train.epochs": "8"}}, None, {"params": {"train.epochs": "8"}}]

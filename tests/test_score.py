@@ -110,7 +110,7 @@ def test_every_row_read_back_with_pyarrow(folder, scored):
 
 def test_parity_with_predictor(folder, scored, trained_checkpoint):
     """Same Predictor as the Serve endpoint: same labels and probabilities for the same files."""
-    from flowers.predict import Predictor
+    from flowers.inference.predict import Predictor
 
     _, out = scored
     rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
@@ -187,7 +187,7 @@ def test_empty_or_missing_folder_is_a_clear_error_and_no_output(make, trained_ch
 
 
 def test_cli_errors_are_one_line(folder, trained_checkpoint, tmp_path, capsys):
-    from flowers.cli import main
+    from flowers.cli.main import main
 
     existing = tmp_path / "exists.parquet"
     existing.write_bytes(b"old")
@@ -225,9 +225,9 @@ def test_jobs_entry_point_error_exit(tmp_path):
 @pytest.fixture(scope="module")
 def other_kinds(trained_checkpoint, tmp_path_factory) -> dict[str, Path]:
     """The ensemble and the exported INT8 student, built from the smoke checkpoint."""
-    from flowers.ensemble import build_ensemble
-    from flowers.export import export_student
-    from flowers.train import load_checkpoint
+    from flowers.training.ensemble import build_ensemble
+    from flowers.inference.export import export_student
+    from flowers.training.loop import load_checkpoint
 
     root = tmp_path_factory.mktemp("kinds")
     size = load_checkpoint(trained_checkpoint)["preprocessing"]["image_size"]
@@ -241,7 +241,7 @@ def other_kinds(trained_checkpoint, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("kind", ["ensemble", "student"])
 def test_scorer_parity_for_ensemble_and_student(kind, other_kinds, folder):
     """The actor class gives what Predictor (and so Serve) gives, for every model kind."""
-    from flowers.predict import Predictor
+    from flowers.inference.predict import Predictor
 
     uri = str(other_kinds[kind])
     paths = [folder["a.jpg"], folder["c.png"], folder["bad:text.jpg"]]
@@ -257,7 +257,7 @@ def test_scorer_parity_for_ensemble_and_student(kind, other_kinds, folder):
 def test_plan_reads_metadata_only_and_names_the_model_as_the_scorer_does(kind, other_kinds, trained_checkpoint, folder,
                                                                          tmp_path, monkeypatch):
     """The driver's check loads no weights, and names the model as the actors will (resume relies on it)."""
-    import flowers.predict
+    import flowers.inference.predict
 
     uri = str(trained_checkpoint if kind == "checkpoint" else other_kinds[kind])
     scorer = Scorer(uri, top_k=2, threads=1)
@@ -265,7 +265,7 @@ def test_plan_reads_metadata_only_and_names_the_model_as_the_scorer_does(kind, o
     def no_load(*a, **k):
         raise AssertionError("plan_scoring loaded the model")
 
-    monkeypatch.setattr(flowers.predict, "load_model", no_load)
+    monkeypatch.setattr(flowers.inference.predict, "load_model", no_load)
     plan = plan_scoring([folder["root"]], uri, tmp_path / "o.parquet", ScoreConfig(top_k=2))
     assert (plan.model_name, plan.model_version) == (scorer.model_name, scorer.model_version)
     assert plan.model_uri == uri and plan.top_k == 2 and plan.listed == len(plan.todo) == 9

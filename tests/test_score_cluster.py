@@ -28,8 +28,8 @@ def model_uri(cluster_env, trained_run):
     """The smoke model registered on the cluster's MLflow server (artifacts on S3), alias champion."""
     import mlflow
 
-    from flowers import registry as R
-    from flowers import tracking as T
+    from flowers.registry import uris as R
+    from flowers.registry import tracking as T
 
     old = mlflow.get_tracking_uri()
     try:

@@ -103,7 +103,7 @@ def test_object_storage_in_and_out_with_summary_run(trained_checkpoint, ray_sess
     from mlflow import MlflowClient
 
     from flowers import storage
-    from flowers.registry import resolve_target
+    from flowers.registry.uris import resolve_target
 
     s3 = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL_S3"])
     remote = []

@@ -211,7 +211,7 @@ def test_unreachable_object_store_is_one_line(tmp_path, monkeypatch, trained_che
 
 
 def test_cli_bad_input_one_line_exit_2(tree, tmp_path, trained_checkpoint, capsys):
-    from flowers.cli import main
+    from flowers.cli.main import main
 
     (tmp_path / "empty.txt").write_text("")
     model = str(trained_checkpoint)

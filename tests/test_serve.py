@@ -288,7 +288,7 @@ def test_config_yaml_builds_app():
 def test_serve_and_deploy_reject_bad_uri_before_starting_ray(capsys, tmp_path, entry):
     import ray
 
-    from flowers.cli import main
+    from flowers.cli.main import main
     from jobs.deploy import main as deploy_main
 
     argv = ["--ensemble", str(tmp_path / "nope"), "--student", str(tmp_path / "nope2")]

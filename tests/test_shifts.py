@@ -133,7 +133,7 @@ def test_stratified_subset_is_seeded_and_balanced():
 
 @pytest.mark.slow
 def test_cli_shift_suite_on_a_checkpoint_logs_once(trained_checkpoint, synth_root, tmp_path, capsys, monkeypatch):
-    from flowers.cli import main
+    from flowers.cli.main import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     out = tmp_path / "eval"
@@ -156,7 +156,7 @@ def test_cli_shift_suite_on_a_checkpoint_logs_once(trained_checkpoint, synth_roo
 
 @pytest.mark.parametrize("spec,msg", [("fog", "unknown shift 'fog'"), ("jpeg10=500", "out of range")])
 def test_cli_bad_shift_one_line_exit_2_nothing_logged(spec, msg, tmp_path, capsys, monkeypatch):
-    from flowers.cli import main
+    from flowers.cli.main import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     rc = main(["evaluate", "--model", str(tmp_path / "nowhere"), "--shifts", spec, "--out", str(tmp_path / "o"),

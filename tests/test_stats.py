@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from flowers import stats
+from flowers.evaluation import stats
 
 # 10 images: both right on 4, only a on 4, only b on 1, both wrong on 1
 A = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0, 0], bool)

@@ -13,8 +13,8 @@ import pytest
 
 from conftest import REPO, write_small_study
 from flowers import config as C
-from flowers.registry import logged_model
-from flowers.study import build_trials, load_study
+from flowers.registry.uris import logged_model
+from flowers.study.plan import build_trials, load_study
 
 
 def test_study_grid_shares_l1_and_l2_and_keeps_the_comparison_controlled():
@@ -91,7 +91,7 @@ def test_concurrent_trials_log_to_sqlite_and_register_levels(small_study):
         assert logged_model(client, r.info.run_id) is not None  # the model: an MLflow logged model of the run
     mv = client.get_model_version_by_alias("flowers-l1", "champion")
     assert client.get_run(mv.run_id).data.tags["flowers.key"] == "l1"
-    assert client.get_registered_model("flowers-l1").tags["flowers.study"] == "small"
+    assert client.get_registered_model("flowers-l1").tags["flowers.study.plan"] == "small"
     assert set(outcome.registered) >= {"l1", "l3"}
     # registered as challengers, made champion by the gate (first versions), with lineage; real MLflow Models
     assert mv.tags["gate.decision"] == "first" and mv.tags["lineage.study"] == "small"
@@ -162,7 +162,7 @@ def test_distill_stage_registers_the_student_and_serve_answers_from_the_registry
             assert student["uri"] == "models:/flowers-student@champion" and student["kind"] == "onnx"
             # the replica reports the file's INT8 check and its load-time warning for this CPU (none where the
             # weights cannot saturate or the CPU has VNNI; one line for 8-bit weights on a CPU without it)
-            from flowers.predict import load_model
+            from flowers.inference.predict import load_model
             monkeypatch.setenv("MLFLOW_TRACKING_URI", outcome.tracking_uri)
             local = load_model("models:/flowers-student@champion")
             assert student["int8_check"] == local.meta["int8_check"] and student["int8_check"]["int8"] is True
@@ -177,8 +177,8 @@ REPRO = """
 import json
 from flowers.config import build, DataConfig
 from flowers.data.bundle import build_data
-from flowers.evaluate import compute_metrics
-from flowers.predict import load_model, predict_dataset
+from flowers.evaluation.metrics import compute_metrics
+from flowers.inference.predict import load_model, predict_dataset
 m = load_model('models:/flowers-l1@champion')
 dc = build(DataConfig, m.meta['config']['data'])
 data = build_data(dc, m.preprocessing)

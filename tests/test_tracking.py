@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from conftest import REPO
-from flowers import governance as G
-from flowers import registry as R
-from flowers import tracking as T
+from flowers.registry import governance as G
+from flowers.registry import uris as R
+from flowers.registry import tracking as T
 
 
 def test_resolve_target(tmp_path, monkeypatch):
@@ -75,7 +75,7 @@ def _log_and_load(uri: str, target: R.TrackingTarget, run, study: str) -> None:
     finally:
         mlflow.set_tracking_uri(old)  # exports it as $MLFLOW_TRACKING_URI too
         os.environ.pop("MLFLOW_TRACKING_URI", None)
-    code = ("import json; from flowers.predict import load_model; m = load_model('models:/flowers-l1@champion');"
+    code = ("import json; from flowers.inference.predict import load_model; m = load_model('models:/flowers-l1@champion');"
             "print(json.dumps({'acc': m.meta['test_accuracy'], 'name': m.name, 'classes': len(m.class_names)}))")
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -98,7 +98,7 @@ def test_models_uri_resolves_against_the_embedded_store_without_env(trained_run,
     """After `make run`, `flowers serve/score/predict` in the same folder find models:/ in .flowers/."""
     import mlflow
 
-    from flowers.predict import load_model
+    from flowers.inference.predict import load_model
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # records the original; restored afterwards

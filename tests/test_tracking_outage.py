@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import jobs.trial as trial_mod
-from flowers.registry import TrackingTarget
+from flowers.registry.uris import TrackingTarget
 from jobs.trial import MlflowStudyCallback
 
 

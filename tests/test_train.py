@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from flowers import config as C
-from flowers.evaluate import compute_metrics, confusion_matrix, expected_calibration_error, most_confused
-from flowers.checkpoint import load_checkpoint, model_from_checkpoint
-from flowers.tasks import ClassificationTask, make_task
-from flowers.train import fit, lr_lambda, param_groups
+from flowers.evaluation.metrics import compute_metrics, confusion_matrix, expected_calibration_error, most_confused
+from flowers.models.checkpoint import load_checkpoint, model_from_checkpoint
+from flowers.training.tasks import ClassificationTask, make_task
+from flowers.training.loop import fit, lr_lambda, param_groups
 
 
 def test_smoke_run_lowers_loss_and_writes_artifacts(trained_run):

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import jobs.tune as JT
 from flowers import config as C
-from flowers.registry import TrackingTarget
-from flowers.study import TrialSpec
+from flowers.registry.uris import TrackingTarget
+from flowers.study.plan import TrialSpec
 
 
 def test_unreadable_tune_state_reruns_only_unfinished_trials(monkeypatch, tmp_path):
@@ -40,8 +40,8 @@ def test_a_finished_trial_listed_as_running_by_a_stale_state_is_not_trained_agai
     from mlflow import MlflowClient
     from ray import tune
 
-    from flowers import tracking as T
-    from flowers.study import run_root
+    from flowers.registry import tracking as T
+    from flowers.study.plan import run_root
     from jobs.trial import SKIPPED, MlflowStudyCallback
 
     cfg = C.replace(C.Config(), {"data.root": str(synth_root), "data.split": "official", "data.image_size": 48,

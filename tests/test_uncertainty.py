@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flowers import uncertainty as U
+from flowers.inference import uncertainty as U
 
 
 def test_entropy_bounds_one_hot_and_uniform():
@@ -67,7 +67,7 @@ def test_ood_report_separates_confident_model_from_noise(tmp_path):
 
 
 def test_temperature_scaling_fits_an_overconfident_model_and_lowers_ece():
-    from flowers.evaluate import expected_calibration_error
+    from flowers.evaluation.metrics import expected_calibration_error
 
     rng = np.random.default_rng(3)
     n, k = 2000, 10

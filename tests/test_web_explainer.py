@@ -16,7 +16,7 @@ import pytest
 
 def _onnx_like(source_checkpoint: str):
     from flowers.data.transforms import Preprocessing
-    from flowers.predict import LoadedModel
+    from flowers.inference.predict import LoadedModel
 
     return LoadedModel(predict_proba=lambda x: np.full((len(x), 5), 0.2, dtype=np.float32),
                        preprocessing=Preprocessing.for_size(64), class_names=[f"c{i}" for i in range(5)],
@@ -25,7 +25,7 @@ def _onnx_like(source_checkpoint: str):
 
 
 def test_onnx_student_is_explained_through_its_source_checkpoint(monkeypatch, trained_checkpoint):
-    from flowers import predict
+    from flowers.inference import predict
     from serve import explainer
 
     real = predict.load_model
@@ -47,7 +47,7 @@ def test_onnx_student_without_its_source_has_no_explanation(monkeypatch, tmp_pat
 def test_gradcam_png_answers_a_png_and_refuses_bad_input(trained_checkpoint, synth_root):
     from PIL import Image
 
-    from flowers.predict import load_model
+    from flowers.inference.predict import load_model
     from serve.explainer import DISPLAY_PX, ExplainError, gradcam_png
 
     model = load_model(trained_checkpoint)

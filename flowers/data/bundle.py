@@ -38,7 +38,7 @@ class DataBundle:
 
     def eval_part(self, name: str, transform: Callable | None = None, draft_size: int | None = None) -> LabeledImages:
         """A split (train included, unaugmented) under an eval transform: this run's own by default,
-        or another model's (`flowers.predict.model_transform`) so every model sees its own preprocessing."""
+        or another model's (`flowers.inference.predict.model_transform`) so every model sees its own preprocessing."""
         part = {"train": self.train, "val": self.val, "test": self.test}[name]
         if transform is None and name != "train":
             return part

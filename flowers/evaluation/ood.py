@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from flowers import config as C
-from flowers import uncertainty as U
+from flowers.inference import uncertainty as U
 from flowers.data import DataError, list_images
 from flowers.data.folder import LabeledImages
 
@@ -47,7 +47,7 @@ class Outputs:
 
 def run_model(model: Any, paths: Sequence[Path], batch_size: int = 32) -> Outputs:
     """`model` (a LoadedModel) over images in its own eval preprocessing; logits when it is one torch network."""
-    from flowers.predict import predict_dataset
+    from flowers.inference.predict import predict_dataset
 
     ds = LabeledImages(list(paths), None, model.transform(), model.draft_size)
     module = model.module if model.meta.get("kind") == "checkpoint" else None
@@ -90,7 +90,7 @@ def score_table(in_dist: Outputs, ood: Outputs, threshold: float, temperature: f
 def mean_outputs(parts: Sequence[Outputs], weights: Sequence[float]) -> Outputs:
     """A soft vote's outputs: weighted mean probabilities, and for the energy score the members' mean
     energy (carried as one logit per row whose logsumexp is that energy)."""
-    from flowers.ensemble import soft_vote
+    from flowers.training.ensemble import soft_vote
 
     probs = soft_vote([p.probs for p in parts], list(weights))
     if any(p.logits is None for p in parts):

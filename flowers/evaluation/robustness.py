@@ -21,7 +21,7 @@ from flowers.evaluation.suite import (SuiteModel, headline, markdown_table, plot
 
 log = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLD = 0.5  # flowers.predict's default for a model stored without one
+DEFAULT_THRESHOLD = 0.5  # flowers.inference.predict's default for a model stored without one
 
 
 @dataclass
@@ -47,10 +47,10 @@ Ensembles = dict[str, tuple[list[str], list[float]]]
 def suite_models(name: str, uri: str) -> tuple[list[SuiteModel], Ensembles, dict[str, tuple[float, float]]]:
     """The models to run for `uri`: itself, or an ensemble's members (named `<name>/<member>`) plus the
     soft vote under `name`, so the levels come for free. Also each name's (threshold, temperature)."""
-    from flowers import registry
-    from flowers.checkpoint import locate_model
-    from flowers.ensemble import load_members
-    from flowers.predict import load_model
+    from flowers.registry import uris as registry
+    from flowers.models.checkpoint import locate_model
+    from flowers.training.ensemble import load_members
+    from flowers.inference.predict import load_model
 
     model = load_model(uri)  # verifies the registered manifest's checksum
     thr, temp = _rule(model.meta)

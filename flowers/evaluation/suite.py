@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from flowers import uncertainty as U
+from flowers.inference import uncertainty as U
 from flowers.data import open_image
 from flowers.evaluation.shifts import Shift, apply_shift
 from flowers.runtime import progress_bar
@@ -34,7 +34,7 @@ class SuiteModel:
     """One model of the suite: how it predicts, and its stored flag rule (threshold, temperature)."""
 
     name: str
-    model: Any  # flowers.predict.LoadedModel
+    model: Any  # flowers.inference.predict.LoadedModel
     threshold: float
     temperature: float = 1.0
 
@@ -65,9 +65,9 @@ def score_suite(models: Sequence[SuiteModel], paths: Sequence[Path], labels: np.
     """Probabilities of every model on the clean images and under every shift.
 
     `ensembles` maps a name to (member model names, weights): its probabilities are the soft vote of
-    those members' (as `flowers.ensemble` computes it), at no extra forward pass.
+    those members' (as `flowers.training.ensemble` computes it), at no extra forward pass.
     """
-    from flowers.predict import collate
+    from flowers.inference.predict import collate
 
     t0 = time.perf_counter()
     draft = max(m.model.draft_size for m in models)
@@ -84,7 +84,7 @@ def score_suite(models: Sequence[SuiteModel], paths: Sequence[Path], labels: np.
                 x = collate([transforms[m.name](img) for img in shifted])
                 chunks[m.name][name].append(np.asarray(m.model.predict_proba(x), dtype=np.float32))
     probs = {m: {n: np.concatenate(v) for n, v in per.items()} for m, per in chunks.items()}
-    from flowers.ensemble import soft_vote
+    from flowers.training.ensemble import soft_vote
 
     for ens, (members, weights) in (ensembles or {}).items():
         probs[ens] = {n: soft_vote([probs[k][n] for k in members], weights) for n in names}
@@ -168,7 +168,7 @@ def write_tables(name: str, rows: list[dict[str, Any]], out_dir: Path) -> list[P
 
 def plot_suite(name: str, rows: list[dict[str, Any]], path: Path) -> Path:
     """Top-1 (bars) and flagged share (dots) per shift, clean top-1 as a line, the mean as a dashed one."""
-    from flowers.evaluate import pyplot
+    from flowers.evaluation.metrics import pyplot
 
     plt = pyplot()
     by = {r["shift"]: r for r in rows}

@@ -88,7 +88,7 @@ class FlowerNet(nn.Module):
         return self.head(self.backbone(x))
 
     def gradcam_layer(self) -> nn.Module:
-        """The last conv block of the backbone: the target layer for Grad-CAM (flowers.explain)."""
+        """The last conv block of the backbone: the target layer for Grad-CAM (flowers.inference.explain)."""
         return self.backbone.get_submodule(self._gradcam_path)
 
 

@@ -34,7 +34,7 @@ class TailNet(nn.Module):
 
     ``trainable_units`` backbone units (see :func:`backbone_units`) plus the head train; every
     unit below them is frozen (``requires_grad=False``) and is what :meth:`trunk` computes, so
-    its output can be cached once per image (`flowers.feature_cache`). The parameters are the
+    its output can be cached once per image (`flowers.training.feature_cache`). The parameters are the
     model's own: ``model.state_dict()`` is the whole trained network, in the one checkpoint format.
     """
 

@@ -28,7 +28,7 @@ class Scorer:
     """
 
     def __init__(self, model_uri: str, top_k: int = 5, threads: int | None = None, device: str = "cpu") -> None:
-        from flowers.predict import Predictor
+        from flowers.inference.predict import Predictor
         from flowers.runtime import configure_torch_threads
 
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus; torch follows it unless told otherwise

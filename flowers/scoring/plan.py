@@ -11,7 +11,8 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flowers import registry, storage
+from flowers import storage
+from flowers.registry import uris as registry
 from flowers.config import ConfigError, ScoreConfig
 from flowers.scoring.schema import MANIFEST, META_TOP_K, PART_RE, SCHEMA, SUMMARY, count_true, metadata
 from flowers.scoring.sources import list_inputs, local_path, stat_uri

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 
-from flowers import registry, storage
+from flowers import storage
+from flowers.registry import uris as registry
 from flowers.scoring.schema import EXPERIMENT
 from flowers.scoring.plan import ScorePlan
 

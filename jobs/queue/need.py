@@ -25,7 +25,7 @@ def _parse(add_arguments, args: list[str]) -> argparse.Namespace:
 def declared_cpus(kind: str, args: list[str], cwd: str | None = None) -> float:
     """CPUs the job `kind` with entry-point arguments `args` will ask Ray for at most at once."""
     if kind == "study":
-        from flowers.study import build_trials, load_study
+        from flowers.study.plan import build_trials, load_study
 
         ns = _parse(O.add_study_arguments, args)
         study, config_dir = load_study(ns.config, ns.profile, ns.overrides)
