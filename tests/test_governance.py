@@ -18,7 +18,7 @@ from flowers.registry import governance as G
 from flowers.registry import uris as R
 from flowers.registry import tracking as T
 from flowers.models.checkpoint import load_checkpoint, split_hash, write_checkpoint_folder
-from flowers.cli import main as cli
+from flowers.cli.main import main as cli
 
 
 @pytest.fixture(scope="module")
