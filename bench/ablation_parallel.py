@@ -26,7 +26,7 @@ def main() -> None:
     from flowers.registry import uris as registry
     from flowers.registry import tracking as T
     from flowers.study.plan import build_trials, load_study
-    from jobs.cluster import connect
+    from raylink.connect import connect
     from jobs.tune import run_tune
 
     over, desc = data_overrides(args.real, args.classes)

@@ -151,7 +151,7 @@ def steady_rate(table) -> tuple[float, float]:
 
 def single_node(args, uri: str, paths: list[str], src: Path, tmp: Path) -> dict:
     from flowers.config import ScoreConfig
-    from jobs.cluster import connect
+    from raylink.connect import connect
     from jobs.score import score_folders
 
     import ray

@@ -33,7 +33,7 @@ def main() -> None:
     from flowers.study.plan import build_trials, load_study
     from flowers.training.tasks import make_task
     from flowers.training.loop import fit
-    from jobs.cluster import connect
+    from raylink.connect import connect
     from jobs.tune import run_tune
 
     over, desc = data_overrides(args.real, args.classes)

@@ -38,9 +38,10 @@ from flowers.scoring.reader import read_objects
 from flowers.scoring.sinks import commit_dataset, prepare_dataset, write_scores
 from flowers.scoring.sources import by_filesystem
 from flowers.scoring.summary import ScoreSummary, log_summary, write_summary
-from jobs import cluster, entry
+from jobs import entry
 from jobs.options import add_score_arguments, score_settings
 from jobs.parts import PartNames
+from raylink import connect as cluster
 
 log = logging.getLogger(__name__)
 

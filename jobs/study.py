@@ -30,9 +30,10 @@ from flowers.study import steps as S
 from flowers.registry import tracking as T
 from flowers.study.plan import build_trials, load_study
 from flowers.registry.uris import TrackingTarget
-from jobs import cluster, entry, preflight
+from jobs import entry, preflight
 from jobs.options import add_study_arguments
 from jobs.tune import run_tune
+from raylink import connect as cluster
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
     flowers tune ...                                     # the same
 
 Trials are `jobs.trial.train_trial`; the driver-side `MlflowStudyCallback` is the only
-MLflow writer. Both Tuners expect Ray to be connected (`jobs.cluster.connect`).
+MLflow writer. Both Tuners expect Ray to be connected (`raylink.connect.connect`).
 """
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ from flowers.registry import uris as registry
 from flowers.registry import tracking as T
 from flowers.registry.uris import TrackingTarget
 from flowers.study.plan import TrialSpec, pin_data_root, run_root, storage_path
-from jobs import cluster, entry
+from jobs import entry
 from jobs.options import add_tune_arguments, search_settings
 from jobs.trial import MlflowStudyCallback, train_trial, trial_dirname
+from raylink import connect as cluster
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ def deploy(settings: ServeConfig, block: bool) -> int:
     import ray
     from ray import serve
 
-    from jobs.cluster import connect
+    from raylink.connect import connect
     from serve.app import app_from_config
 
     def build(gpus: float | None):

@@ -138,7 +138,7 @@ def test_cli_builds_its_parser_without_ray_or_torch():
 
 def test_workers_get_the_allocator_and_the_drivers_store(monkeypatch):
     from flowers.runtime import worker_runtime_env
-    from jobs.cluster import worker_env
+    from raylink.connect import worker_env
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert worker_env() == {**worker_runtime_env()["env_vars"], "MLFLOW_TRACKING_URI": "http://mlflow:5000"}

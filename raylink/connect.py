@@ -1,4 +1,4 @@
-"""The one `ray.init` of every entry point (study, tune, score).
+"""The one `ray.init` of every entry point (study, tune, score, the Serve deployer).
 
 Workers get the fast-allocator env (`flowers.runtime.worker_runtime_env`) and the MLflow
 store the driver resolves `models:/` against, so they load the same models.
