@@ -97,7 +97,7 @@ def main() -> None:
     from mlflow import MlflowClient
 
     from flowers.data.remote import publish
-    from jobs import testcluster as TC
+    from jobs import localcluster as TC
 
     # SIGTERM (timeout, kill) must still stop the cluster below: turn it into SystemExit
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -124,11 +124,11 @@ def main() -> int:
     p.add_argument("--burn-s", type=float, default=20.0)
     args = p.parse_args()
     from jobs import client as J
-    from jobs import testcluster as T
+    from jobs import localcluster as T
     from jobs.queue import store as S
     from jobs.queue.config import parse_queues
 
-    cluster = T.TestCluster.load(args.state) if args.state else \
+    cluster = T.LocalCluster.load(args.state) if args.state else \
         T.up(Path(tempfile.mkdtemp(prefix="fqb-", dir="/tmp")), workers=2, cpus_per_worker=1, workdir=REPO)
     try:
         os.environ.update(cluster.env())

@@ -20,7 +20,7 @@ Single node (`--mode single`), images/s:
   same CPUs here, so the best a CPU-only pipeline can do is 1 / (1/decode + 1/model):
   that ceiling is printed next to it.
 
-Cluster (`--mode cluster`): a local test cluster (jobs/testcluster.py: a Ray head with 0 CPUs and
+Cluster (`--mode cluster`): a local test cluster (jobs/localcluster/: a Ray head with 0 CPUs and
 2 worker nodes of `--node-cpus` CPUs each, all on this machine) scores the same images into a
 dataset folder of part files written by the workers, first with worker_b stopped (1 node), then
 with both (2 nodes): wall time, images/s end to end and steady (rows between the first and the
@@ -193,7 +193,7 @@ def cluster_nodes(args, uri: str, paths: list[str], src: Path, tmp: Path) -> dic
 
     from flowers import storage
     from flowers.scoring.sinks import read_dataset
-    from jobs import testcluster as TC
+    from jobs import localcluster as TC
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still stops the cluster below
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The local multi-node test cluster (jobs/testcluster.py) as one session fixture, and the `cluster` marker.
+"""The local multi-node test cluster (jobs/localcluster/) as one session fixture, and the `cluster` marker.
 
 Loaded from tests/conftest.py as a plugin. `test_cluster` starts PostgreSQL, S3 (moto), an MLflow
 server and a Ray head + 2 worker nodes (1 CPU each, driver folders masked) once per test run,
@@ -37,8 +37,8 @@ def pytest_collection_modifyitems(session, config, items) -> None:
 
 @pytest.fixture(scope="session")
 def test_cluster():
-    """The running `jobs.testcluster.TestCluster`: `.env()`, `.run_python(code)`, `.kill_worker(name)`, ..."""
-    from jobs import testcluster as T
+    """The running `jobs.localcluster.LocalCluster`: `.env()`, `.run_python(code)`, `.kill_worker(name)`, ..."""
+    from jobs import localcluster as T
 
     reason = T.unavailable_reason()
     if reason:
@@ -48,7 +48,7 @@ def test_cluster():
     # short: Ray's unix socket paths under each node's temp dir must stay below 108 bytes
     state = Path(tempfile.mkdtemp(prefix="flc-", dir="/tmp"))
     # if this pytest dies without teardown (timeout, SIGKILL), the reaper stops the cluster
-    reaper = subprocess.Popen([sys.executable, "-m", "jobs.testcluster", "reap", str(os.getpid()), str(state)],
+    reaper = subprocess.Popen([sys.executable, "-m", "jobs.localcluster", "reap", str(os.getpid()), str(state)],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True, cwd=REPO)
     try:
@@ -59,7 +59,7 @@ def test_cluster():
         reaper.send_signal(signal.SIGTERM)
         reaper.wait(10)
         if (state / T.STATE_FILE).is_file():  # up failed half-way or down raised: leave nothing running
-            T.TestCluster.load(state).down()
+            T.LocalCluster.load(state).down()
 
 
 @pytest.fixture(scope="module")

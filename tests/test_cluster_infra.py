@@ -1,4 +1,4 @@
-"""The local test cluster itself (jobs/testcluster.py): nodes, masked folders, MLflow on PostgreSQL + S3, faults.
+"""The local test cluster itself (jobs/localcluster/): nodes, masked folders, MLflow on PostgreSQL + S3, faults.
 
 Every Ray check runs in a fresh driver process (`run_python`): the pytest process may hold a
 local Ray of its own (`ray_session`), and a real user's driver is a separate process too.
@@ -107,7 +107,7 @@ def test_mlflow_run_from_a_worker_lands_in_postgres_and_s3(test_cluster):
     import boto3
     import psycopg2
 
-    from jobs.testcluster import BUCKET
+    from jobs.localcluster import BUCKET
 
     got = driver(test_cluster, LOG_RUN)
     assert got["artifact_uri"].startswith("mlflow-artifacts:")  # proxied by the server, not a client-side path
@@ -127,7 +127,7 @@ def test_mlflow_run_from_a_worker_lands_in_postgres_and_s3(test_cluster):
 
 def test_env_command_and_second_up_refused(test_cluster, capsys):
     from flowers.cli.main import main
-    from jobs import testcluster as T
+    from jobs import localcluster as T
 
     assert main(["cluster", "env", "--state", str(test_cluster.state_dir)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -189,7 +189,7 @@ print(json.dumps(alive))
 
 def test_kill_worker_marks_the_node_dead_and_restart_rejoins(test_cluster):
     """Runs last among these: the worker comes back (new node id) for the tests after it."""
-    from jobs.testcluster import session_members
+    from jobs.localcluster import session_members
 
     old_id = test_cluster.node_id("worker_b")
     pid = test_cluster.state["workers"]["worker_b"]["pid"]

@@ -50,7 +50,7 @@ def _documented(study_args: list[str]) -> bool:
 
 @pytest.fixture
 def walk_dirs():
-    from jobs import testcluster as T
+    from jobs import localcluster as T
 
     reason = T.unavailable_reason()
     if reason:
@@ -65,7 +65,7 @@ def walk_dirs():
         yield tmp
     finally:
         if (tmp / "st" / T.STATE_FILE).is_file():
-            T.TestCluster.load(tmp / "st").down()
+            T.LocalCluster.load(tmp / "st").down()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

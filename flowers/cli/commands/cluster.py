@@ -1,4 +1,4 @@
-"""`flowers cluster up|down|env|kill|restart`: the local multi-node test cluster (`jobs.testcluster`),
+"""`flowers cluster up|down|env|kill|restart`: the local multi-node test cluster (`jobs.localcluster`),
 with the job queue's dispatcher on its PostgreSQL."""
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def run(args) -> int:
     import shlex
 
     from flowers.config import ConfigError
-    from jobs import testcluster as T
+    from jobs import localcluster as T
 
     try:
         if args.action == "up":
@@ -48,7 +48,7 @@ def run(args) -> int:
         elif args.action == "down":
             T.down(args.state)
         elif args.action == "env":
-            for k, v in T.TestCluster.load(args.state).env().items():
+            for k, v in T.LocalCluster.load(args.state).env().items():
                 print(f"export {k}={shlex.quote(v)}")
         else:
             if not args.worker:

@@ -1,4 +1,4 @@
-"""jobs/testcluster.py without a cluster: refusals with one-line errors, and the session-wide stop."""
+"""jobs/localcluster/ without a cluster: refusals with one-line errors, and the session-wide stop."""
 from __future__ import annotations
 
 import os
@@ -9,20 +9,22 @@ from pathlib import Path
 
 import pytest
 
-from jobs import testcluster as T
+from jobs import localcluster as T
+from jobs.localcluster import cluster as C
+from jobs.localcluster import postgres
 
 
 def test_missing_postgres_says_what_to_install(monkeypatch, tmp_path):
-    monkeypatch.setattr(T, "PG_BIN", tmp_path / "no-postgres")
+    monkeypatch.setattr(postgres, "PG_BIN", tmp_path / "no-postgres")
     assert T.unavailable_reason() == f"no PostgreSQL 15 at {tmp_path / 'no-postgres'}: apt-get install postgresql-15"
     with pytest.raises(T.ClusterError, match="apt-get install postgresql-15"):
         T.up(tmp_path / "st", masks=[])
 
 
 def test_state_dir_checks(monkeypatch, tmp_path):
-    monkeypatch.setattr(T, "unavailable_reason", lambda masks=True: None)
+    monkeypatch.setattr(C, "unavailable_reason", lambda masks=True: None)
     with pytest.raises(T.ClusterError, match="no test cluster at .*flowers cluster up --state"):
-        T.TestCluster.load(tmp_path / "none")
+        T.LocalCluster.load(tmp_path / "none")
     with pytest.raises(T.ClusterError, match="too long for Ray's unix socket paths"):
         T.up(tmp_path / ("x" * 60), masks=[])
     busy = Path("/tmp") / f"flc-unit-{os.getpid()}"
@@ -37,7 +39,7 @@ def test_state_dir_checks(monkeypatch, tmp_path):
 
 
 def test_masks_that_would_hide_what_nodes_need_are_refused(monkeypatch, tmp_path):
-    monkeypatch.setattr(T, "unavailable_reason", lambda masks=True: None)
+    monkeypatch.setattr(C, "unavailable_reason", lambda masks=True: None)
     state = Path("/tmp") / f"flc-unit-{os.getpid()}"
     with pytest.raises(T.ClusterError, match="cannot mask /tmp on workers"):
         T.up(state, masks=["/tmp"], workdir=tmp_path)
