@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -112,7 +111,6 @@ def run_study(study: C.StudyConfig, config_dir: Path, resume: bool = False, addr
     """Preflight → Tune trials → registry → L4 → L5 → report. Safe to call again with `resume=True`."""
     target = registry.resolve_target(study.tracking_uri, study.home)
     specs = build_trials(study, config_dir)
-    os.environ["MLFLOW_TRACKING_URI"] = target.tracking_uri  # workers (stage tasks) inherit it at connect
     cluster.connect(address, study.resources.num_cpus)
     preflight.check_study(study, specs, target, cluster.spans_nodes())  # before anything is written
     T.configure(target)

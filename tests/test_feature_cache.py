@@ -171,7 +171,7 @@ def test_teacher_probabilities_from_cached_features_equal_the_teacher_on_images(
     """The distillation shortcut is exact: an ensemble whose members share the student's frozen trunk
     gives the same probabilities from the cached features as from the images; a member with another
     trunk makes it decline (None), so the caller falls back to the images."""
-    from flowers.training.ensemble import EnsembleModule
+    from flowers.inference.ensemble_model import EnsembleModule
     from flowers.inference.predict import LoadedModel, TorchProbModel
     from flowers.training.tasks import teacher_probs_from_features
 

@@ -67,8 +67,9 @@ def test_training_checkpoint_loads_with_weights_only(trained_run):
 
 
 def _refused(uri, marker: Path, match: str) -> None:
+    """`uri` (or a call that loads one) is refused with `match`, and the payload never ran."""
     with pytest.raises(ModelLoadError, match=match):
-        load_model(uri)
+        uri() if callable(uri) else load_model(uri)
     assert not marker.exists(), "the pickle payload ran"
 
 
@@ -129,12 +130,13 @@ def test_registry_pins_the_manifest(trained_run, tmp_path, monkeypatch):
         v = tr.log_model_dir(run, trained_run.run_dir, "model", "pinned", alias=R.CHAMPION)
         tr.finish(run)
         assert tr.client.get_model_version("pinned", v).tags[R.MANIFEST_TAG]
-        assert load_model("models:/pinned@champion").version == v
+        assert load_model("models:/pinned@champion", target=target).version == v
         local = Path(tr.client.get_model_version_download_uri("pinned", v).removeprefix("file://"))
         stored = local / MM.FOLDER_PATH
         update_manifest(stored, test_accuracy=0.99)  # consistent checksums, different manifest
         marker = tmp_path / "pwned"
-        _refused("models:/pinned@champion", marker, "does not match the checksum the registry recorded")
+        _refused(lambda: load_model("models:/pinned@champion", target=target), marker,
+                 "does not match the checksum the registry recorded")
     finally:
         mlflow.set_tracking_uri(old)
 

@@ -90,7 +90,7 @@ def score_table(in_dist: Outputs, ood: Outputs, threshold: float, temperature: f
 def mean_outputs(parts: Sequence[Outputs], weights: Sequence[float]) -> Outputs:
     """A soft vote's outputs: weighted mean probabilities, and for the energy score the members' mean
     energy (carried as one logit per row whose logsumexp is that energy)."""
-    from flowers.training.ensemble import soft_vote
+    from flowers.inference.ensemble_model import soft_vote
 
     probs = soft_vote([p.probs for p in parts], list(weights))
     if any(p.logits is None for p in parts):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from flowers import config as C
 from flowers.evaluation.shifts import Shift
 from flowers.evaluation.suite import (SuiteModel, headline, markdown_table, plot_suite, score_suite,
                                       stratified_subset, summarize, write_tables)
+
+if TYPE_CHECKING:
+    from flowers.registry.uris import ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +47,20 @@ def _rule(meta: dict[str, Any]) -> tuple[float, float]:
 Ensembles = dict[str, tuple[list[str], list[float]]]
 
 
-def suite_models(name: str, uri: str) -> tuple[list[SuiteModel], Ensembles, dict[str, tuple[float, float]]]:
+def suite_models(name: str, uri: "str | ModelRef") -> tuple[list[SuiteModel], Ensembles, dict[str, tuple[float, float]]]:
     """The models to run for `uri`: itself, or an ensemble's members (named `<name>/<member>`) plus the
     soft vote under `name`, so the levels come for free. Also each name's (threshold, temperature)."""
     from flowers.registry import uris as registry
     from flowers.models.checkpoint import locate_model
-    from flowers.training.ensemble import load_members
+    from flowers.inference.ensemble_model import load_members
     from flowers.inference.predict import load_model
 
-    model = load_model(uri)  # verifies the registered manifest's checksum
+    ref = registry.resolve_ref(uri)  # a ModelRef from the caller passes through unchanged
+    model = load_model(ref)  # verifies the registered manifest's checksum
     thr, temp = _rule(model.meta)
     if model.meta.get("kind") != "ensemble" and not model.meta.get("members"):
         return [SuiteModel(name, model, thr, temp)], {}, {name: (thr, temp)}
-    _, folder, manifest = locate_model(registry.resolve(uri).path)
+    _, folder, manifest = locate_model(registry.fetch(ref), manifest=ref.manifest or None)
     members = load_members(folder, manifest)
     out = [SuiteModel(f"{name}/{m}", loaded, *_rule(loaded.meta)) for m, loaded in members]
     weights = [float(w) for w in (manifest.get("weights") or [1.0] * len(members))]

@@ -84,7 +84,7 @@ def score_suite(models: Sequence[SuiteModel], paths: Sequence[Path], labels: np.
                 x = collate([transforms[m.name](img) for img in shifted])
                 chunks[m.name][name].append(np.asarray(m.model.predict_proba(x), dtype=np.float32))
     probs = {m: {n: np.concatenate(v) for n, v in per.items()} for m, per in chunks.items()}
-    from flowers.training.ensemble import soft_vote
+    from flowers.inference.ensemble_model import soft_vote
 
     for ens, (members, weights) in (ensembles or {}).items():
         probs[ens] = {n: soft_vote([probs[k][n] for k in members], weights) for n in names}

@@ -34,7 +34,7 @@ from flowers.models.checkpoint import (load_checkpoint, model_from_checkpoint, r
 from flowers.data.transforms import Preprocessing
 from flowers.inference.onnx_models import (DEFAULT_INT8_RECIPE, EMBEDDED_KEYS, FILES, REGISTERED_NAME, cpu_flags, describe_cpu,
                                  int8_weight_check, onnx_session)
-from flowers.inference.predict import TorchProbModel
+from flowers.inference.loaded import TorchProbModel
 from flowers.runtime import cpu_share
 
 log = logging.getLogger(__name__)

@@ -47,7 +47,7 @@ import torch
 
 from flowers.models.checkpoint import ModelLoadError, read_manifest
 from flowers.data.transforms import Preprocessing
-from flowers.inference.predict import LoadedModel
+from flowers.inference.loaded import LoadedModel
 from flowers.runtime import cpu_share
 
 log = logging.getLogger(__name__)

@@ -1,96 +1,38 @@
-"""Load any flowers model by URI and predict: the one inference path.
+"""Load any flowers model and predict: the one inference path.
 
-`load_model(uri)` resolves the URI (`flowers.registry.uris.resolve`) and picks the loader the
-manifest names; `predict_dataset` runs a model over a dataset (validation, evaluation,
+`load_model(ref)` takes a `flowers.registry.uris.ModelRef` (resolved once, at the edge) or a
+URI/path it resolves itself, fetches the files and calls the loader registered for the
+manifest's kind; `predict_dataset` runs a model over a dataset (validation, evaluation,
 teacher caching, the L4/L5 stages); `Predictor` turns bytes/paths into top-k results
 (serving and batch scoring).
 """
 from __future__ import annotations
 
-import importlib
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from flowers.registry import uris as registry
-from flowers.models.checkpoint import (ModelLoadError, find_manifest, load_checkpoint, locate_model, model_from_checkpoint,
-                                model_from_folder, sha256_file)
 from flowers.data import ImageDecodeError, open_image
-from flowers.data.transforms import Normalize, Preprocessing, eval_transform, resize_crop
-from flowers.runtime import progress_bar
+from flowers.inference.ensemble_model import load_ensemble
+from flowers.inference.loaded import Batch, LoadedModel, TorchProbModel, collate, load_torch_checkpoint
+from flowers.inference.onnx_models import load_onnx
 from flowers.inference.uncertainty import flags, temperature_scale
+from flowers.models.checkpoint import ModelLoadError, locate_model
+from flowers.registry.uris import ModelRef, TrackingTarget, fetch, resolve_ref
+from flowers.runtime import progress_bar
+
+# re-exported: callers build and type against these through the one inference module
+__all__ = ["Batch", "LoadedModel", "TorchProbModel", "collate", "load_torch_checkpoint", "LOADERS", "load_model",
+           "predict_dataset", "Predictor"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_UNCERTAINTY_THRESHOLD = 0.5
-
-# One uint8 NCHW batch per view the model needs (a tuple when it needs several).
-Batch = Union[torch.Tensor, tuple[torch.Tensor, ...]]
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for inference: uint8 NCHW batch (one per view) in, probabilities out.
-
-    `views` are the eval preprocessings the model needs, one per distinct input: a single
-    network has one (its own `preprocessing`); an ensemble of members trained at different
-    sizes has one per size, so each member sees exactly its own eval preprocessing.
-    """
-
-    predict_proba: Callable[[Batch], np.ndarray]
-    preprocessing: Preprocessing
-    class_names: list[str]
-    name: str
-    version: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    module: torch.nn.Module | None = None  # uint8 → logits, when the model is a torch module
-    source: str = ""
-    views: list[Preprocessing] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.views:
-            self.views = [self.preprocessing]
-
-    @property
-    def draft_size(self) -> int:
-        """JPEG draft-decode size that serves every view."""
-        return max(v.resize_size for v in self.views)
-
-    def transform(self) -> Callable[[Image.Image], Batch]:
-        """PIL image → this model's input: its eval preprocessing per view."""
-        tfs = [eval_transform(v) for v in self.views]
-        if len(tfs) == 1:
-            return tfs[0]
-        return lambda img: tuple(tf(img) for tf in tfs)
-
-    def from_pixels(self, images: torch.Tensor) -> Batch:
-        """uint8 N×3×H×W images → this model's input, view by view: each view's eval resize and
-        centre crop. Images already at a view's input size are taken as that view unchanged (an
-        augmented crop handed to an online teacher of the same size stays exactly the same pixels)."""
-        xs = tuple(images if images.shape[-2:] == (v.image_size, v.image_size) else resize_crop(v)(images)
-                   for v in self.views)
-        return xs[0] if len(xs) == 1 else xs
-
-    def example_batch(self, n: int = 1, seed: int = 0) -> Batch:
-        """Random uint8 input of the right shapes (warm-up, latency)."""
-        g = torch.Generator().manual_seed(seed)
-        xs = tuple(torch.randint(0, 256, (n, 3, v.image_size, v.image_size), generator=g, dtype=torch.uint8)
-                   for v in self.views)
-        return xs[0] if len(xs) == 1 else xs
-
-
-def collate(items: Sequence[Batch]) -> Batch:
-    """Stack single-image inputs (tensors, or per-view tuples) into one batch."""
-    if isinstance(items[0], tuple):
-        return tuple(torch.stack(col) for col in zip(*items))
-    return torch.stack(list(items))
-
 
 def predict_dataset(predict_proba: Callable[[Batch], np.ndarray], data: Any, *, batch_size: int = 64,
                     workers: int = 0, progress: bool = False, max_batches: int | None = None,
@@ -115,86 +57,36 @@ def predict_dataset(predict_proba: Callable[[Batch], np.ndarray], data: Any, *, 
     return np.concatenate(probs), np.concatenate(labels)
 
 
-class TorchProbModel(torch.nn.Module):
-    """Normalize + network: takes the uint8 batch that the shared preprocessing makes."""
-
-    def __init__(self, net: torch.nn.Module, pp: Preprocessing) -> None:
-        super().__init__()
-        self.norm = Normalize(pp.mean, pp.std)
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.norm(x))
-
-
-# ----------------------------------------------------------------------------- loaders
-
-
-def load_torch_checkpoint(path: Path, manifest: dict, device: str) -> LoadedModel:
-    """Loader for manifest kind `checkpoint`: `model.safetensors` + manifest (registered models),
-    or a training checkpoint (`best.pt`, read with `weights_only=True`)."""
-    if Path(path).suffix == ".safetensors":
-        # a model folder: weights from safetensors, everything else from the (verified) manifest
-        ckpt = {"model_name": manifest["model_name"], "class_names": manifest["class_names"],
-                "preprocessing": manifest["preprocessing"], "config": manifest.get("config") or {},
-                "test_metrics": manifest.get("test_metrics") or {"top1": manifest.get("test_accuracy")},
-                "uncertainty_threshold": manifest.get("uncertainty_threshold")}
-        net = model_from_folder(path, manifest)
-    else:
-        ckpt = load_checkpoint(path, device)
-        net = model_from_checkpoint(ckpt)
-    pp = Preprocessing.from_dict(ckpt["preprocessing"])
-    # channels_last lets oneDNN pick its blocked conv kernels (measured: README performance table)
-    module = TorchProbModel(net, pp).to(device, memory_format=torch.channels_last).eval()
-
-    @torch.inference_mode()
-    def proba(x: torch.Tensor) -> np.ndarray:
-        return torch.softmax(module(x.to(device, memory_format=torch.channels_last)).float(), 1).cpu().numpy()
-
-    test = ckpt.get("test_metrics", {})
-    meta = {"kind": "checkpoint", "model_name": ckpt["model_name"], "level": ckpt["config"].get("level"),
-            "test_accuracy": test.get("top1"), "config": ckpt["config"], **{k: v for k, v in manifest.items() if k not in ("kind", "file", "class_names", "preprocessing")}}
-    meta.setdefault("uncertainty_threshold", ckpt.get("uncertainty_threshold"))
-    return LoadedModel(proba, pp, list(ckpt["class_names"]), manifest.get("name", ckpt["config"].get("level", path.stem)),
-                       meta=meta, module=module, source=str(path))
-
-
-# kind → "module:function"; modules import lazily so the predictor stays light
-LOADERS: dict[str, str] = {
-    "checkpoint": "flowers.inference.predict:load_torch_checkpoint",
-    "ensemble": "flowers.training.ensemble:load_ensemble",
-    "onnx": "flowers.inference.onnx_models:load_onnx",
+# the loader of each manifest kind, by the function that loads it
+LOADERS: dict[str, Callable[[Path, dict, str], LoadedModel]] = {
+    "checkpoint": load_torch_checkpoint,
+    "ensemble": load_ensemble,
+    "onnx": load_onnx,
 }
 
 
-def _loader(kind: str) -> Callable[[Path, dict, str], LoadedModel]:
+def load_model(ref: ModelRef | str | Path, device: str = "cpu", target: TrackingTarget | None = None) -> LoadedModel:
+    """The one way to load a model for inference.
+
+    Give it the `ModelRef` the edge resolved: it fetches the files and loads them, with no
+    registry call. A URI or path is resolved here first (`resolve_ref`, against `target`).
+    """
+    ref = resolve_ref(ref, target)
+    path = fetch(ref)
+    kind, target_file, manifest = locate_model(path, manifest=ref.manifest or None)
     if kind not in LOADERS:
         raise ModelLoadError(f"unknown model kind '{kind}' in the model manifest (known: {', '.join(LOADERS)})")
-    mod, fn = LOADERS[kind].split(":")
-    return getattr(importlib.import_module(mod), fn)
-
-
-def load_model(uri: str | Path, device: str = "cpu") -> LoadedModel:
-    """The one way to load a model for inference."""
-    resolved = registry.resolve(uri)
-    if resolved.manifest_sha256:
-        # the registry pinned this version's manifest when it was registered: a rewritten one is refused
-        found = find_manifest(resolved.path)
-        if found is None or sha256_file(found) != resolved.manifest_sha256:
-            raise ModelLoadError(f"model '{uri}': its manifest does not match the checksum the registry recorded "
-                                 "for this version; the artifacts were changed after registration, refusing them")
-    kind, target, manifest = locate_model(resolved.path)
     try:
-        loaded = _loader(kind)(target, manifest, device)
+        loaded = LOADERS[kind](target_file, manifest, device)
     except ModelLoadError:
         raise
     except Exception as e:
-        raise ModelLoadError(f"cannot load model from '{uri}' ({kind}): {e}") from e
-    if resolved.name:
-        loaded.name = resolved.name
-    loaded.version = resolved.version or manifest.get("version") or loaded.version
-    loaded.meta.update({"alias": resolved.alias, "run_id": resolved.run_id} if resolved.name else {})
-    loaded.source = str(uri)
+        raise ModelLoadError(f"cannot load model from '{ref.uri}' ({kind}): {e}") from e
+    if ref.name:
+        loaded.name = ref.name
+    loaded.version = ref.version or manifest.get("version") or loaded.version
+    loaded.meta.update({"alias": ref.alias, "run_id": ref.run_id, "pinned": ref.pinned} if ref.name else {})
+    loaded.source = ref.uri
     return loaded
 
 
@@ -213,8 +105,12 @@ class Predictor:
         self.temperature = float(model.meta.get("uncertainty_temperature") or 1.0)
 
     @classmethod
-    def from_uri(cls, uri: str | Path, device: str = "cpu", threshold: float | None = None) -> "Predictor":
-        return cls(load_model(uri, device), threshold)
+    def from_ref(cls, ref: ModelRef | str | Path, device: str = "cpu", threshold: float | None = None,
+                 target: TrackingTarget | None = None) -> "Predictor":
+        """A predictor for a resolved `ModelRef` (or a URI/path, resolved here against `target`)."""
+        return cls(load_model(ref, device, target), threshold)
+
+    from_uri = from_ref  # the same entry point under the name callers with a URI use
 
     @property
     def class_names(self) -> list[str]:

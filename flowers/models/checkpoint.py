@@ -295,16 +295,17 @@ def find_manifest(root: str | Path, depth: int = 3) -> Path | None:
     return None
 
 
-def locate_model(path: str | Path, verify: bool = True) -> tuple[str, Path, dict]:
+def locate_model(path: str | Path, verify: bool = True, manifest: dict | None = None) -> tuple[str, Path, dict]:
     """(kind, file or folder to load, manifest) for a model folder, checkpoint or .onnx file.
 
     A model folder's checksums are verified first (`verify=False` only for callers that read
-    nothing but the manifest itself).
+    nothing but the manifest itself). `manifest`: the one already read when the model's
+    reference was resolved (`flowers.registry.uris.ModelRef`), so it is not read again.
     """
     path = Path(path)
     manifest_path = find_manifest(path) if path.is_dir() else None
     if manifest_path:
-        manifest = read_manifest(manifest_path.parent)
+        manifest = manifest if manifest is not None else read_manifest(manifest_path.parent)
         if verify:
             verify_folder(manifest_path.parent, manifest)
         return manifest.get("kind", "checkpoint"), manifest_path.parent / manifest.get("file", ""), manifest

@@ -35,9 +35,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from flowers.registry.uris import MODEL_FOLDER
+
 log = logging.getLogger(__name__)
 
-FOLDER = "flowers_model"  # artifact key and folder name of the flowers model inside the MLflow Model
+FOLDER = MODEL_FOLDER  # artifact key and folder name of the flowers model inside the MLflow Model
 FOLDER_PATH = f"artifacts/{FOLDER}"
 CARD = "model_card.md"
 OUTPUT_COLUMNS = ("label", "name", "confidence", "entropy", "uncertain", "error")

@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -40,14 +38,13 @@ DIGEST_CHARS = 36  # MLflow's limit on a dataset digest
 
 
 def configure(target: TrackingTarget) -> TrackingTarget:
-    """Point this process's MLflow at `target` (creates the embedded folder). Call from entry points."""
+    """Point this process's MLflow fluent API at `target` (creates the embedded folder). Call from entry
+    points. The environment is left alone: whatever else needs the store gets `target` as an argument."""
     import mlflow
 
     if target.embedded:
         Path(target.tracking_uri.split("sqlite:///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(target.tracking_uri)  # the registry follows the tracking URI
-    # child processes (stages, loaders in the same job) resolve models:/ URIs against the same store
-    os.environ["MLFLOW_TRACKING_URI"] = target.tracking_uri
     return target
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from flowers.models.checkpoint import ModelLoadError, locate_model
+from flowers.models.checkpoint import MANIFEST, ModelLoadError, find_manifest, locate_model, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,7 @@ DEFAULT_HOME = ".flowers"  # the embedded store lives under the working folder
 CHAMPION = "champion"  # what serving and scoring follow; moved only by the gate (flowers.registry.governance)
 CHALLENGER = "challenger"  # every newly registered version
 MANIFEST_TAG = "flowers.manifest_sha256"  # version tag: SHA-256 of the version's model manifest
+MODEL_FOLDER = "flowers_model"  # the flowers model's folder inside a logged MLflow model
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # logged-model tag: the registered versions made from it
 # the study registers each level's model under these names
 REGISTERED = {"l1": "flowers-l1", "l2": "flowers-l2", "l3": "flowers-l3",
@@ -108,18 +109,6 @@ def client(uri: str | None = None):
 # ----------------------------------------------------------------------------- model URIs
 
 
-@dataclass(frozen=True)
-class Resolved:
-    """A model URI made local: the path, plus registry facts when it came from the registry."""
-
-    path: Path
-    name: str | None = None
-    version: str | None = None
-    alias: str | None = None
-    run_id: str | None = None
-    manifest_sha256: str | None = None  # recorded at registration; loaders check the manifest against it
-
-
 def _split_models_uri(uri: str) -> tuple[str, str | None, str | None]:
     """models:/name@alias | models:/name/3 | models:/name → (name, alias, version)."""
     rest = uri[len("models:/"):]
@@ -154,20 +143,98 @@ def _registry_error(uri: str, tracking: str, e: Exception) -> ModelLoadError:
         "Check the name/alias in the MLflow UI (`flowers ui`) or set MLFLOW_TRACKING_URI / --tracking-uri.")
 
 
-def resolve(uri: str | Path) -> Resolved:
-    """The one model-URI resolver: a local path for `uri` (downloading registry artifacts)."""
+@dataclass(frozen=True)
+class ModelRef:
+    """A model reference resolved once, at the edge: what to load and from where.
+
+    Made by `resolve_ref` and handed as an argument to everything downstream (Tune trials,
+    Ray Data actors, Serve replicas): they fetch the files with `fetch(ref)` and never ask
+    the registry again or read the environment to find the store. Picklable.
+    """
+
+    uri: str  # as given: models:/name@alias, models:/name/3, runs:/..., or a local path
+    pinned: str  # models:/name/<version> for registered models; else the absolute path or URI
+    source: str  # where the files are: an artifact URI, or an absolute local path
+    kind: str  # checkpoint | ensemble | onnx (the manifest's kind)
+    manifest: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # read once
+    tracking: TrackingTarget | None = None  # the store that serves `source`; None for local files
+    manifest_sha256: str | None = None  # recorded at registration; `fetch` refuses other files
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+    run_id: str | None = None
+
+    @property
+    def label(self) -> str:
+        """`name v3 @champion`, or the path: what logs and error messages call the model."""
+        if self.version:
+            return f"{self.name} v{self.version}" + (f" @{self.alias}" if self.alias else "")
+        return self.uri
+
+
+def store_target(explicit: str | None = None, home: str | Path = DEFAULT_HOME) -> TrackingTarget:
+    """The store that resolves `models:/` and `runs:/` URIs, read once at the edge (see `tracking_uri`)."""
+    return TrackingTarget(tracking_uri(explicit, home))
+
+
+def _read_manifest_file(path: Path, uri: str) -> dict[str, Any]:
+    import json
+
+    try:
+        manifest = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read the manifest of model '{uri}': {e}") from None
+    if not isinstance(manifest, dict):
+        raise ModelLoadError(f"the manifest of model '{uri}' is not a JSON object")
+    return manifest
+
+
+# where a flowers model keeps its manifest inside a logged MLflow model (`flowers.registry.flavor`)
+MANIFEST_PLACES = (f"artifacts/{MODEL_FOLDER}/{MANIFEST}", f"{MODEL_FOLDER}/{MANIFEST}", MANIFEST)
+
+
+def _fetch_manifest(source: str, tracking: str, uri: str) -> tuple[dict[str, Any], str | None]:
+    """(manifest, its SHA-256) of a model in a store, downloading the manifest file only."""
+    import tempfile
+
+    from mlflow.artifacts import download_artifacts
+
+    with tempfile.TemporaryDirectory(prefix="flowers-manifest-") as tmp:
+        for place in MANIFEST_PLACES:
+            try:
+                local = download_artifacts(artifact_uri=f"{source.rstrip('/')}/{place}", tracking_uri=tracking,
+                                           dst_path=tmp)
+            except Exception:  # not at this place: MLflow raises several types for a missing file
+                continue
+            return _read_manifest_file(Path(local), uri), sha256_file(Path(local))
+    return {}, None  # a bare checkpoint or ONNX file logged without a manifest
+
+
+def _local_ref(uri: str) -> ModelRef:
+    path = Path(uri).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model not found: '{uri}' is neither an existing path nor a models:/ or runs:/ URI")
+    path = path.resolve()
+    kind, _, manifest = locate_model(path, verify=False)  # reads the manifest only, no weights
+    return ModelRef(uri=uri, pinned=str(path), source=str(path), kind=kind, manifest=manifest)
+
+
+def resolve_ref(uri: "str | Path | ModelRef", target: TrackingTarget | None = None) -> ModelRef:
+    """The one model-URI resolver: one registry lookup and one manifest read, no weights.
+
+    `target` is the store for `models:/` and `runs:/` URIs (default: `store_target()`,
+    read at the edge from --tracking-uri / $MLFLOW_TRACKING_URI / the embedded store).
+    """
+    if isinstance(uri, ModelRef):
+        return uri
     uri = str(uri)
     if not is_mlflow_uri(uri):
-        path = Path(uri).expanduser()
-        if not path.exists():
-            raise ModelLoadError(f"model not found: '{uri}' is neither an existing path nor a models:/ or runs:/ URI")
-        return Resolved(path)
-    tracking = tracking_uri()
+        return _local_ref(uri)
+    target = target or store_target()
+    tracking = target.tracking_uri
     try:
-        from mlflow.artifacts import download_artifacts
-
         facts: dict[str, Any] = {}
-        source = uri
+        source = pinned = uri
         if uri.startswith("models:/"):
             c = client(tracking)
             mv, alias = _version(c, uri)
@@ -176,31 +243,56 @@ def resolve(uri: str | Path) -> Resolved:
             # MLflow resolves models:/ against the global registry URI, ignoring the argument;
             # resolving the version's artifact location ourselves keeps this side-effect free
             source = c.get_model_version_download_uri(mv.name, mv.version)
-        local = download_artifacts(artifact_uri=source, tracking_uri=tracking)
+            pinned = f"models:/{mv.name}/{mv.version}"
+        manifest, sha = _fetch_manifest(source, tracking, uri)
     except ModelLoadError:
         raise
     except Exception as e:  # MLflow raises many types; the user needs one clear message
         raise _registry_error(uri, tracking, e) from None
-    return Resolved(Path(local), **facts)
+    if facts.get("manifest_sha256") and sha != facts["manifest_sha256"]:
+        raise ModelLoadError(f"model '{uri}': its manifest does not match the checksum the registry recorded "
+                             "for this version; the artifacts were changed after registration, refusing them")
+    kind = manifest.get("kind") or ("onnx" if source.endswith(".onnx") else "checkpoint")
+    ref = ModelRef(uri=uri, pinned=pinned, source=source, kind=kind, manifest=manifest, tracking=target, **facts)
+    log.info("resolved %s to %s (%s)", uri, ref.pinned, kind)
+    return ref
 
 
-def pin(uri: str | Path) -> str:
-    """models:/name@alias → models:/name/<version>; every other URI unchanged.
+def fetch(ref: ModelRef) -> Path:
+    """The model's files on local disk (downloaded from `ref.tracking` for stored models).
 
-    Workers given the pinned URI load the version the driver checked, even if the alias
-    moves meanwhile; a redeploy after an alias move then rolls onto the new version.
+    No registry lookup: the version was pinned when `ref` was made. A registered version's
+    manifest must still be the one the registry recorded.
     """
-    uri = str(uri)
-    if not uri.startswith("models:/") or "@" not in uri:
-        return uri
-    tracking = tracking_uri()
+    if ref.tracking is None:
+        return Path(ref.source)
     try:
-        mv, _ = _version(client(tracking), uri)
-    except ModelLoadError:
-        raise
+        from mlflow.artifacts import download_artifacts
+
+        local = Path(download_artifacts(artifact_uri=ref.source, tracking_uri=ref.tracking.tracking_uri))
     except Exception as e:
-        raise _registry_error(uri, tracking, e) from None
-    return f"models:/{mv.name}/{mv.version}"
+        raise _registry_error(ref.pinned, ref.tracking.tracking_uri, e) from None
+    if ref.manifest_sha256:
+        found = find_manifest(local)
+        if found is None or sha256_file(found) != ref.manifest_sha256:
+            raise ModelLoadError(f"model '{ref.uri}': its manifest does not match the checksum the registry recorded "
+                                 "for this version; the artifacts were changed after registration, refusing them")
+    return local
+
+
+def alias_version(name: str, alias: str, target: TrackingTarget) -> str | None:
+    """The version `name@alias` points at now, or None when the alias is unset (a cheap poll)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client(target.tracking_uri).get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def pin(uri: "str | Path | ModelRef", target: TrackingTarget | None = None) -> str:
+    """models:/name@alias → models:/name/<version>; every other URI unchanged (see `resolve_ref`)."""
+    return resolve_ref(uri, target).pinned
 
 
 @dataclass
@@ -218,36 +310,38 @@ class ModelInfo:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
-def describe(uri: str | Path) -> ModelInfo:
+def describe(uri: "str | Path | ModelRef", target: TrackingTarget | None = None) -> ModelInfo:
     """Name, version, kind, classes and preprocessing of a model, without loading its weights.
 
-    Ensembles, exported students and registered checkpoints carry this in their manifest;
-    a bare checkpoint is read once (still no network is built).
+    Ensembles, exported students and registered models carry this in their manifest (read
+    once by `resolve_ref`); a bare local checkpoint or ONNX file is read for its header.
     """
-    r = resolve(uri)
-    kind, target, manifest = locate_model(r.path, verify=False)  # reads the manifest only, no weights
-    classes, pp = manifest.get("class_names"), manifest.get("preprocessing")
-    name = manifest.get("name")
-    if kind == "checkpoint" and not (classes and pp):  # a bare local checkpoint: read its header fields
-        from flowers.models.checkpoint import checkpoint_fields, load_checkpoint
+    ref = resolve_ref(uri, target)
+    manifest = dict(ref.manifest)
+    classes, pp, name = manifest.get("class_names"), manifest.get("preprocessing"), manifest.get("name")
+    if not (classes and pp) and ref.tracking is None:
+        _, target_file, _ = locate_model(Path(ref.source), verify=False)
+        if ref.kind == "checkpoint":  # a bare local checkpoint: read its header fields
+            from flowers.models.checkpoint import checkpoint_fields, load_checkpoint
 
-        try:
-            manifest = {**checkpoint_fields(load_checkpoint(target)), **manifest}
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot read model '{uri}': {e}") from None
-        classes, pp, name = manifest["class_names"], manifest["preprocessing"], manifest["name"] or target.stem
-    if kind == "onnx" and not (classes and pp):
-        import json
+            try:
+                manifest = {**checkpoint_fields(load_checkpoint(target_file)), **manifest}
+            except (OSError, ValueError) as e:
+                raise ModelLoadError(f"cannot read model '{ref.uri}': {e}") from None
+            classes, pp, name = manifest["class_names"], manifest["preprocessing"], manifest["name"] or target_file.stem
+        elif ref.kind == "onnx":
+            import json
 
-        import onnx
+            import onnx
 
-        meta = {p.key: p.value for p in onnx.load(str(target), load_external_data=False).metadata_props}
-        classes = json.loads(meta.get("class_names", "null"))
-        pp = json.loads(meta.get("preprocessing", "null"))
+            meta = {p.key: p.value for p in onnx.load(str(target_file), load_external_data=False).metadata_props}
+            classes = json.loads(meta.get("class_names", "null"))
+            pp = json.loads(meta.get("preprocessing", "null"))
+            name = name or target_file.stem
     if not classes or not pp:
-        raise ModelLoadError(f"model '{uri}' carries no class names/preprocessing; re-export it")
-    return ModelInfo(str(uri), r.name or name or Path(target).stem, kind, r.version or manifest.get("version"),
-                     r.alias, r.run_id, list(classes), dict(pp), manifest)
+        raise ModelLoadError(f"model '{ref.uri}' carries no class names/preprocessing; re-export it")
+    return ModelInfo(str(ref.uri), ref.name or name or Path(ref.source).stem, ref.kind,
+                     ref.version or manifest.get("version"), ref.alias, ref.run_id, list(classes), dict(pp), manifest)
 
 
 # ----------------------------------------------------------------------------- registering

@@ -70,6 +70,7 @@ def run_robustness(study: C.StudyConfig, config_dir: Path, tracker, registered: 
     from flowers.evaluation.ood import run_ood
     from flowers.evaluation.robustness import run_shift_suite
     from flowers.evaluation.shifts import parse_shifts
+    from flowers.registry.uris import resolve_ref
     from flowers.study.plan import trial_config
 
     uris = {k: v for k, v in (("ensemble", registered.get("ensemble")), ("student", registered.get("distill"))) if v}
@@ -77,13 +78,14 @@ def run_robustness(study: C.StudyConfig, config_dir: Path, tracker, registered: 
         log.warning("robustness step skipped: no registered ensemble or student")
         return None
     specs = parse_shifts(shifts)
+    refs = {k: resolve_ref(v, tracker.target) for k, v in uris.items()}  # resolved once, for both parts
     data_cfg = trial_config(study, config_dir, next(iter(study.levels.values()))).data
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
-    suite = run_shift_suite(uris, specs, data_cfg, out_dir, per_class=per_class, seed=data_cfg.seed)
+    suite = run_shift_suite(refs, specs, data_cfg, out_dir, per_class=per_class, seed=data_cfg.seed)
     t1 = time.perf_counter()
     photos = ensure_ood_photos(ood_dir)
-    ood = run_ood(uris, data_cfg, photos, out_dir) if photos else None
+    ood = run_ood(refs, data_cfg, photos, out_dir) if photos else None
     seconds = {"shift_suite": t1 - t0, "ood": time.perf_counter() - t1}
     metrics, tags = flat_metrics(suite.tables, ood.tables if ood else {}, seconds)
     # logged once everything has run: a failure above leaves no half-written run behind

@@ -189,7 +189,7 @@ def explain_level(tracker: T.StudyTracker, run_id: str, uri: str, images: int = 
         from flowers.registry.flavor import FOLDER_PATH
         from flowers.inference.predict import load_model
 
-        where = registry.resolve(uri).path
+        where = registry.fetch(registry.resolve_ref(uri, tracker.target))
         model, record = load_model(where), read_per_image(where / FOLDER_PATH)
         dc = C.build(C.DataConfig, model.meta["config"]["data"])
         test = build_data(dc, model.preprocessing).eval_part("test", model.transform(), model.draft_size)
@@ -260,7 +260,7 @@ def run_ensemble(study: C.StudyConfig, config_dir: Path, tracker: T.StudyTracker
         log.warning("ensemble stage skipped: needs at least two registered levels, have %s", sorted(members))
         return None
     data_cfg = trial_config(study, config_dir, next(iter(study.levels.values()))).data
-    result = run_ensemble_stage(members, data_cfg, out_dir)
+    result = run_ensemble_stage(members, data_cfg, out_dir, target=tracker.target)
     run_id = tracker.child(ENSEMBLE_KEY, "stage", {"flowers.stage": ENSEMBLE_KEY, N.LEVEL_TAG: "l4",
                                                     "mlflow.runName": N.LEVEL_NAMES["l4"]})
     versions = {k: result.tags.get(f"member_{k}_version") for k in members}
@@ -291,7 +291,7 @@ def run_distill(study: C.StudyConfig, config_dir: Path, tracker: T.StudyTracker,
     def callback(metrics: dict[str, float], run_dir: Path) -> None:
         tracker.log_metrics(run_id, metrics, step=int(metrics.get("epoch", 0)), kind="student")
 
-    result = run_distill_stage(cfg, out_dir, callback=callback)
+    result = run_distill_stage(cfg, out_dir, callback=callback, teacher=registry.resolve_ref(teacher, tracker.target))
     return _log_stage(study, tracker, run_id, result, "distill")
 
 

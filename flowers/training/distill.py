@@ -20,6 +20,7 @@ from flowers.evaluation.metrics import compute_metrics, write_eval_artifacts
 from flowers.inference.export import REGISTERED_NAME, export_student, sync_onnx_metadata
 from flowers.inference.onnx_models import latency, load_variant
 from flowers.inference.predict import LoadedModel, load_model, predict_dataset
+from flowers.registry.uris import ModelRef
 from flowers.training.stages import Explained, StageResult, stage_tail
 from flowers.training.tasks import DistillationTask
 from flowers.training.loop import fit
@@ -35,7 +36,7 @@ FP32_PER_IMAGE = "test_per_image_fp32.json"  # the fp32 student's per-image test
 def run_distill_stage(cfg: C.Config, out_dir: Path, callback: Callable | None = None,
                       threshold_policy: str = "coverage", threshold_target: float = 0.95,
                       latency_iters: int = 50, explain_images: int = 8, export_kwargs: dict | None = None,
-                      ood_images: int = 32) -> StageResult:
+                      ood_images: int = 32, teacher: "ModelRef | None" = None) -> StageResult:
     """Distil (fit with DistillationTask) → export fp32/INT8 ONNX + TorchScript → threshold on val →
     evaluate fp32, INT8, dynamic INT8 and the teacher on test → batch-1 latency. Returns the
     exported student folder (manifest kind `onnx`, file = static INT8) with flat metrics."""
@@ -43,7 +44,7 @@ def run_distill_stage(cfg: C.Config, out_dir: Path, callback: Callable | None = 
         cfg = C.replace(cfg, {"task": "distill"})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    task = DistillationTask.from_config(cfg)
+    task = DistillationTask.from_config(cfg, teacher)
     res = fit(cfg, task, callback=callback, run_dir=out_dir / "train")
 
     student = load_model(res.best_checkpoint)

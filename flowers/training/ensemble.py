@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from flowers.registry import uris as registry
 from flowers.evaluation import stats
@@ -39,58 +38,14 @@ from flowers.models.checkpoint import (PER_IMAGE, ModelLoadError, find_manifest,
                                 verify_folder, write_checkpoint_folder, write_json, write_manifest)
 from flowers.config import ConfigError, DataConfig
 from flowers.data.transforms import Preprocessing
-from flowers.inference.predict import Batch, LoadedModel, load_model
+from flowers.inference.ensemble_model import REGISTERED_NAME, load_ensemble, load_members, member_views, soft_vote
 from flowers.training.stages import StageResult
 
 log = logging.getLogger(__name__)
 
-REGISTERED_NAME = "flowers-ensemble"
 
 
 # ----------------------------------------------------------------------------- voting
-
-
-def soft_vote(member_probs: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
-    """Weighted mean of member probability matrices (weights are normalized to sum to 1)."""
-    if not len(member_probs):
-        raise ValueError("soft_vote needs at least one member")
-    stack = np.stack([np.asarray(p, dtype=np.float64) for p in member_probs])
-    w = np.ones(len(stack)) if weights is None else np.asarray(weights, dtype=np.float64)
-    if w.shape != (len(stack),) or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"ensemble weights must be {len(stack)} non-negative numbers with a positive sum, got {list(w)}")
-    return np.tensordot(w / w.sum(), stack, axes=1).astype(np.float32)
-
-
-def member_views(preprocessings: Sequence[Preprocessing]) -> tuple[list[Preprocessing], list[int]]:
-    """Distinct preprocessings (the ensemble's input views) and each member's view index."""
-    views: list[Preprocessing] = []
-    index = []
-    for pp in preprocessings:
-        if pp not in views:
-            views.append(pp)
-        index.append(views.index(pp))
-    return views, index
-
-
-def _view(x: Batch, i: int) -> torch.Tensor:
-    return x[i] if isinstance(x, tuple) else x
-
-
-class EnsembleModule(torch.nn.Module):
-    """uint8 views → log of the weighted mean member probability (softmax of it = the vote)."""
-
-    def __init__(self, modules: Sequence[torch.nn.Module], view_index: Sequence[int], weights: Sequence[float]) -> None:
-        super().__init__()
-        self.members = torch.nn.ModuleList(modules)
-        self.view_index = list(view_index)
-        w = torch.tensor(weights, dtype=torch.float32)
-        self.register_buffer("weights", w / w.sum(), persistent=False)
-
-    def forward(self, *views: torch.Tensor) -> torch.Tensor:
-        total = 0
-        for w, m, v in zip(self.weights, self.members, self.view_index):
-            total = total + w * torch.softmax(m(views[v]).float(), 1)
-        return torch.log(total.clamp_min(1e-12))
 
 
 # ----------------------------------------------------------------------------- building and loading
@@ -112,8 +67,9 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def build_ensemble(member_uris: Sequence[str], out_dir: Path, weights: Sequence[float] | None = None,
-                   name: str = REGISTERED_NAME, member_names: Sequence[str] | None = None) -> Path:
+def build_ensemble(member_uris: Sequence["str | registry.ModelRef"], out_dir: Path, weights: Sequence[float] | None = None,
+                   name: str = REGISTERED_NAME, member_names: Sequence[str] | None = None,
+                   target: registry.TrackingTarget | None = None) -> Path:
     """Write a self-contained ensemble folder from member URIs; returns the folder.
 
     Members must share class names (same dataset and order); each member's checkpoint
@@ -129,7 +85,9 @@ def build_ensemble(member_uris: Sequence[str], out_dir: Path, weights: Sequence[
     (out_dir / "members").mkdir(parents=True, exist_ok=True)
     members, class_names, pps, infos = [], None, [], []
     for i, uri in enumerate(member_uris):
-        info = registry.describe(uri)
+        ref = registry.resolve_ref(uri, target)
+        info = registry.describe(ref)
+        uri = ref.uri
         infos.append(info)
         if class_names is None:
             class_names = list(info.class_names)
@@ -137,7 +95,7 @@ def build_ensemble(member_uris: Sequence[str], out_dir: Path, weights: Sequence[
             raise ConfigError(
                 f"ensemble member '{uri}' has {len(info.class_names)} classes that differ from the first member's "
                 f"{len(class_names)}; every member must be trained on the same dataset and class order")
-        src = _member_source(registry.resolve(uri).path, str(uri))
+        src = _member_source(registry.fetch(ref), str(uri))
         config = info.manifest.get("config") or {}
         mname = (member_names[i] if member_names else None) or config.get("level") or info.name
         as_folder = src.is_dir() or src.suffix != ".onnx"  # a checkpoint file becomes a model folder
@@ -167,39 +125,6 @@ def build_ensemble(member_uris: Sequence[str], out_dir: Path, weights: Sequence[
                    created=time.strftime("%Y-%m-%dT%H:%M:%S"), lineage={"parents": parents})
     log.info("ensemble of %d members (%d input views) written to %s", len(members), len(views), out_dir)
     return out_dir
-
-
-def load_members(path: Path, manifest: dict, device: str = "cpu") -> list[tuple[str, LoadedModel]]:
-    """(name, model) for each member of an ensemble folder."""
-    path = Path(path)
-    out = []
-    for m in manifest["members"]:
-        loaded = load_model(path / m["file"], device)
-        if list(loaded.class_names) != list(manifest["class_names"]):
-            raise ModelLoadError(f"ensemble member {m['file']} in {path} does not match the ensemble's class names")
-        out.append((m["name"], loaded))
-    return out
-
-
-def load_ensemble(path: Path, manifest: dict, device: str) -> LoadedModel:
-    """Loader for manifest kind `ensemble` (registered in flowers.inference.predict.LOADERS)."""
-    path = Path(path)
-    if not manifest.get("members"):
-        raise ModelLoadError(f"the ensemble manifest in {path} lists no members")
-    members = load_members(path, manifest, device)
-    weights = manifest.get("weights") or [1.0] * len(members)
-    views, index = member_views([m.preprocessing for _, m in members])
-    fns = [(m.predict_proba, v) for (_, m), v in zip(members, index)]
-
-    def proba(x: Batch) -> np.ndarray:
-        return soft_vote([fn(_view(x, v)) for fn, v in fns], weights)
-
-    module = None
-    if all(m.module is not None for _, m in members):
-        module = EnsembleModule([m.module for _, m in members], index, weights).eval()
-    meta = {k: v for k, v in manifest.items() if k not in ("file", "class_names", "preprocessing", "views")}
-    return LoadedModel(proba, views[0], list(manifest["class_names"]), manifest.get("name", REGISTERED_NAME),
-                       version=manifest.get("version"), meta=meta, module=module, source=str(path), views=views)
 
 
 # ----------------------------------------------------------------------------- diversity
@@ -395,12 +320,13 @@ def plot_diversity(report: dict[str, Any], path: Path) -> Path:
 def run_ensemble_stage(member_uris: dict[str, str], data_cfg: DataConfig, out_dir: Path,
                        weights: dict[str, float] | None = None, threshold_policy: str = "coverage",
                        threshold_target: float = 0.95, workers: int | None = None,
-                       explain_images: int = 8, ood_images: int = 32) -> StageResult:
+                       explain_images: int = 8, ood_images: int = 32,
+                       target: "registry.TrackingTarget | None" = None) -> StageResult:
     """Build the ensemble, evaluate members and ensemble on val/test, write diversity tables and plots.
 
     `member_uris` maps a member key (e.g. 'l1') to its URI; each member's probabilities are
     computed once per split, on the images in its own eval preprocessing, and reused for every
-    metric. `data_cfg` is the members' shared data config.
+    metric. `data_cfg` is the members' shared data config; `target` the store their URIs live in.
     """
     from flowers.data.bundle import build_data
     from flowers.evaluation.metrics import compute_metrics, write_eval_artifacts
@@ -412,7 +338,7 @@ def run_ensemble_stage(member_uris: dict[str, str], data_cfg: DataConfig, out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = list(member_uris)
     w = [float((weights or {}).get(k, 1.0)) for k in keys]
-    model_dir = build_ensemble([member_uris[k] for k in keys], out_dir / "model", w, member_names=keys)
+    model_dir = build_ensemble([member_uris[k] for k in keys], out_dir / "model", w, member_names=keys, target=target)
     manifest = read_manifest(model_dir)
     ens_model = load_ensemble(model_dir, manifest, "cpu")
     members = dict(load_members(model_dir, manifest))

@@ -52,6 +52,7 @@ from flowers.data.transforms import Normalize
 from flowers.inference.predict import LoadedModel, load_model, predict_dataset
 
 if TYPE_CHECKING:
+    from flowers.registry.uris import ModelRef
     from flowers.data.bundle import DataBundle
     from flowers.models import TailNet
 
@@ -111,7 +112,7 @@ def teacher_probs_from_features(teacher: LoadedModel, student: TailNet, feats: n
     (V + 1) x N rows, row `feature_cache.sample_key(i, slot, N)`: slot 0 the clean image, slot
     v + 1 its view v."""
     from flowers.training import feature_cache as FC
-    from flowers.training.ensemble import EnsembleModule
+    from flowers.inference.ensemble_model import EnsembleModule
     from flowers.models import FlowerNet, TailNet
     from flowers.inference.predict import TorchProbModel
 
@@ -187,9 +188,10 @@ class DistillationTask:
 
     name = "distill"
 
-    def __init__(self, teacher_uri: str, temperature: float = 4.0, alpha: float = 0.7, cache_teacher: bool = True,
+    def __init__(self, teacher_uri: "str | ModelRef", temperature: float = 4.0, alpha: float = 0.7, cache_teacher: bool = True,
                  batch_size: int = 64, workers: int = 0, progress: bool = False) -> None:
-        self.teacher_uri = teacher_uri
+        self.teacher_ref = teacher_uri  # a ModelRef loads without asking the registry again
+        self.teacher_uri = teacher_uri if isinstance(teacher_uri, str) else teacher_uri.uri
         self.T = float(temperature)
         self.alpha = float(alpha)
         self.cache_teacher = cache_teacher
@@ -203,17 +205,18 @@ class DistillationTask:
         self.norm: Normalize | None = None  # the student's normalization, inverted for the online teacher
 
     @classmethod
-    def from_config(cls, cfg: C.Config) -> "DistillationTask":
+    def from_config(cls, cfg: C.Config, teacher: "ModelRef | None" = None) -> "DistillationTask":
+        """From the config's distill section; `teacher`: the config's teacher URI already resolved by the caller."""
         if not cfg.distill.teacher:
             raise C.ConfigError("distill.teacher: a teacher model URI is required (e.g. --set distill.teacher=models:/flowers-ensemble@champion)")
-        return cls(cfg.distill.teacher, cfg.distill.temperature, cfg.distill.alpha, cfg.distill.cache_teacher,
+        return cls(teacher or cfg.distill.teacher, cfg.distill.temperature, cfg.distill.alpha, cfg.distill.cache_teacher,
                    cfg.data.eval_batch_size, cfg.data.workers, cfg.train.progress)
 
     def setup(self, data: DataBundle, device: torch.device, features: CachedTrain | None = None) -> None:
         """Load the teacher, check its classes, and (cached mode) precompute its probabilities
         (from the student's cached trunk `features` when the teacher provably shares that trunk)."""
         t0 = time.perf_counter()
-        self.teacher = load_model(self.teacher_uri, "cpu" if device.type == "cpu" else str(device))
+        self.teacher = load_model(self.teacher_ref, "cpu" if device.type == "cpu" else str(device))
         if list(self.teacher.class_names) != list(data.class_names):
             raise C.ConfigError(
                 f"distill.teacher '{self.teacher_uri}' predicts {len(self.teacher.class_names)} classes but the "
