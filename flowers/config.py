@@ -470,6 +470,8 @@ class ScoreConfig:
     part_rows: int = 1024  # rows per part file in a dataset folder (also what a crash can lose)
     path_column: str | None = None  # column of a Parquet listing; None: `path`, else its only string column
     shared_fs: bool = False  # every Ray node mounts the local inputs, output and model at the same paths
+    engine: str = "auto"  # auto | local (this process, no Ray) | ray (Ray Data); auto: local for small local jobs
+    local_max: int = 10_000  # auto: at most this many images scored in-process (docs/scoring.md: measured)
 
 
 # ----------------------------------------------------------------------------- serving

@@ -73,6 +73,12 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared-fs", action="store_true",
                    help="every Ray node mounts the local inputs, output and model at the same paths (else a "
                         "cluster that spans nodes refuses driver-local paths)")
+    p.add_argument("--engine", choices=("auto", "local", "ray"), default=d.engine,
+                   help="local: score in this process without Ray (a single-file output of local images); ray: "
+                        "Ray Data actors; auto (default): local for a job of local images into one file, with no "
+                        "--address/RAY_ADDRESS and at most --local-max images, else ray")
+    p.add_argument("--local-max", type=int, default=d.local_max, metavar="N",
+                   help=f"--engine auto scores at most N images in-process (default {d.local_max})")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: RAY_ADDRESS, a running local cluster, or a new local Ray)")
     p.add_argument("--tracking-uri", default=None,
@@ -90,7 +96,8 @@ def score_settings(args: argparse.Namespace) -> ScoreConfig:
     return ScoreConfig(batch_size=args.batch_size, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                        gpus_per_worker=args.gpus_per_worker, top_k=args.top_k, resume=args.resume,
                        overwrite=args.overwrite, progress=args.progress, dataset_threshold=args.dataset_threshold,
-                       part_rows=args.part_rows, path_column=args.path_column, shared_fs=args.shared_fs)
+                       part_rows=args.part_rows, path_column=args.path_column, shared_fs=args.shared_fs,
+                       engine=args.engine, local_max=args.local_max)
 
 
 def search_settings(args: argparse.Namespace) -> SearchConfig:

@@ -1,4 +1,4 @@
-"""Batch scoring with Ray Data: `python -m jobs.score INPUT... --model URI --out PATH`.
+"""Batch scoring: `python -m jobs.score INPUT... --model URI --out PATH` (also `flowers score`).
 
     python -m jobs.score ~/photos --model models:/flowers-student@champion --out photos.parquet
     python -m jobs.score s3://bucket/photos/ more.txt --model models:/flowers-student@champion \\
@@ -6,218 +6,176 @@
     ray job submit --working-dir . -- python -m jobs.score INPUT ... --model URI --out PATH
     flowers score ...                                    # the same
 
-Inputs, output rules and the model are checked before Ray starts (`flowers.scoring.plan_scoring`).
-Then the workers read the images (a Ray Data datasource, one per filesystem), an
-actor pool of `flowers.scoring.Scorer`s scores them (one model load per actor), and either the
-driver streams the rows into one Parquet file (small local jobs) or the workers write part files
-(`Dataset.write_parquet`) that `flowers.scoring.commit_dataset` commits with a manifest.
+Inputs, output rules and the model are checked before anything starts (`flowers.scoring.plan_scoring`,
+which resolves the model once into a `ModelRef` that every scorer gets). Then one of two engines
+runs the same per-batch code (`flowers.scoring.Scorer`):
+- in this process (`flowers.scoring.local`): small jobs of local images into one file, no Ray;
+- Ray Data (`jobs.score_ray`): workers read the images, an actor pool of Scorers scores them, and
+  either the driver streams the rows into one Parquet file or the workers write part files that
+  `flowers.scoring.commit_dataset` commits with a manifest.
 See docs/scoring.md.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
-import ray
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
-
-from flowers import storage
-from flowers.registry import uris as registry
 from flowers.config import ConfigError, ScoreConfig
+from flowers.registry import uris as registry
 from flowers.registry.uris import TrackingTarget
-from flowers.scoring.batch import Scorer
-from flowers.scoring.plan import ScorePlan, check_cluster_paths, plan_scoring
-from flowers.scoring.reader import read_objects
-from flowers.scoring.sinks import commit_dataset, prepare_dataset, write_scores
-from flowers.scoring.sources import by_filesystem
+from flowers.runtime import cpu_share
+from flowers.scoring import local
+from flowers.scoring.plan import ScorePlan, plan_scoring
+from flowers.scoring.sinks import write_scores
 from flowers.scoring.summary import ScoreSummary, log_summary, write_summary
 from jobs import entry
 from jobs.options import add_score_arguments, score_settings
-from jobs.parts import PartNames
-from raylink import connect as cluster
 
 log = logging.getLogger(__name__)
 
-# read and write tasks move bytes; each takes this sliver of a CPU, and every actor leaves it free
-# out of its share, so they always find room next to a full actor pool (with whole CPUs they
-# could not start at all once the actors hold every CPU)
-IO_CPUS = 0.05
+
+def choose_engine(plan: ScorePlan, settings: ScoreConfig, address: str | None) -> tuple[str, str]:
+    """("local" | "ray", why): in-process for a small job of local images into one file on this
+    machine; Ray Data for a cluster, object storage, a dataset folder, GPUs or a large job."""
+    fits = local.usable(plan)
+    if settings.engine == "local":
+        if not fits:
+            raise ConfigError("--engine local scores local images into one Parquet file; this job has object-store "
+                              "inputs or a dataset-folder output: use --engine ray (or auto)")
+        return "local", "--engine local"
+    if settings.engine == "ray":
+        return "ray", "--engine ray"
+    if settings.engine != "auto":
+        raise ConfigError(f"--engine must be auto, local or ray, got {settings.engine!r}")
+    ray_mod = sys.modules.get("ray")
+    reasons = [
+        (not fits, "object-store inputs or a dataset-folder output"),
+        (bool(address or os.environ.get("RAY_ADDRESS")), "a Ray cluster was named (--address / RAY_ADDRESS)"),
+        (bool(settings.gpus_per_worker), "--gpus-per-worker"),
+        (len(plan.todo) > settings.local_max, f"more than --local-max {settings.local_max} images"),
+        (ray_mod is not None and ray_mod.is_initialized() and _spans_nodes(), "the connected Ray spans nodes"),
+    ]
+    why = next((w for hit, w in reasons if hit), None)
+    return ("ray", why) if why else ("local", f"{len(plan.todo)} local images into one file")
 
 
-@dataclass
-class Resources:
-    """The actor pool: how many actors, and each one's CPU share (= torch threads) and GPUs."""
+def _spans_nodes() -> bool:
+    from raylink import connect as cluster
 
-    workers: int
-    cpus: float
-    gpus: float = 0.0
-    note: str | None = None  # why the request was changed (no GPUs in the cluster)
-
-    @property
-    def device(self) -> str:
-        return "cuda" if self.gpus > 0 else "cpu"
+    return cluster.spans_nodes()
 
 
-def plan_resources(n_images: int, settings: ScoreConfig, cluster_resources: dict[str, float],
-                   node_cpus: Sequence[float]) -> Resources:
-    """Actors for the connected cluster: on CPU one per cluster CPU; with `--gpus-per-worker G`,
-    one per G GPUs. At most one per batch. No GPUs in the cluster: CPU, with a note saying so."""
-    batches = max(1, math.ceil(n_images / settings.batch_size))
-    gpus, note = float(settings.gpus_per_worker or 0.0), None
-    total_gpus = float(cluster_resources.get("GPU", 0.0))
-    if gpus > 0 and total_gpus <= 0:
-        note = (f"--gpus-per-worker {gpus:g}: the cluster has no GPUs (ray.cluster_resources() lists none); "
-                "scoring on CPU")
-        gpus = 0.0
-    if gpus > 0:
-        if gpus > total_gpus:
-            raise ConfigError(f"--gpus-per-worker {gpus:g} is more than the {total_gpus:g} GPUs the cluster has")
-        w = settings.workers or max(1, min(int(total_gpus // gpus), batches))
-        return Resources(w, float(settings.cpus_per_worker or 1.0), gpus, note)
-    total = max(1, int(cluster_resources.get("CPU", 1)))
-    node_max = max([int(c) for c in node_cpus if c > 0] or [total])
-    w = settings.workers or max(1, min(total, batches))
-    c = settings.cpus_per_worker or max(1, min(node_max, total // w))
-    return Resources(w, float(c), 0.0, note)
+def _threads(settings: ScoreConfig) -> int:
+    """CPUs for the in-process engine: --workers x --cpus-per-worker when given, else this process's share."""
+    if settings.workers or settings.cpus_per_worker:
+        return max(1, round((settings.workers or 1) * (settings.cpus_per_worker or 1)))
+    return cpu_share()
 
 
-class ImageObjects(Datasource):
-    """The inputs on one filesystem as `{path, bytes, read_error}` rows, read on the workers in
-    batch-sized read tasks (`flowers.scoring.read_objects`). Unlike `read_binary_files`, an object
-    that cannot be read becomes an error row rather than a failed read task (and a failed job)."""
-
-    def __init__(self, uris: list[str], per_task: int) -> None:
-        super().__init__()
-        self.uris, self.per_task = uris, per_task
-        self.fs, _ = storage.filesystem(uris[0])  # S3: the endpoint override and bounded retries
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                       data_context=None) -> list[ReadTask]:
-        # one task per batch whatever `parallelism` says: the actor pool sees batch-sized work at once
-        fs, n = self.fs, self.per_task
-        return [ReadTask(lambda chunk=self.uris[i:i + n]: [read_objects(fs, chunk)],
-                         BlockMetadata(num_rows=len(self.uris[i:i + n]), size_bytes=None, input_files=None,
-                                       exec_stats=None))
-                for i in range(0, len(self.uris), n)]
+def phase_line(phases: dict[str, float]) -> str:
+    """`plan 0.21 s, model load 0.80 s, ...`: where a run's seconds went."""
+    return ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.2f} s" for k, v in phases.items()
+                     if isinstance(v, (int, float)))
 
 
-def task_env() -> dict:
-    """Every read, score and write task gets the driver's allocator, MLflow and object-storage
-    settings, also on a Ray that was started without them (`ray job submit`, a notebook's Ray)."""
-    return {"env_vars": cluster.worker_env()}
-
-
-def build_dataset(plan: ScorePlan, res: Resources, batch_size: int) -> ray.data.Dataset:
-    """Read every input on the workers, one reader per filesystem, then score in the actor pool."""
-    readers = [ray.data.read_datasource(ImageObjects(uris, batch_size), num_cpus=IO_CPUS, runtime_env=task_env())
-               for uris in by_filesystem(plan.todo).values()]
-    ds = readers[0].union(*readers[1:]) if len(readers) > 1 else readers[0]
-    return ds.map_batches(
-        Scorer,
-        fn_constructor_kwargs={"model_uri": plan.model_uri, "top_k": plan.top_k,
-                               "threads": max(1, round(res.cpus)), "device": res.device},
-        compute=ray.data.ActorPoolStrategy(size=res.workers),
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_cpus=max(res.cpus - IO_CPUS, IO_CPUS),
-        num_gpus=res.gpus or None,
-        runtime_env=task_env(),
-    )
-
-
-def score_folders(inputs: Sequence[str | os.PathLike], model_uri: str, out: str | os.PathLike,
+def score_folders(inputs: Sequence[str | os.PathLike], model: Any, out: str | os.PathLike,
                   settings: ScoreConfig = ScoreConfig(), address: str | None = None,
-                  tracking: TrackingTarget | None = None) -> ScoreSummary:
-    """Score every input (folders, object-store prefixes, listing files) with `model_uri` into `out`.
+                  tracking: TrackingTarget | None = None, target: TrackingTarget | None = None) -> ScoreSummary:
+    """Score every input (folders, object-store prefixes, listing files) with `model` into `out`.
 
-    Connects to Ray (`address`, else $RAY_ADDRESS, else a local Ray) unless already connected.
-    With `tracking`, the summary is also logged as a run of the `flowers-scoring` experiment.
+    `model`: a URI or path (resolved once here, against `target` for `models:/` and `runs:/`), or
+    a `ModelRef`. The Ray engine connects to Ray (`address`, else $RAY_ADDRESS, else a local Ray)
+    unless already connected. With `tracking`, the summary is also logged as a run of the
+    `flowers-scoring` experiment. `summary.extra["phases"]` says where the seconds went.
     """
     t0 = time.perf_counter()
-    plan = plan_scoring(inputs, model_uri, out, settings)
+    plan = plan_scoring(inputs, model, out, settings, target)
     if tracking is not None:
         from jobs.preflight import check_tracking
 
         check_tracking(tracking)
+    phases: dict[str, float] = {"plan_s": time.perf_counter() - t0}
     rewrites = plan.broken or any(p.errors for p in plan.parts)
     if not plan.todo and not rewrites and (plan.layout == "file" or plan.committed):
         log.info("all %d inputs are already in %s; nothing to do", plan.listed, plan.out)
         return ScoreSummary(plan.out, plan.listed, 0, 0, plan.skipped, plan.kept_rows, time.perf_counter() - t0,
                             output_uncertain=plan.kept_uncertain, layout=plan.layout)
-
-    res = Resources(0, 0.0)
-    if plan.todo:
-        cluster.connect(address, log_to_driver=False)
-        check_cluster_paths(plan, model_uri, cluster.spans_nodes(), settings.shared_fs)
-        res = plan_resources(len(plan.todo), settings, ray.cluster_resources(),
-                             [n["Resources"].get("CPU", 0) for n in cluster.alive_nodes()])
-        if res.note:
-            log.warning(res.note)
-        log.info("scoring %d inputs with %s (v%s) on %d worker(s) x %g CPU%s, batch %d, into %s %s%s",
-                 len(plan.todo), plan.model_name, plan.model_version, res.workers, res.cpus,
-                 f" + {res.gpus:g} GPU" if res.gpus else "", settings.batch_size,
-                 "the dataset folder" if plan.layout == "dataset" else "the file", plan.out,
-                 f", {plan.skipped} already in the output" if plan.skipped else "")
-    ctx = ray.data.DataContext.get_current()  # datasets copy it when built: change it first
-    bars_before = ctx.enable_progress_bars
-    try:
-        if plan.layout == "file":
-            ctx.enable_progress_bars = False  # ours counts errors too
-            ds = build_dataset(plan, res, settings.batch_size)
-            summary = write_scores(plan, ds.iter_batches(batch_size=None, batch_format="pyarrow"), settings.progress)
-        else:
-            ctx.enable_progress_bars = settings.progress and sys.stderr.isatty()
-            t1 = time.perf_counter()
-            dest = prepare_dataset(plan)
-            if plan.todo:
-                ds = build_dataset(plan, res, settings.batch_size)
-                try:
-                    ds.write_parquet(dest.path, filesystem=dest.fs, filename_provider=PartNames(),
-                                     min_rows_per_file=settings.part_rows,
-                                     ray_remote_args={"num_cpus": IO_CPUS, "runtime_env": task_env()},
-                                     compression="zstd")
-                except BaseException:
-                    log.error("scoring stopped before the commit; the parts written so far stay in %s: run the "
-                              "same command with --resume to score only the rest", plan.out)
-                    raise
-            summary = commit_dataset(plan, dest, time.perf_counter() - t1)
-    finally:
-        ctx.enable_progress_bars = bars_before
-    summary.workers, summary.batch_size = res.workers, settings.batch_size
-    summary.extra.update(cpus_per_worker=res.cpus, gpus_per_worker=res.gpus, device=res.device,
-                         total_s=time.perf_counter() - t0)
+    engine, why = choose_engine(plan, settings, address)
+    if engine == "local":
+        summary, workers, cpus, device = _run_local(plan, settings, phases, why), 1, float(_threads(settings)), "cpu"
+    else:
+        summary, workers, cpus, device = _run_ray(plan, settings, address, phases, why)
+    summary.workers, summary.batch_size = workers, settings.batch_size
+    first = summary.extra.get("first_batch_s")
+    if first is not None:  # from the job's start, not the sink's
+        phases["first_batch_s"] = phases["plan_s"] + phases.get("connect_s", 0.0) + first
+    t2 = time.perf_counter()
+    summary.extra.update(engine=engine, engine_reason=why, cpus_per_worker=cpus, device=device)
     summary.extra["summary_file"] = write_summary(plan, summary)
     if tracking is not None:
         try:
             summary.extra["mlflow_run_id"] = log_summary(summary, tracking, {
-                "cpus_per_worker": res.cpus, "gpus_per_worker": res.gpus, "device": res.device})
+                "cpus_per_worker": cpus, "engine": engine, "device": device})
         except Exception as e:  # the output is committed; a lost log line must not fail the job
             log.warning("could not log the scoring summary to MLflow at %s (%s); it is in %s",
                         tracking.tracking_uri, str(e).splitlines()[0] if str(e) else type(e).__name__,
                         summary.extra["summary_file"])
+    phases["summary_s"] = time.perf_counter() - t2
+    phases["total_s"] = summary.extra["total_s"] = time.perf_counter() - t0
+    summary.extra["phases"] = {k: round(v, 3) for k, v in phases.items()}
+    log.debug("phases (%s engine): %s", engine, phase_line(phases))
     log.info(summary.line())
     return summary
 
 
+def _announce(plan: ScorePlan, settings: ScoreConfig, how: str, why: str) -> None:
+    log.info("scoring %d inputs with %s (v%s) %s, batch %d, into %s %s%s [%s]",
+             len(plan.todo), plan.model_name, plan.model_version, how, settings.batch_size,
+             "the dataset folder" if plan.layout == "dataset" else "the file", plan.out,
+             f", {plan.skipped} already in the output" if plan.skipped else "", why)
+
+
+def _run_local(plan: ScorePlan, settings: ScoreConfig, phases: dict[str, float], why: str) -> ScoreSummary:
+    threads = _threads(settings)
+    _announce(plan, settings, f"in this process ({threads} threads)", why)
+    stats = local.LocalStats()
+    t1 = time.perf_counter()
+    summary = write_scores(plan, local.score_local(plan, settings.batch_size, threads, stats=stats),
+                           settings.progress)
+    phases["scoring_s"] = time.perf_counter() - t1
+    phases.update(stats.phases())
+    return summary
+
+
+def _run_ray(plan: ScorePlan, settings: ScoreConfig, address: str | None, phases: dict[str, float],
+             why: str) -> tuple[ScoreSummary, int, float, str]:
+    from jobs import score_ray
+
+    res = score_ray.Resources(0, 0.0)
+    if plan.todo:
+        t1 = time.perf_counter()
+        res = score_ray.connect_and_plan(plan, settings, address)
+        phases["connect_s"] = time.perf_counter() - t1
+        _announce(plan, settings, f"on {res.workers} Ray Data worker(s) x {res.cpus:g} CPU"
+                  + (f" + {res.gpus:g} GPU" if res.gpus else ""), why)
+    summary = score_ray.run_ray(plan, settings, res, phases)
+    return summary, res.workers, res.cpus, res.device
+
+
 def run(args: argparse.Namespace) -> int:
     """Score the inputs and print the one-line summary."""
-    # a tracking URI the user set (flag or environment) gets the summary run; the embedded
-    # store that resolves a models:/ URI by default does not
+    # the store is read once, here: the model resolves against it and every scorer gets the
+    # resolved ModelRef (no environment handed down). A tracking URI the user set (flag or
+    # environment) also gets the summary run; the embedded store that resolves by default does not
     explicit = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    registry.export_store([args.model], args.tracking_uri)  # actors resolve models:/ against the driver's store
+    target = registry.store_target(explicit) if registry.is_mlflow_uri(args.model) else None
     tracking = registry.resolve_target(explicit) if explicit else None
     summary = score_folders(args.dirs, args.model, args.out, score_settings(args), address=args.address,
-                            tracking=tracking)
+                            tracking=tracking, target=target)
     print(summary.line())
     return 0
 

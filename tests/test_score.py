@@ -291,3 +291,109 @@ def test_write_scores_is_atomic(folder, trained_checkpoint, tmp_path):
     table = pq.read_table(out)
     assert (summary.scored, summary.errors, summary.rows, table.num_rows) == (9, 3, 9, 9)
     assert table.schema.metadata[b"flowers.top_k"] == b"2" and list(tmp_path.iterdir()) == [out]
+
+
+def _rows(path) -> dict[str, dict]:
+    """Rows by path, without the per-run timestamp."""
+    return {r["path"]: {k: v for k, v in r.items() if k != "scored_at"} for r in pq.read_table(path).to_pylist()}
+
+
+@pytest.mark.slow
+def test_in_process_and_ray_engines_write_the_same_rows(folder, scored, trained_checkpoint, ray_session, tmp_path):
+    """A small local job scores in this process (no Ray Data); forced onto Ray Data actors, the same
+    inputs give the same rows, the same schema and metadata, and both say where their seconds went."""
+    summary, out = scored
+    assert summary.extra["engine"] == "local" and summary.extra["phases"]["first_batch_s"] > 0
+    assert {"plan_s", "model_load_s", "decode_s", "predict_s", "total_s"} <= set(summary.extra["phases"])
+    ray_out = tmp_path / "ray.parquet"
+    s = score_folders([folder["root"]], str(trained_checkpoint), ray_out,
+                      ScoreConfig(batch_size=3, workers=2, cpus_per_worker=1, top_k=3, progress=False, engine="ray"))
+    assert s.extra["engine"] == "ray" and {"connect_s", "first_batch_s"} <= set(s.extra["phases"])
+    assert (s.scored, s.errors, s.rows) == (summary.scored, summary.errors, summary.rows)
+    mine, theirs = _rows(out), _rows(ray_out)
+    assert mine.keys() == theirs.keys()
+    for p, r in mine.items():
+        for k, v in r.items():
+            if isinstance(v, list) and v and isinstance(v[0], float):
+                np.testing.assert_allclose(v, theirs[p][k], atol=1e-5)
+            elif isinstance(v, float):
+                assert v == pytest.approx(theirs[p][k], abs=1e-5), (p, k)
+            else:
+                assert v == theirs[p][k], (p, k)
+    assert pq.read_schema(out).metadata == pq.read_schema(ray_out).metadata
+
+
+def test_scorer_decodes_before_the_model_loads_and_reports_its_load_error(folder, trained_checkpoint):
+    """Given the preprocessing, a Scorer decodes while its model loads; a model that cannot load fails
+    the batch's predict step with the loader's error, not the decode step."""
+    from flowers.models.checkpoint import ModelLoadError
+    from flowers.registry.uris import ModelRef, describe
+
+    pp = describe(str(trained_checkpoint)).preprocessing
+    broken = ModelRef(uri="gone", pinned="gone", source=str(folder["root"] / "no-such-model"), kind="checkpoint")
+    scorer = Scorer(broken, top_k=2, threads=1, views=[pp])
+    decoded = scorer.decode({"path": [str(folder["a.jpg"]), str(folder["bad:text.jpg"])]})
+    assert decoded.ok == [0] and "not a recognised image" in decoded.cols["error"][1]
+    with pytest.raises(ModelLoadError):
+        scorer.predict(decoded)
+
+
+@pytest.fixture(scope="module")
+def registered_champion(trained_run, tmp_path_factory):
+    """The smoke model registered as score-once@champion in an embedded store of its own."""
+    import mlflow
+
+    from flowers.registry import tracking as T
+    from flowers.registry import uris as R
+
+    old = mlflow.get_tracking_uri()
+    target = R.embedded_target(tmp_path_factory.mktemp("score-store"))
+    try:
+        T.configure(target)
+        tr = T.StudyTracker("score-once", target)
+        run = tr.child("l1", "trial")
+        version = tr.log_model_dir(run, trained_run.run_dir, "model", "score-once", alias=R.CHAMPION)
+        tr.finish(run)
+    finally:
+        mlflow.set_tracking_uri(old)
+    return target, version
+
+
+@pytest.mark.slow
+def test_models_uri_resolves_once_at_the_edge(folder, registered_champion, ray_session, tmp_path, monkeypatch):
+    """`models:/NAME@ALIAS`: one registry lookup and one manifest read for the whole job, in this
+    process; Ray Data actors get the resolved reference and need no tracking URI in their environment."""
+    import flowers.inference.predict as P
+    import flowers.models.checkpoint as C
+    from flowers.registry import uris as R
+    from flowers.registry.uris import ModelRef
+
+    target, version = registered_champion
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    calls = {"resolve": 0, "lookup": 0, "manifest": 0}
+
+    def counting(name, fn, key, only=None):
+        def wrapper(*a, **k):
+            if only is None or only(*a):
+                calls[key] += 1
+            return fn(*a, **k)
+        monkeypatch.setattr(*name, wrapper)
+
+    not_ref = lambda uri, *a: not isinstance(uri, ModelRef)  # noqa: E731 - a ModelRef passes straight through
+    counting((R, "resolve_ref"), R.resolve_ref, "resolve", not_ref)
+    counting((P, "resolve_ref"), P.resolve_ref, "resolve", not_ref)
+    counting((R, "_version"), R._version, "lookup")
+    counting((R, "_read_manifest_file"), R._read_manifest_file, "manifest")
+    counting((C, "read_manifest"), C.read_manifest, "manifest")
+    uri = "models:/score-once@champion"
+    out = tmp_path / "once.parquet"
+    s = score_folders([folder["root"]], uri, out, ScoreConfig(top_k=2, progress=False, engine="local"), target=target)
+    assert calls == {"resolve": 1, "lookup": 1, "manifest": 1}, calls
+    assert s.model_uri == f"models:/score-once/{version}" and (s.scored, s.errors) == (9, 3)
+    assert {r["model_version"] for r in pq.read_table(out).to_pylist()} == {version}
+
+    ray_out = tmp_path / "once-ray.parquet"
+    s2 = score_folders([folder["root"]], uri, ray_out,
+                       ScoreConfig(top_k=2, progress=False, engine="ray", workers=1, cpus_per_worker=1), target=target)
+    assert calls["lookup"] == 2 and calls["resolve"] == 2  # the driver's one, for the second job
+    assert (s2.scored, s2.errors) == (9, 3) and _rows(ray_out) == _rows(out)

@@ -20,7 +20,7 @@ from flowers.scoring.plan import ScorePlan, check_cluster_paths, output_state, p
 from flowers.scoring.reader import read_objects
 from flowers.scoring.schema import MANIFEST, error_rows
 from flowers.scoring.sources import by_filesystem, list_inputs
-from jobs.score import plan_resources
+from jobs.score_ray import plan_resources
 
 
 def _img(path: Path, size=(40, 30)) -> Path:

@@ -1,15 +1,29 @@
-"""The batch model: `Scorer`, the callable a Ray Data actor (or this process) runs on each batch of inputs."""
+"""The batch model: `Scorer`, the callable a Ray Data actor (or this process) runs on each batch of inputs.
+
+A batch goes through two stages, `decode` (read, decode, eval preprocessing: needs only the
+model's preprocessing, which its manifest carries) and `predict` (the model, then one output row
+per input). `__call__` runs both; the in-process engine (`flowers.scoring.local`) runs `decode` on
+threads while `predict` works on the batch before, and both start before the model has loaded.
+"""
 from __future__ import annotations
 
 import io
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Sequence
 
 import pyarrow as pa
 
 from flowers import storage
 from flowers.scoring.schema import SCHEMA, metadata
 from flowers.scoring.sources import read_bytes
+
+log = logging.getLogger(__name__)
+
 
 def image_size(data: bytes) -> tuple[int, int]:
     """Stored width/height from the header (cheap: PIL does not decode pixels for this)."""
@@ -19,38 +33,115 @@ def image_size(data: bytes) -> tuple[int, int]:
         return img.size
 
 
+class Decoder:
+    """Bytes → the model's uint8 input, view by view: what `Predictor.load_image` does, built from the
+    preprocessing alone so that decoding can start while the model still loads."""
+
+    def __init__(self, views: Sequence[Any]) -> None:
+        from flowers.data.transforms import Preprocessing, eval_transform
+
+        self.views = [v if isinstance(v, Preprocessing) else Preprocessing.from_dict(v) for v in views]
+        if not self.views:
+            raise ValueError("Decoder: the model names no preprocessing")
+        self.draft_size = max(v.resize_size for v in self.views)
+        self.transforms = [eval_transform(v) for v in self.views]
+
+    def __call__(self, data: bytes) -> Any:
+        from flowers.data import open_image
+
+        img = open_image(data, draft_size=self.draft_size).convert("RGB")
+        xs = tuple(tf(img) for tf in self.transforms)
+        return xs[0] if len(xs) == 1 else xs
+
+
+@dataclass
+class Decoded:
+    """One batch after `Scorer.decode`: its output columns so far, and the inputs of its good rows."""
+
+    cols: dict[str, list]
+    inputs: list[Any] = field(default_factory=list)  # decoded images (a tensor, or a tuple per view)
+    ok: list[int] = field(default_factory=list)      # their row numbers
+    decode_s: float = 0.0
+
+
 class Scorer:
     """Loads the Predictor once; `__call__` scores a batch of `{path[, bytes, read_error]}` rows.
 
     The reader (`read_objects`) hands over `bytes`, or `read_error` for an object it could not
     read; a row with neither is read from `path` here. Either way an unreadable or undecodable
     input becomes an error row, never a failed job.
+
+    `model` is the model's reference, resolved once on the driver (a `ModelRef`, or a URI).
+    Given `views` (the preprocessing, from the manifest), the model loads on a thread of its own
+    and the first batch decodes meanwhile; `predict` waits for it. A load error surfaces there.
     """
 
-    def __init__(self, model_uri: str, top_k: int = 5, threads: int | None = None, device: str = "cpu") -> None:
-        from flowers.inference.predict import Predictor
+    def __init__(self, model: Any, top_k: int = 5, threads: int | None = None, device: str = "cpu",
+                 views: Sequence[Any] | None = None) -> None:
         from flowers.runtime import configure_torch_threads
 
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus; torch follows it unless told otherwise
         self.threads = configure_torch_threads(threads)
-        self.predictor = Predictor.from_uri(model_uri, device)
-        self.top_k = int(top_k)
-        self.model_name = self.predictor.model.name
-        self.model_version = self.predictor.model.version
-        self.schema = SCHEMA.with_metadata(metadata(str(model_uri), self.top_k))
+        self.model_ref, self.device, self.top_k = model, device, int(top_k)
+        self.model_uri = str(getattr(model, "pinned", model))
+        self.schema = SCHEMA.with_metadata(metadata(self.model_uri, self.top_k))
+        self.load_s: float | None = None
+        self.wait_s = 0.0  # time `predict` spent waiting for the model
+        self._loading: Future = Future()
+        self.decoder = Decoder(views) if views else None
+        if self.decoder is None:
+            self._load()
+        else:
+            threading.Thread(target=self._load, name="scorer-model-load", daemon=True).start()
+
+    def _load(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            from flowers.inference.predict import Predictor
+
+            predictor = Predictor.from_ref(self.model_ref, self.device)
+        except BaseException as e:
+            self._loading.set_exception(e)
+            if self.decoder is None:
+                raise
+            return
+        self.load_s = time.perf_counter() - t0
+        log.debug("model %s loaded in %.2f s", self.model_uri, self.load_s)
+        self._loading.set_result(predictor)
+
+    @property
+    def predictor(self) -> Any:
+        """The loaded Predictor (waits for the load; raises its error)."""
+        if not self._loading.done():
+            t0 = time.perf_counter()
+            self._loading.result()
+            self.wait_s += time.perf_counter() - t0
+        return self._loading.result()
+
+    @property
+    def model_name(self) -> str:
+        return self.predictor.model.name
+
+    @property
+    def model_version(self) -> str | None:
+        return self.predictor.model.version
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        import torch
+        return self.predict(self.decode(batch))
 
+    def decode(self, batch: dict[str, Any]) -> Decoded:
+        """Read (when the row has no bytes), decode and preprocess every row; error rows for the rest."""
         from flowers.data import ImageDecodeError
 
+        t0 = time.perf_counter()
+        decode = self.decoder or self.predictor.load_image
         paths = [str(p) for p in batch["path"]]
         blobs = batch.get("bytes")
         read_errors = batch.get("read_error")
         n = len(paths)
         cols: dict[str, list] = {f.name: [None] * n for f in SCHEMA}
         cols["path"] = paths
-        tensors, ok = [], []
+        out = Decoded(cols)
         for i, path in enumerate(paths):
             data = None
             if read_errors is not None and read_errors[i]:
@@ -58,9 +149,9 @@ class Scorer:
                 continue
             try:
                 data = blobs[i] if blobs is not None and blobs[i] is not None else read_bytes(path)
-                tensors.append(self.predictor.load_image(bytes(data)))
+                out.inputs.append(decode(bytes(data)))
                 cols["width"][i], cols["height"][i] = image_size(data)
-                ok.append(i)
+                out.ok.append(i)
             except ImageDecodeError as e:
                 # open_image names bytes input "<N bytes>"; the path is what the user can act on
                 cols["error"][i] = str(e).replace(f"<{len(data)} bytes>", path) if data is not None else str(e)
@@ -68,9 +159,21 @@ class Scorer:
                 cols["error"][i] = f"cannot read {path}: {getattr(e, 'strerror', None) or e}"
             except Exception as e:  # a decoder bug on one odd file must not fail the whole job
                 cols["error"][i] = f"cannot decode {path}: {type(e).__name__}: {e}"
-        if tensors:
-            probs = self.predictor.predict_proba(torch.stack(tensors))
-            for i, r in zip(ok, self.predictor.format(probs, self.top_k)):
+        out.decode_s = time.perf_counter() - t0
+        return out
+
+    def predict(self, decoded: Decoded) -> pa.Table:
+        """The model on a decoded batch, then the output rows (one per input, error rows included)."""
+        from flowers.inference.loaded import collate
+
+        predictor, cols = self.predictor, decoded.cols
+        if self.decoder is not None and self.decoder.views != predictor.model.views:
+            # the manifest and the loaded model disagree on preprocessing: the model is right
+            raise RuntimeError(f"model {self.model_uri}: its manifest's preprocessing differs from the loaded "
+                               "model's; re-export or re-register it")
+        if decoded.inputs:
+            probs = predictor.predict_proba(collate(decoded.inputs))
+            for i, r in zip(decoded.ok, predictor.format(probs, self.top_k)):
                 cols["label"][i] = r["label"]
                 cols["name"][i] = r["name"]
                 cols["confidence"][i] = r["confidence"]
@@ -78,8 +181,9 @@ class Scorer:
                 cols["top_k_probs"][i] = [t["probability"] for t in r["top_k"]]
                 cols["entropy"][i] = r["entropy"]
                 cols["uncertain"][i] = r["uncertain"]
+        n = len(cols["path"])
         now = datetime.now(timezone.utc)
-        cols["model_name"] = [self.model_name] * n
-        cols["model_version"] = [self.model_version] * n
+        cols["model_name"] = [predictor.model.name] * n
+        cols["model_version"] = [predictor.model.version] * n
         cols["scored_at"] = [now] * n
         return pa.Table.from_pydict(cols, schema=self.schema)

@@ -6,7 +6,7 @@ import os
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -117,6 +117,8 @@ class ScorePlan:
     parts: list[PartInfo] = field(default_factory=list)  # dataset layout: complete parts kept (--resume)
     broken: list[str] = field(default_factory=list)      # dataset layout: partial parts of a crashed run
     committed: bool = False         # dataset layout: `_manifest.json` exists
+    model: Any = None               # the ModelRef resolved once here; every scorer gets it, none resolves again
+    views: list[dict] = field(default_factory=list)  # the model's eval preprocessing(s), from its manifest
 
     @property
     def skipped(self) -> int:
@@ -194,11 +196,12 @@ def output_state(out: str) -> str:
     return "dataset" if all(DatasetOutput.ours(n) for n in visible) else "foreign"
 
 
-def plan_scoring(inputs: Sequence[str | os.PathLike], model_uri: str, out: str | os.PathLike,
-                 settings: ScoreConfig = ScoreConfig()) -> ScorePlan:
+def plan_scoring(inputs: Sequence[str | os.PathLike], model: Any, out: str | os.PathLike,
+                 settings: ScoreConfig = ScoreConfig(), target: registry.TrackingTarget | None = None) -> ScorePlan:
     """Every check that needs no Ray: settings, inputs, output rules, and the model's metadata.
 
-    Reads only: nothing is written or deleted until the job starts (`prepare_dataset`).
+    `model`: a URI or path, resolved here once (`resolve_ref`, against `target`), or a `ModelRef`
+    the caller resolved. Reads only: nothing is written or deleted until the job starts (`prepare_dataset`).
     """
     check_settings(settings)
     uri = resolve_output(out)
@@ -224,13 +227,15 @@ def plan_scoring(inputs: Sequence[str | os.PathLike], model_uri: str, out: str |
     else:
         layout = "dataset" if len(paths) > settings.dataset_threshold else "file"
 
-    # actors get the version checked here, even if the alias moves meanwhile; a bad URI or a
-    # model without metadata fails here, once, rather than in every actor (no weights loaded)
-    pinned = registry.pin(model_uri)
-    info = registry.describe(pinned)
+    # the one resolution: scorers get this ref (the version pinned here, even if the alias moves
+    # meanwhile); a bad URI or a model without metadata fails here, once (no weights loaded)
+    ref = registry.resolve_ref(model, target)
+    info = registry.describe(ref)
     k = min(settings.top_k, len(info.class_names))
-    plan = ScorePlan(list(paths), uri, pinned, info.name, info.version, k, len(paths), layout=layout,
-                     sources=[str(s) for s in inputs], replace=exists and settings.overwrite)
+    views = info.manifest.get("views") or [info.preprocessing]
+    plan = ScorePlan(list(paths), uri, ref.pinned, info.name, info.version, k, len(paths), layout=layout,
+                     sources=[str(s) for s in inputs], replace=exists and settings.overwrite, model=ref,
+                     views=[dict(v) for v in views])
     if settings.resume and state == "file":
         keep = read_output(uri)
         _check_same_model(_models(keep), keep.schema.metadata, uri, info.name, info.version, k)
