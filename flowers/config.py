@@ -6,6 +6,7 @@ overrides. Unknown keys and wrong types are errors that name the key.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -266,9 +267,15 @@ def find_config(path: str | Path) -> Path:
     return alt if alt.is_file() else p
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, following `base:` links; errors name the file."""
+def read_yaml(path: str | Path, cache: dict | None = None) -> dict:
+    """Read a YAML mapping, following `base:` links; errors name the file.
+
+    `cache` (path → mapping), shared by the reads of one plan, parses each file once.
+    """
     path = find_config(path)
+    key = str(path.resolve())
+    if cache is not None and key in cache:
+        return copy.deepcopy(cache[key])
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (a path, or relative to this folder or to {PROJECT_ROOT})")
     try:
@@ -279,7 +286,9 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: expected a mapping at the top level")
     base = data.pop("base", None)
     if base:
-        data = deep_merge(read_yaml(path.parent / base), data)
+        data = deep_merge(read_yaml(path.parent / base, cache), data)
+    if cache is not None:
+        cache[key] = copy.deepcopy(data)
     return data
 
 
@@ -319,11 +328,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 GRID_KEY = "grid"  # a profile section for the ablation grid's points only (e.g. a smaller budget)
 
 
-def profile_grid_changes(profile: str | None, config_dir: Path | None = None) -> dict[str, Any]:
+def profile_grid_changes(profile: str | None, config_dir: Path | None = None,
+                         cache: dict | None = None) -> dict[str, Any]:
     """A profile's `grid:` section as dotted keys, e.g. `{'train.epochs': 3}` (empty without one)."""
     if not profile:
         return {}
-    grid = read_yaml(profile_path(profile, config_dir)).get(GRID_KEY) or {}
+    grid = read_yaml(profile_path(profile, config_dir), cache).get(GRID_KEY) or {}
     if not isinstance(grid, dict):
         raise ConfigError(f"{profile}: '{GRID_KEY}' must be a mapping of config changes, e.g. train: {{epochs: 3}}")
 
@@ -353,12 +363,13 @@ def load_config(
     profile: str | None = None,
     overrides: list[str] | None = None,
     cls: type = Config,
+    cache: dict | None = None,
 ) -> Any:
     """Load YAML (or defaults), merge a profile, apply `a.b=c` overrides, build and check."""
-    data: dict = read_yaml(path) if path else {}
+    data: dict = read_yaml(path, cache) if path else {}
     if profile:
         config_dir = Path(path).parent if path else None
-        prof = read_yaml(profile_path(profile, config_dir))
+        prof = read_yaml(profile_path(profile, config_dir), cache)
         prof.pop(GRID_KEY, None)  # the study applies it to ablation-grid points only
         data = deep_merge(data, prof)
     data = apply_overrides(data, overrides or [])
@@ -488,6 +499,8 @@ class ServeAppConfig:
     max_body_bytes: int = 10 * 1024 * 1024  # larger request bodies get 413
     default_top_k: int = 5
     uncertainty_threshold: float | None = None  # None: the threshold stored with each model
+    follow: bool = True  # follow the registry: an alias move, canary or shadow reaches the running app
+    follow_interval_s: float = 2.0  # registry poll interval of the app's Follower (serve/follower.py)
 
 
 @dataclass(frozen=True)
@@ -504,3 +517,4 @@ class ServeConfig:
     proxy: str = "haproxy"  # HTTP front of an embedded Ray: haproxy | serve (serve/ingress_env.py)
     pin: bool = False  # models:/name@alias -> models:/name/<version> before deploying
     gpus: float | None = None  # GPUs per model replica (ray_actor_options.num_gpus); None: the YAML's
+    follow: bool | None = None  # follow the registry's aliases live; None: the YAML's (default True)

@@ -27,7 +27,7 @@ from flowers.study import report as R
 from flowers.registry import run_notes as N
 from flowers.study import steps as S
 from flowers.registry import tracking as T
-from flowers.study.plan import build_trials, load_study
+from flowers.study.plan import StudyPlan, load_study, plan_study
 from flowers.registry.uris import TrackingTarget
 from jobs import entry, preflight
 from jobs.options import add_study_arguments
@@ -51,25 +51,27 @@ class StudyOutcome:
     failed_trials: list[str] = field(default_factory=list)
 
 
-def _stage(fn_name: str, study: C.StudyConfig, config_dir: Path, target: TrackingTarget, arg: Any,
+def _stage(fn_name: str, plan: StudyPlan, target: TrackingTarget, arg: Any,
            out_dir: str | None) -> str | None:
     """One L4/L5 stage inside a Ray task: its own tracker (same study runs, found by tag), its outputs
     in `out_dir` or, when the cluster spans nodes, in a scratch folder that goes once MLflow has them."""
+    study = plan.study
     T.configure(target)
     tracker = T.StudyTracker(study.name, target, {"study": study.name})
     scratch = None if out_dir else tempfile.mkdtemp(prefix=f"flowers-{fn_name}-")
     try:
-        return getattr(S, fn_name)(study, config_dir, tracker, arg, Path(out_dir or scratch))
+        return getattr(S, fn_name)(plan, tracker, arg, Path(out_dir or scratch))
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _run_stage(fn_name: str, study: C.StudyConfig, config_dir: Path, target: TrackingTarget, arg: Any,
+def _run_stage(fn_name: str, plan: StudyPlan, target: TrackingTarget, arg: Any,
                out_dir: Path) -> str | None:
     """Run a stage as scheduled Ray work with declared resources and retries (on a worker of a cluster)."""
     import ray
 
+    study = plan.study
     res = study.resources
     cpus = res.stage_cpus or cluster.largest_node_cpus()
     gpus = res.stage_gpus if res.stage_gpus is not None else (1.0 if cluster.cluster_gpus() >= 1 else 0.0)
@@ -77,17 +79,18 @@ def _run_stage(fn_name: str, study: C.StudyConfig, config_dir: Path, target: Tra
     task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=study.max_failures,
                       retry_exceptions=False)(_stage)
     log.info("stage %s as a Ray task (%g CPU, %g GPU, %d retries)", fn_name, cpus, gpus, study.max_failures)
-    return ray.get(task.remote(fn_name, study, config_dir, target, arg, None if multi else str(out_dir)))
+    return ray.get(task.remote(fn_name, plan, target, arg, None if multi else str(out_dir)))
 
 
-def _run_stages(study: C.StudyConfig, config_dir: Path, target: TrackingTarget, tracker: T.StudyTracker,
+def _run_stages(plan: StudyPlan, target: TrackingTarget, tracker: T.StudyTracker,
                 outcome: StudyOutcome, resume: bool) -> None:
     """L4 then L5, each a Ray task; a resumed study skips a stage whose run finished."""
+    study = plan.study
     out_root = Path(study.home).expanduser().resolve() / "stages" / study.name
     if "ensemble" in study.stages:
         if resume and S.stage_done(tracker, S.ENSEMBLE_KEY):
             outcome.registered["ensemble"] = S.champion_uri("ensemble")
-        elif uri := _run_stage("run_ensemble", study, config_dir, target, dict(outcome.registered),
+        elif uri := _run_stage("run_ensemble", plan, target, dict(outcome.registered),
                                out_root / "ensemble"):
             outcome.registered["ensemble"] = uri
         else:
@@ -99,18 +102,19 @@ def _run_stages(study: C.StudyConfig, config_dir: Path, target: TrackingTarget, 
         elif teacher is None:
             log.warning("distill stage skipped: no registered teacher")
             outcome.skipped["distill"] = "no teacher"
-        elif uri := _run_stage("run_distill", study, config_dir, target, teacher, out_root / "distill"):
+        elif uri := _run_stage("run_distill", plan, target, teacher, out_root / "distill"):
             outcome.registered["distill"] = uri
         else:
             outcome.skipped["distill"] = "no student config"
     if "robustness" in study.stages and not (resume and S.stage_done(tracker, "robustness")):
-        _run_stage("run_robustness", study, config_dir, target, dict(outcome.registered), out_root / "robustness")
+        _run_stage("run_robustness", plan, target, dict(outcome.registered), out_root / "robustness")
 
 
 def run_study(study: C.StudyConfig, config_dir: Path, resume: bool = False, address: str | None = None) -> StudyOutcome:
     """Preflight → Tune trials → registry → L4 → L5 → report. Safe to call again with `resume=True`."""
     target = registry.resolve_target(study.tracking_uri, study.home)
-    specs = build_trials(study, config_dir)
+    plan = plan_study(study, config_dir)  # every config the study uses, read once
+    specs = plan.trials
     cluster.connect(address, study.resources.num_cpus)
     preflight.check_study(study, specs, target, cluster.spans_nodes())  # before anything is written
     T.configure(target)
@@ -128,14 +132,14 @@ def run_study(study: C.StudyConfig, config_dir: Path, resume: bool = False, addr
         if "tune" in study.stages and not cluster.spans_nodes():
             # one node: build the cached trunk features once with every core, before 1-CPU trials start
             # (on a cluster each node's first trial builds its own, node-local copy)
-            student = S.student_config(study, config_dir) if "distill" in study.stages else None
+            student = plan.student if "distill" in study.stages else None
             seconds = S.warm_feature_caches([s.cfg for s in specs] + ([student] if student else []))
             tracker.log_metrics(tracker.parent_id, {"feature_cache_seconds": seconds}, kind="trial")
         if "tune" in study.stages:
             finished = {r["key"] for r in S.trial_records(tracker) if r["status"] == "FINISHED"} if resume else set()
             outcome.failed_trials = run_tune(study, specs, target, resume, finished)
         outcome.registered.update(S.register_levels(study, tracker, S.trial_records(tracker)))
-        _run_stages(study, config_dir, target, tracker, outcome, resume)
+        _run_stages(plan, target, tracker, outcome, resume)
         tracker.log_metrics(tracker.parent_id, {"study_wall_seconds": time.perf_counter() - t0}, kind="trial")
         report_dir = Path(study.report_dir or Path(study.home) / "reports" / study.name)
         outcome.report = R.write_report(study.name, report_dir, tracker=tracker)

@@ -147,7 +147,7 @@ def test_pyfunc_from_code_signature_and_predictions(folder, synth_root, tmp_path
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
     assert f"{MM.FOLDER_PATH}/{WEIGHTS}" in files and "flowers_pyfunc.py" in files
     # what the pyfunc needs travels with it: the flowers code (no bytecode) and pinned third-party requirements
-    assert {"code/flowers/predict.py", "code/flowers/mlflow_model.py"} <= files
+    assert {"code/flowers/inference/predict.py", "code/flowers/registry/flavor.py"} <= files
     assert not [f for f in files if "__pycache__" in f]
     reqs = (out / "requirements.txt").read_text().split()
     assert f"torch=={torch.__version__.split('+')[0]}" in [r.split("+")[0] for r in reqs]

@@ -260,3 +260,28 @@ def test_search_space_parsing():
     assert space["data.augment"].categories == ["light", "strong"]
     with pytest.raises(C.ConfigError, match="--param 'optim.lr=normal:0:1'"):
         parse_space(["optim.lr=normal:0:1"])
+
+
+def test_the_plan_reads_every_config_file_once(monkeypatch):
+    """`plan_study` resolves the levels, the grid, the student and the data with each YAML file
+    (the profile above all) parsed once, and the steps get the plan instead of re-reading."""
+    from collections import Counter
+
+    from flowers.study.plan import plan_study
+
+    study, d = load_study(REPO / "configs/study.yaml", "study-cpu")
+    reads: Counter = Counter()
+    real = Path.read_text
+
+    def counted(self, *a, **k):
+        if self.suffix in (".yaml", ".yml"):
+            reads[self.resolve().name] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", counted)
+    plan = plan_study(study, d)
+    assert reads["study-cpu.yaml"] == 1 and max(reads.values()) == 1, reads
+    assert plan.trials == build_trials(study, d)  # the same trials as reading each one on its own
+    assert plan.student is not None and plan.student.task == "distill"
+    assert plan.data == plan.trials[0].cfg.data
+    assert [t.key for t in plan.trials][:3] == list(study.levels)

@@ -1,7 +1,9 @@
 """The study's plan: read `configs/study.yaml` and turn it into trials. No Ray here.
 
 `load_study(path, profile, overrides)` reads the study YAML into a `StudyConfig`
-(`flowers/config.py`); `build_trials` turns it into `TrialSpec`s, sharing trials whose
+(`flowers/config.py`); `plan_study` turns it, once, into a `StudyPlan`: every trial's config
+(`build_trials` makes the `TrialSpec`s), the student's and the data's, each YAML file parsed
+once; the plan is what travels to the study's steps and Ray tasks. Trials whose
 resolved configs are equal: L1 is the grid point light/none/constant and L2 the point
 strong/ls+wd/cosine, so they train once and play two roles. `jobs/study.py` runs the
 trials with Ray Tune; `flowers/study/steps.py` does what follows (registry, L4, L5).
@@ -81,10 +83,11 @@ def pin_data_root(cfg: C.Config) -> C.Config:
     return cfg
 
 
-def trial_config(study: C.StudyConfig, config_dir: Path, rel: str, extra: list[str] | None = None) -> C.Config:
+def trial_config(study: C.StudyConfig, config_dir: Path, rel: str, extra: list[str] | None = None,
+                 cache: dict | None = None) -> C.Config:
     """A level config named in the study, with the study's profile and overrides (then `extra`)."""
     return pin_data_root(C.load_config(study_path(config_dir, rel), profile_file(study, config_dir),
-                                       [*study.overrides, *(extra or [])]))
+                                       [*study.overrides, *(extra or [])], cache=cache))
 
 
 def training_key(cfg: C.Config) -> tuple:
@@ -93,22 +96,23 @@ def training_key(cfg: C.Config) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in flat.items() if k not in IDENTITY_KEYS))
 
 
-def ablation_grid(study: C.StudyConfig, config_dir: Path) -> list[tuple[dict[str, str], C.Config]]:
+def ablation_grid(study: C.StudyConfig, config_dir: Path, cache: dict | None = None) -> list[tuple[dict[str, str], C.Config]]:
     """(axes, config) for every point of the ablation grid, in a stable order."""
     if not study.ablation:
         return []
     abl_path = study_path(config_dir, study.ablation)
-    data = C.read_yaml(abl_path)
+    data = C.read_yaml(abl_path, cache)
     base_rel = data.get("config")
     axes: dict[str, dict[str, dict]] = data.get("axes") or {}
     if not base_rel or not axes:
         raise C.ConfigError(f"{study.ablation}: needs 'config' (the base level YAML) and 'axes'")
     # the base config is named relative to the ablation file itself
-    base = C.load_config(study_path(abl_path.parent, base_rel), profile_file(study, config_dir), list(study.overrides))
+    base = C.load_config(study_path(abl_path.parent, base_rel), profile_file(study, config_dir), list(study.overrides),
+                         cache=cache)
     names = list(axes)
     points = []
     # a profile may give the grid a smaller budget than the levels (its `grid:` section); the report says so
-    budget = C.profile_grid_changes(profile_file(study, config_dir), config_dir)
+    budget = C.profile_grid_changes(profile_file(study, config_dir), config_dir, cache)
     for combo in itertools.product(*(list(axes[a]) for a in names)):
         changes: dict[str, Any] = dict(budget)
         for axis, value in zip(names, combo):
@@ -135,11 +139,12 @@ class TrialSpec:
         return {"key": self.key, "roles": self.roles, "axes": self.axes, "cfg": C.to_dict(self.cfg), "run_root": run_root}
 
 
-def build_trials(study: C.StudyConfig, config_dir: Path) -> list[TrialSpec]:
+def build_trials(study: C.StudyConfig, config_dir: Path, cache: dict | None = None) -> list[TrialSpec]:
     """Level trials first, then the grid; equal configs become one trial with several roles."""
-    specs = [TrialSpec(level, [level], trial_config(study, config_dir, rel)) for level, rel in study.levels.items()]
+    specs = [TrialSpec(level, [level], trial_config(study, config_dir, rel, cache=cache))
+             for level, rel in study.levels.items()]
     by_key = {training_key(s.cfg): s for s in specs}
-    for axes, cfg in ablation_grid(study, config_dir):
+    for axes, cfg in ablation_grid(study, config_dir, cache):
         hit = by_key.get(training_key(cfg)) if study.share_levels else None
         if hit is not None and "ablation" not in hit.roles:
             hit.roles.append("ablation")
@@ -150,6 +155,32 @@ def build_trials(study: C.StudyConfig, config_dir: Path) -> list[TrialSpec]:
         specs.append(spec)
         by_key.setdefault(training_key(cfg), spec)
     return specs
+
+
+@dataclass
+class StudyPlan:
+    """A study read once, at the edge: its settings, every trial's config, the student's and the
+    levels' shared data config. The study's steps and Ray tasks get this object; nothing downstream
+    reads a config file again."""
+
+    study: C.StudyConfig
+    config_dir: Path
+    trials: list[TrialSpec]
+    student: C.Config | None  # the L5 student's config, None when the study names none
+    data: C.DataConfig  # the levels' shared data settings (the first level's), for L4 and the robustness step
+
+
+def plan_study(study: C.StudyConfig, config_dir: Path) -> StudyPlan:
+    """Resolve every config the study will use; each YAML file (the profile included) is parsed once."""
+    cache: dict = {}
+    trials = build_trials(study, config_dir, cache)
+    student = None
+    if study.distill_config and study_path(config_dir, study.distill_config).is_file():
+        student = trial_config(study, config_dir, study.distill_config, cache=cache)
+    first = next((t.cfg for t in trials if t.key in study.levels), None)
+    data = first.data if first is not None else trial_config(study, config_dir, next(iter(study.levels.values())),
+                                                             cache=cache).data
+    return StudyPlan(study, config_dir, trials, student, data)
 
 
 def storage_path(home: str, storage: str | None = None) -> str:

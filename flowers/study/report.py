@@ -297,9 +297,103 @@ def _bar_png(rows: list[tuple[str, float | None, float | None]], path: Path, tit
     return path
 
 
+def _levels_section(info: dict[str, Any], out_dir: Path) -> list[str]:
+    """The L1–L3 table and plot, and the registered champions."""
+    md: list[str] = []
+    champions = info["champions"]
+    md += ["## Levels (top-1 %, best-val checkpoint)", "",
+           "| Level | trial | setup | val | test | seed val | seed test |", "|---|---|---|---|---|---|---|"]
+    level_rows = []
+    for level in ("l1", "l2", "l3"):
+        t = level_trial(info, level)  # the registered champion, else the trial with that role
+        sv, st = SEED[level]
+        if t:
+            m = t["metrics"]
+            md.append(f"| {LEVEL_TITLES[level]} | {t['key']} | {_setup(t['params'])} | {_pct(m.get('val/best_acc'))} | "
+                      f"{_pct(m.get('test/acc'))} | {sv:.2f} | {st:.2f} |")
+            level_rows.append((level, m.get("val/best_acc"), m.get("test/acc")))
+        else:
+            md.append(f"| {LEVEL_TITLES[level]} | – | – | not run | not run | {sv:.2f} | {st:.2f} |")
+    png = _bar_png(level_rows, out_dir / "levels.png", "Levels: val/test top-1")
+    if png:
+        md += ["", f"![levels]({png.name})"]
+    if champions:
+        md += ["", "Registered: " + ", ".join(f"`{c['uri']}` (v{c['version']})" for c in champions.values())]
+    return md
+
+
+def _ablation_section(info: dict[str, Any], out_dir: Path) -> list[str]:
+    """The L2 ablation grid's table and plot."""
+    md: list[str] = []
+    abl = sorted((t for t in info["trials"] if "ablation" in t["roles"]), key=lambda t: tuple(sorted(t["axes"].items())))
+    md += ["", "## L2 ablation grid (top-1 %)", ""]
+    if abl:
+        axes = sorted({a for t in abl for a in t["axes"]})
+        md += ["| " + " | ".join(axes) + " | trial | val | test |", "|" + "---|" * (len(axes) + 3)]
+        rows = []
+        for t in abl:
+            m = t["metrics"]
+            md.append("| " + " | ".join(t["axes"].get(a, "") for a in axes) +
+                      f" | {t['key']} | {_pct(m.get('val/best_acc'))} | {_pct(m.get('test/acc'))} |")
+            rows.append(("/".join(t["axes"].get(a, "") for a in axes), m.get("val/best_acc"), m.get("test/acc")))
+        png = _bar_png(rows, out_dir / "ablation.png", "Ablation: val/test top-1")
+        if png:
+            md += ["", f"![ablation]({png.name})"]
+        md += ["", "All grid points share the split, seed and epochs; the seed reported L2 (strong augmentation, "
+               "label smoothing, weight decay, cosine) only, not the grid."]
+        md += _grid_budget_note(abl, [level_trial(info, lv) for lv in ("l1", "l2", "l3")])
+    else:
+        md.append("not run")
+    return md
+
+
+def _ensemble_section(info: dict[str, Any]) -> list[str]:
+    """L4: members vs the ensemble, diversity and the architecture claim."""
+    md: list[str] = []
+    md += ["", "## L4 ensemble: members vs ensemble (test top-1 %)", ""]
+    ens = info["stages"].get("l4-ensemble")
+    if ens and ens["metrics"]:
+        m = ens["metrics"]
+        md += ["| model | test |", "|---|---|"]
+        for k in sorted(k for k in m if k.startswith("members/") and k.endswith("/test_acc")):
+            md.append(f"| member {k[len('members/'):-len('/test_acc')]} | {_pct(m[k])} |")
+        md.append(f"| **ensemble** (val {_pct(m.get('val/acc'))}) | **{_pct(m.get('test/acc'))}** |")
+        div = {k: v for k, v in m.items() if k in DIVERSITY_KEYS}
+        if div:
+            md += ["", "Diversity: " + ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in sorted(div.items()))]
+        md += _claim_lines(m)
+        md += ["", f"Setup: {_setup(ens['params']) if 'data.root' in ens['params'] else 'members as above'}; hardware as above."]
+    else:
+        md.append("not run")
+    return md
+
+
+def _student_section(info: dict[str, Any]) -> list[str]:
+    """L5: teacher vs the student (fp32, INT8) with latency."""
+    md: list[str] = []
+    md += ["", "## L5 student: teacher vs student", ""]
+    dis = info["stages"].get("l5-distill")
+    if dis and dis["metrics"]:
+        m = dis["metrics"]
+        md += ["| model | test top-1 % | batch-1 latency p50 (ms) |", "|---|---|---|",
+               f"| teacher | {_pct(m.get('teacher/test_acc'))} | {_ms(m.get('latency/teacher_p50_ms'))} |",
+               f"| student fp32 | {_pct(m.get('test/acc_fp32'))} | {_ms(m.get('latency/fp32_p50_ms'))} |",
+               f"| student INT8 (static) | {_pct(m.get('test/acc_int8'))} | {_ms(m.get('latency/int8_p50_ms'))} |",
+               f"| student INT8 (dynamic) | – | {_ms(m.get('latency/dynamic_int8_p50_ms'))} |",
+               f"| seed student INT8 | – | {SEED['student_int8_latency_ms']:.0f} |",
+               "", f"Setup: {_setup(dis['params'])}; latency on the hardware above."]
+        tags = dis.get("tags") or {}
+        if tags.get("int8_recipe"):
+            md += ["", f"INT8 recipe `{tags['int8_recipe']}` (saturation-safe on CPUs without VNNI: "
+                   f"{tags.get('int8_saturation_safe', '?')}); exported and validated on {tags.get('int8_validated_on', '?')}."]
+    else:
+        md.append("not run")
+    return md
+
+
 def render(info: dict[str, Any], out_dir: Path) -> str:
     """The Markdown text (writes the PNGs it links into `out_dir`)."""
-    trials, stages, champions = info["trials"], info["stages"], info["champions"]
+    trials, stages = info["trials"], info["stages"]
     hw = info["parent"]["tags"].get("hardware", "not recorded")
     # the header describes the level models (L1 first): grid points may run at a smaller budget
     order = {"l1": 0, "l2": 1, "l3": 2}
@@ -319,82 +413,8 @@ def render(info: dict[str, Any], out_dir: Path) -> str:
            "results kept together); McNemar: exact two-sided test on the images only one of the two gets right. "
            "An interval that contains 0 means the test set cannot tell the two apart.", ""]
 
-    # ---- levels
-    md += ["## Levels (top-1 %, best-val checkpoint)", "",
-           "| Level | trial | setup | val | test | seed val | seed test |", "|---|---|---|---|---|---|---|"]
-    level_rows = []
-    for level in ("l1", "l2", "l3"):
-        t = level_trial(info, level)  # the registered champion, else the trial with that role
-        sv, st = SEED[level]
-        if t:
-            m = t["metrics"]
-            md.append(f"| {LEVEL_TITLES[level]} | {t['key']} | {_setup(t['params'])} | {_pct(m.get('val/best_acc'))} | "
-                      f"{_pct(m.get('test/acc'))} | {sv:.2f} | {st:.2f} |")
-            level_rows.append((level, m.get("val/best_acc"), m.get("test/acc")))
-        else:
-            md.append(f"| {LEVEL_TITLES[level]} | – | – | not run | not run | {sv:.2f} | {st:.2f} |")
-    png = _bar_png(level_rows, out_dir / "levels.png", "Levels: val/test top-1")
-    if png:
-        md += ["", f"![levels]({png.name})"]
-    if champions:
-        md += ["", "Registered: " + ", ".join(f"`{c['uri']}` (v{c['version']})" for c in champions.values())]
-
-    # ---- ablation
-    abl = sorted((t for t in trials if "ablation" in t["roles"]), key=lambda t: tuple(sorted(t["axes"].items())))
-    md += ["", "## L2 ablation grid (top-1 %)", ""]
-    if abl:
-        axes = sorted({a for t in abl for a in t["axes"]})
-        md += ["| " + " | ".join(axes) + " | trial | val | test |", "|" + "---|" * (len(axes) + 3)]
-        rows = []
-        for t in abl:
-            m = t["metrics"]
-            md.append("| " + " | ".join(t["axes"].get(a, "") for a in axes) +
-                      f" | {t['key']} | {_pct(m.get('val/best_acc'))} | {_pct(m.get('test/acc'))} |")
-            rows.append(("/".join(t["axes"].get(a, "") for a in axes), m.get("val/best_acc"), m.get("test/acc")))
-        png = _bar_png(rows, out_dir / "ablation.png", "Ablation: val/test top-1")
-        if png:
-            md += ["", f"![ablation]({png.name})"]
-        md += ["", "All grid points share the split, seed and epochs; the seed reported L2 (strong augmentation, "
-               "label smoothing, weight decay, cosine) only, not the grid."]
-        md += _grid_budget_note(abl, [level_trial(info, lv) for lv in ("l1", "l2", "l3")])
-    else:
-        md.append("not run")
-
-    # ---- L4
-    md += ["", "## L4 ensemble: members vs ensemble (test top-1 %)", ""]
-    ens = stages.get("l4-ensemble")
-    if ens and ens["metrics"]:
-        m = ens["metrics"]
-        md += ["| model | test |", "|---|---|"]
-        for k in sorted(k for k in m if k.startswith("members/") and k.endswith("/test_acc")):
-            md.append(f"| member {k[len('members/'):-len('/test_acc')]} | {_pct(m[k])} |")
-        md.append(f"| **ensemble** (val {_pct(m.get('val/acc'))}) | **{_pct(m.get('test/acc'))}** |")
-        div = {k: v for k, v in m.items() if k in DIVERSITY_KEYS}
-        if div:
-            md += ["", "Diversity: " + ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in sorted(div.items()))]
-        md += _claim_lines(m)
-        md += ["", f"Setup: {_setup(ens['params']) if 'data.root' in ens['params'] else 'members as above'}; hardware as above."]
-    else:
-        md.append("not run")
-
-    # ---- L5
-    md += ["", "## L5 student: teacher vs student", ""]
-    dis = stages.get("l5-distill")
-    if dis and dis["metrics"]:
-        m = dis["metrics"]
-        md += ["| model | test top-1 % | batch-1 latency p50 (ms) |", "|---|---|---|",
-               f"| teacher | {_pct(m.get('teacher/test_acc'))} | {_ms(m.get('latency/teacher_p50_ms'))} |",
-               f"| student fp32 | {_pct(m.get('test/acc_fp32'))} | {_ms(m.get('latency/fp32_p50_ms'))} |",
-               f"| student INT8 (static) | {_pct(m.get('test/acc_int8'))} | {_ms(m.get('latency/int8_p50_ms'))} |",
-               f"| student INT8 (dynamic) | – | {_ms(m.get('latency/dynamic_int8_p50_ms'))} |",
-               f"| seed student INT8 | – | {SEED['student_int8_latency_ms']:.0f} |",
-               "", f"Setup: {_setup(dis['params'])}; latency on the hardware above."]
-        tags = dis.get("tags") or {}
-        if tags.get("int8_recipe"):
-            md += ["", f"INT8 recipe `{tags['int8_recipe']}` (saturation-safe on CPUs without VNNI: "
-                   f"{tags.get('int8_saturation_safe', '?')}); exported and validated on {tags.get('int8_validated_on', '?')}."]
-    else:
-        md.append("not run")
+    md += _levels_section(info, out_dir) + _ablation_section(info, out_dir)
+    md += _ensemble_section(info) + _student_section(info)
     from flowers.study.robustness_step import report_lines
 
     md += report_lines(stages.get("robustness"))

@@ -63,7 +63,7 @@ def flat_metrics(suite_metrics: dict[str, list[dict[str, Any]]], ood_tables: dic
     return metrics, tags
 
 
-def run_robustness(study: C.StudyConfig, config_dir: Path, tracker, registered: dict[str, str],
+def run_robustness(data_cfg: C.DataConfig, tracker, registered: dict[str, str],
                    out_dir: Path, shifts: str = "all", per_class: int | None = 2,
                    ood_dir: str | None = None) -> str | None:
     """The step as a child run of the study; returns its run id (None when there is nothing to score)."""
@@ -71,7 +71,6 @@ def run_robustness(study: C.StudyConfig, config_dir: Path, tracker, registered: 
     from flowers.evaluation.robustness import run_shift_suite
     from flowers.evaluation.shifts import parse_shifts
     from flowers.registry.uris import resolve_ref
-    from flowers.study.plan import trial_config
 
     uris = {k: v for k, v in (("ensemble", registered.get("ensemble")), ("student", registered.get("distill"))) if v}
     if not uris:
@@ -79,7 +78,6 @@ def run_robustness(study: C.StudyConfig, config_dir: Path, tracker, registered: 
         return None
     specs = parse_shifts(shifts)
     refs = {k: resolve_ref(v, tracker.target) for k, v in uris.items()}  # resolved once, for both parts
-    data_cfg = trial_config(study, config_dir, next(iter(study.levels.values()))).data
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     suite = run_shift_suite(refs, specs, data_cfg, out_dir, per_class=per_class, seed=data_cfg.seed)

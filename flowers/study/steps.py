@@ -21,7 +21,7 @@ from flowers.registry import governance
 from flowers.registry import uris as registry
 from flowers.registry import run_notes as N
 from flowers.registry import tracking as T
-from flowers.study.plan import study_path, trial_config
+from flowers.study.plan import StudyPlan
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,6 @@ def warm_feature_caches(cfgs: list[C.Config]) -> float:
                      cfg.model.arch)
             warm_feature_cache(cfg)
     return time.perf_counter() - t0
-
-
-def student_config(study: C.StudyConfig, config_dir: Path) -> C.Config | None:
-    """The L5 student's config as the study trains it, or None without one."""
-    if not study.distill_config or not study_path(config_dir, study.distill_config).is_file():
-        return None
-    return trial_config(study, config_dir, study.distill_config)
 
 
 def champion_uri(stage: str) -> str:
@@ -247,20 +240,19 @@ def log_stage_views(tracker: T.StudyTracker, run_id: str, artifacts: list[Path])
     tracker.log_images(run_id, images)
 
 
-def run_ensemble(study: C.StudyConfig, config_dir: Path, tracker: T.StudyTracker, members: dict[str, str],
-                 out_dir: Path) -> str | None:
+def run_ensemble(plan: StudyPlan, tracker: T.StudyTracker, members: dict[str, str], out_dir: Path) -> str | None:
     """L4: soft voting over the registered levels, as a child run; registers flowers-ensemble.
 
     Returns its URI, or None (with a warning) when fewer than two members are registered.
     """
     from flowers.training.ensemble import run_ensemble_stage
 
+    study = plan.study
     members = {k: v for k, v in members.items() if k in study.ensemble_members}
     if len(members) < 2:
         log.warning("ensemble stage skipped: needs at least two registered levels, have %s", sorted(members))
         return None
-    data_cfg = trial_config(study, config_dir, next(iter(study.levels.values()))).data
-    result = run_ensemble_stage(members, data_cfg, out_dir, target=tracker.target)
+    result = run_ensemble_stage(members, plan.data, out_dir, target=tracker.target)
     run_id = tracker.child(ENSEMBLE_KEY, "stage", {"flowers.stage": ENSEMBLE_KEY, N.LEVEL_TAG: "l4",
                                                     "mlflow.runName": N.LEVEL_NAMES["l4"]})
     versions = {k: result.tags.get(f"member_{k}_version") for k in members}
@@ -270,18 +262,17 @@ def run_ensemble(study: C.StudyConfig, config_dir: Path, tracker: T.StudyTracker
     return _log_stage(study, tracker, run_id, result, "ensemble")
 
 
-def run_distill(study: C.StudyConfig, config_dir: Path, tracker: T.StudyTracker, teacher: str,
-                out_dir: Path) -> str | None:
+def run_distill(plan: StudyPlan, tracker: T.StudyTracker, teacher: str, out_dir: Path) -> str | None:
     """L5: distil `teacher` into the student, as a child run with per-epoch metrics; registers flowers-student.
 
     Returns its URI, or None (with a warning) when the study names no student config.
     """
     from flowers.training.distill import run_distill_stage
 
-    if not study.distill_config or not study_path(config_dir, study.distill_config).is_file():
-        log.warning("distill stage skipped: no student config (distill_config=%r)", study.distill_config)
+    if plan.student is None:
+        log.warning("distill stage skipped: no student config (distill_config=%r)", plan.study.distill_config)
         return None
-    cfg = trial_config(study, config_dir, study.distill_config, [f"distill.teacher={teacher}"])
+    cfg = C.replace(plan.student, {"distill.teacher": teacher})
     run_id = tracker.child(DISTILL_KEY, "stage", {"flowers.stage": DISTILL_KEY, N.LEVEL_TAG: "l5",
                                                    "mlflow.runName": N.LEVEL_NAMES["l5"]})
     flat = C.to_flat_dict(cfg)
@@ -292,15 +283,15 @@ def run_distill(study: C.StudyConfig, config_dir: Path, tracker: T.StudyTracker,
         tracker.log_metrics(run_id, metrics, step=int(metrics.get("epoch", 0)), kind="student")
 
     result = run_distill_stage(cfg, out_dir, callback=callback, teacher=registry.resolve_ref(teacher, tracker.target))
-    return _log_stage(study, tracker, run_id, result, "distill")
+    return _log_stage(plan.study, tracker, run_id, result, "distill")
 
 
-def run_robustness(study: C.StudyConfig, config_dir: Path, tracker: T.StudyTracker, registered: dict[str, str],
-                   out_dir: Path) -> str | None:
+def run_robustness(plan: StudyPlan, tracker: T.StudyTracker, registered: dict[str, str], out_dir: Path) -> str | None:
     """After L5: the shift suite and the OOD photos for the champions (flowers.study.robustness_step)."""
     from flowers.study.robustness_step import run_robustness as run
 
-    return run(study, config_dir, tracker, registered, out_dir, study.shift_suite, study.shift_per_class, study.ood_dir)
+    study = plan.study
+    return run(plan.data, tracker, registered, out_dir, study.shift_suite, study.shift_per_class, study.ood_dir)
 
 
 def hardware() -> str:

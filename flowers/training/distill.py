@@ -33,6 +33,26 @@ FP32_PER_IMAGE = "test_per_image_fp32.json"  # the fp32 student's per-image test
 # ----------------------------------------------------------------------------- the L5 stage
 
 
+def batch1_latency(models: dict[str, LoadedModel], iters: int) -> dict[str, float]:
+    """Batch-1 p50/p95 latency of each model, one process, this machine (contention from other
+    processes shows in p95); the teacher runs fewer iterations. Plus the INT8 speed-up over the teacher."""
+    out: dict[str, float] = {}
+    for key, m in models.items():
+        lat = latency(m.predict_proba, m.example_batch(1), iters=iters if key != "teacher" else max(5, iters // 5))
+        out[f"latency_{key}_p50_ms"], out[f"latency_{key}_p95_ms"] = lat["p50_ms"], lat["p95_ms"]
+    out["speedup_int8_vs_teacher"] = out["latency_teacher_p50_ms"] / out["latency_int8_p50_ms"]
+    return out
+
+
+def stage_params(cfg: C.Config, task: DistillationTask, policy: str, target: float) -> dict[str, Any]:
+    """The L5 run's params: how it distilled, then the flat config."""
+    params: dict[str, Any] = {"distill_mode": task.mode, "teacher": cfg.distill.teacher, "temperature": task.T,
+                              "alpha": task.alpha, "student": cfg.model.name, "uncertainty_policy": policy,
+                              "uncertainty_target": target}
+    params.update({k: v for k, v in C.to_flat_dict(cfg).items() if isinstance(v, (str, int, float, bool)) or v is None})
+    return params
+
+
 def run_distill_stage(cfg: C.Config, out_dir: Path, callback: Callable | None = None,
                       threshold_policy: str = "coverage", threshold_target: float = 0.95,
                       latency_iters: int = 50, explain_images: int = 8, export_kwargs: dict | None = None,
@@ -84,16 +104,7 @@ def run_distill_stage(cfg: C.Config, out_dir: Path, callback: Callable | None = 
     metrics["int8_drop_points"] = 100 * (metrics["test_top1"] - metrics["int8_test_top1"])
     metrics["student_gap_to_teacher_points"] = 100 * (metrics["teacher_test_top1"] - metrics["test_top1"])
 
-    # batch-1 latency, one process, same machine (contention from other processes shows in p95)
-    x1, xt = student.example_batch(1), task.teacher.example_batch(1)
-    for key, fn, x in (("fp32", student.predict_proba, x1), ("int8", variants["int8"].predict_proba, x1),
-                       ("dynamic_int8", variants["dynamic_int8"].predict_proba, x1),
-                       ("onnx_fp32", variants["onnx_fp32"].predict_proba, x1),
-                       ("teacher", task.teacher.predict_proba, xt)):
-        lat = latency(fn, x, iters=latency_iters if key != "teacher" else max(5, latency_iters // 5))
-        metrics[f"latency_{key}_p50_ms"] = lat["p50_ms"]
-        metrics[f"latency_{key}_p95_ms"] = lat["p95_ms"]
-    metrics["speedup_int8_vs_teacher"] = metrics["latency_teacher_p50_ms"] / metrics["latency_int8_p50_ms"]
+    metrics.update(batch1_latency({"fp32": student, **variants, "teacher": task.teacher}, latency_iters))
 
     # the deployed (INT8) model's per-image results: the registry gate compares versions on them;
     # the fp32 student's go alongside, so the report can pair INT8 with fp32 image by image
@@ -112,10 +123,7 @@ def run_distill_stage(cfg: C.Config, out_dir: Path, callback: Callable | None = 
     artifacts = list(files.values()) + tail_files + [fp32_record]
     quant = read_manifest(model_dir).get("quantization") or {}
     validated = quant.get("validated_on") or {}
-    params: dict[str, Any] = {"distill_mode": task.mode, "teacher": cfg.distill.teacher, "temperature": task.T,
-                              "alpha": task.alpha, "student": cfg.model.name, "uncertainty_policy": threshold_policy,
-                              "uncertainty_target": threshold_target}
-    params.update({k: v for k, v in C.to_flat_dict(cfg).items() if isinstance(v, (str, int, float, bool)) or v is None})
+    params = stage_params(cfg, task, threshold_policy, threshold_target)
     log.info("student fp32 %.4f, int8 %.4f, teacher %.4f; int8 p50 %.2f ms vs teacher %.1f ms",
              metrics["test_top1"], metrics["int8_test_top1"], metrics["teacher_test_top1"],
              metrics["latency_int8_p50_ms"], metrics["latency_teacher_p50_ms"])

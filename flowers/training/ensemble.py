@@ -317,6 +317,26 @@ def plot_diversity(report: dict[str, Any], path: Path) -> Path:
 # ----------------------------------------------------------------------------- the L4 stage
 
 
+def stage_metrics(ens: dict[str, np.ndarray], probs: dict[str, dict[str, np.ndarray]],
+                  labels: dict[str, np.ndarray], test_m: dict[str, float]) -> dict[str, float]:
+    """The L4 run's flat metrics: the vote on val/test, every member, the gain over the best member."""
+    from flowers.evaluation.metrics import compute_metrics
+
+    val_m = compute_metrics(ens["val"], labels["val"])
+    metrics: dict[str, float] = {
+        "val_top1": val_m["top1"], "test_top1": test_m["top1"], "test_top5": test_m["top5"],
+        "test_nll": test_m["nll"], "test_ece": test_m["ece"], "test_mean_per_class_acc": test_m["mean_per_class_acc"],
+    }
+    keys = list(probs["test"])
+    for k in keys:
+        mt = compute_metrics(probs["test"][k], labels["test"])
+        metrics[f"member_{k}_test_top1"] = mt["top1"]
+        metrics[f"member_{k}_test_nll"] = mt["nll"]
+        metrics[f"member_{k}_val_top1"] = compute_metrics(probs["val"][k], labels["val"])["top1"]
+    metrics["gain_over_best_member"] = metrics["test_top1"] - max(metrics[f"member_{k}_test_top1"] for k in keys)
+    return metrics
+
+
 def run_ensemble_stage(member_uris: dict[str, str], data_cfg: DataConfig, out_dir: Path,
                        weights: dict[str, float] | None = None, threshold_policy: str = "coverage",
                        threshold_target: float = 0.95, workers: int | None = None,
@@ -329,7 +349,7 @@ def run_ensemble_stage(member_uris: dict[str, str], data_cfg: DataConfig, out_di
     metric. `data_cfg` is the members' shared data config; `target` the store their URIs live in.
     """
     from flowers.data.bundle import build_data
-    from flowers.evaluation.metrics import compute_metrics, write_eval_artifacts
+    from flowers.evaluation.metrics import write_eval_artifacts
     from flowers.registry.governance import data_lineage
     from flowers.inference.predict import predict_dataset
     from flowers.training.stages import Explained, stage_tail
@@ -359,17 +379,7 @@ def run_ensemble_stage(member_uris: dict[str, str], data_cfg: DataConfig, out_di
     test_m, files = write_eval_artifacts(ens["test"], labels["test"], data.class_names, out_dir, prefix="test")
     # per-image results in the model folder: the registry gate compares versions on them
     write_json(model_dir / PER_IMAGE, per_image_record(data.test.paths, labels["test"], ens["test"].argmax(1)))
-    val_m = compute_metrics(ens["val"], labels["val"])
-    metrics: dict[str, float] = {
-        "val_top1": val_m["top1"], "test_top1": test_m["top1"], "test_top5": test_m["top5"],
-        "test_nll": test_m["nll"], "test_ece": test_m["ece"], "test_mean_per_class_acc": test_m["mean_per_class_acc"],
-    }
-    for k in keys:
-        mt = compute_metrics(probs["test"][k], labels["test"])
-        metrics[f"member_{k}_test_top1"] = mt["top1"]
-        metrics[f"member_{k}_test_nll"] = mt["nll"]
-        metrics[f"member_{k}_val_top1"] = compute_metrics(probs["val"][k], labels["val"])["top1"]
-    metrics["gain_over_best_member"] = metrics["test_top1"] - max(metrics[f"member_{k}_test_top1"] for k in keys)
+    metrics = stage_metrics(ens, probs, labels, test_m)
 
     arch = {k: loaded.meta.get("model_name") for k, loaded in members.items()}
     report = diversity_report(probs["test"], labels["test"], arch, dict(zip(keys, w)))

@@ -195,22 +195,49 @@ class FitResult:
 EpochCallback = Callable[[dict[str, float], Path], None]
 
 
-def fit(
-    cfg: C.Config,
-    task: Task,
-    callback: EpochCallback | None = None,
-    run_dir: str | Path | None = None,
-    resume_from: str | Path | None = None,
-    evaluate_test: bool = True,
-) -> FitResult:
-    """Train per `cfg` with the loss `task` supplies (`flowers.training.tasks.make_task(cfg)`); return the
-    best-val checkpoint and its test metrics.
+@dataclass
+class _Setup:
+    """What `fit` builds before the first epoch."""
 
-    `callback(metrics, run_dir)` runs after every epoch, once `last.pt` (and
-    `best.pt` if improved) are on disk: Tune and MLflow plug in there.
-    `resume_from` is a `last.pt` from an interrupted run of the same config.
-    """
-    t_start = time.perf_counter()
+    device: torch.device
+    threads: int
+    data: Any
+    run_dir: Path
+    model: nn.Module  # the whole network on images: tested and saved
+    norm: nn.Module
+    net: nn.Module  # what trains and validates (the tail on cached features, or `model`)
+    in_norm: nn.Module
+    cache_info: dict[str, Any] | None
+    train_loader: Any
+    val_loader: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    base: dict[str, Any]  # checkpoint fields every save carries
+
+
+def _loaders(cfg: C.Config, task: Task, data, model: nn.Module, norm: nn.Module, device: torch.device):
+    """(net, in_norm, cache_info, train loader, val loader); sets the task up on the same inputs."""
+    dc = cfg.data
+    if not dc.feature_cache:
+        task.setup(data, device)
+        return (model, norm, None, make_loader(data.train, dc.batch_size, True, dc.workers, cfg.train.seed),
+                make_loader(data.val, dc.eval_batch_size, False, dc.workers))
+    net, parts = cached_features(cfg, data, model, norm)
+    net = net.to(device)
+    cache_info = {"dir": str(parts.root), "seconds": parts.seconds, "cut": net.cut,
+                  "views": 0 if parts.train_views is None else int(parts.train_views.shape[0])}
+    log.info("frozen trunk (%d of %d backbone units) on cached features from %s (%.1fs); %d trainable "
+             "parameters", net.cut, net.cut + cfg.model.trainable_units, parts.root, parts.seconds,
+             sum(p.numel() for p in model.parameters() if p.requires_grad))
+    train_loader = FC.feature_loader(FC.CachedFeatures(parts.train_clean, data.train.labels, parts.train_views,
+                                                       cfg.train.seed), dc.batch_size, True, cfg.train.seed)
+    val_loader = FC.feature_loader(FC.CachedFeatures(parts.val_clean, data.val.labels), dc.eval_batch_size, False)
+    task.setup(data, device, features=(net, parts.train_clean, parts.train_views))
+    return net, FC.ToFloat(), cache_info, train_loader, val_loader
+
+
+def _setup(cfg: C.Config, task: Task, run_dir: str | Path | None) -> _Setup:
+    """Seed, data (checked before anything is written), run folder, model, loaders, optimizer."""
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     device = resolve_device(cfg.train.device)
     threads = configure_torch_threads(cfg.train.threads)
@@ -232,125 +259,118 @@ def fit(
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     norm = Normalize(pp.mean, pp.std).to(device)
-
+    net, in_norm, cache_info, train_loader, val_loader = _loaders(cfg, task, data, model, norm, device)
     dc = cfg.data
-    # `net`/`in_norm` train and validate; `model`/`norm` (the whole network on images) is tested and saved
-    net, in_norm, cache_info = model, norm, None
-    if dc.feature_cache:
-        net, parts = cached_features(cfg, data, model, norm)
-        net = net.to(device)
-        cache_info = {"dir": str(parts.root), "seconds": parts.seconds, "cut": net.cut,
-                      "views": 0 if parts.train_views is None else int(parts.train_views.shape[0])}
-        log.info("frozen trunk (%d of %d backbone units) on cached features from %s (%.1fs); %d trainable "
-                 "parameters", net.cut, net.cut + cfg.model.trainable_units, parts.root, parts.seconds,
-                 sum(p.numel() for p in model.parameters() if p.requires_grad))
-        train_loader = FC.feature_loader(FC.CachedFeatures(parts.train_clean, data.train.labels, parts.train_views,
-                                                           cfg.train.seed), dc.batch_size, True, cfg.train.seed)
-        val_loader = FC.feature_loader(FC.CachedFeatures(parts.val_clean, data.val.labels), dc.eval_batch_size, False)
-        in_norm = FC.ToFloat()
-        task.setup(data, device, features=(net, parts.train_clean, parts.train_views))
-    else:
-        task.setup(data, device)
-        train_loader = make_loader(data.train, dc.batch_size, True, dc.workers, cfg.train.seed)
-        val_loader = make_loader(data.val, dc.eval_batch_size, False, dc.workers)
     steps_per_epoch = len(train_loader) if dc.max_train_batches is None else min(len(train_loader), dc.max_train_batches)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.optim, steps_per_epoch * cfg.train.epochs, steps_per_epoch))
-
-    base = {
-        "model_name": cfg.model.name,
-        "dropout": cfg.model.dropout,
-        "class_names": data.class_names,
-        "preprocessing": pp.to_dict(),
-        "config": C.to_dict(cfg),
-        "task": task.name,
-    }
+    base = {"model_name": cfg.model.name, "dropout": cfg.model.dropout, "class_names": data.class_names,
+            "preprocessing": pp.to_dict(), "config": C.to_dict(cfg), "task": task.name}
     base["lineage"] = data_lineage(data, base["config"])  # dataset checksum, split and config hashes
-    history: list[dict[str, float]] = []
-    start_epoch, best_val, best_epoch = 0, -1.0, -1
-    if resume_from:
-        state = load_checkpoint(resume_from, device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
-        best_val, best_epoch = state["best_val_acc"], state["best_epoch"]
-        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
+    return _Setup(device, threads, data, run_dir, model, norm, net, in_norm, cache_info, train_loader, val_loader,
+                  optimizer, scheduler, base)
 
-    best_path = run_dir / "best.pt"
+
+def _epochs(cfg: C.Config, task: Task, s: _Setup, history: list[dict[str, float]], start_epoch: int,
+            best_val: float, best_epoch: int, callback: EpochCallback | None) -> tuple[float, int]:
+    """Train from `start_epoch`; after each epoch save last.pt (and best.pt when val improved), then
+    call `callback`. Returns the best val accuracy and its epoch."""
+    dc = cfg.data
     epochs = progress_bar(range(start_epoch, cfg.train.epochs), cfg.train.progress, desc=f"{cfg.level} epochs",
-                  initial=start_epoch, total=cfg.train.epochs)
+                          initial=start_epoch, total=cfg.train.epochs)
     for epoch in epochs:
-        if hasattr(train_loader.dataset, "set_epoch"):
-            train_loader.dataset.set_epoch(epoch)  # cached features: this epoch's choice of views
-        tr = train_one_epoch(net, task, train_loader, optimizer, scheduler, in_norm, device,
+        if hasattr(s.train_loader.dataset, "set_epoch"):
+            s.train_loader.dataset.set_epoch(epoch)  # cached features: this epoch's choice of views
+        tr = train_one_epoch(s.net, task, s.train_loader, s.optimizer, s.scheduler, s.in_norm, s.device,
                              max_batches=dc.max_train_batches, grad_clip=cfg.optim.grad_clip,
                              progress=cfg.train.progress, desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
         t_val = time.perf_counter()
-        va = evaluate(net, val_loader, in_norm, device, max_batches=dc.max_eval_batches,
+        va = evaluate(s.net, s.val_loader, s.in_norm, s.device, max_batches=dc.max_eval_batches,
                       progress=cfg.train.progress, desc="val")
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": tr["loss"],
-            "train_acc": tr["acc"],
-            "val_loss": va["loss"],
-            "val_acc": va["acc"],
-            "val_top5": va["top5"],
-            "lr": optimizer.param_groups[-1]["lr"],
-            "epoch_seconds": tr["seconds"] + (time.perf_counter() - t_val),
-            "images_per_s": tr["images_per_s"],
-            "threads": threads,
-        }
+        metrics = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
+                   "val_acc": va["acc"], "val_top5": va["top5"], "lr": s.optimizer.param_groups[-1]["lr"],
+                   "epoch_seconds": tr["seconds"] + (time.perf_counter() - t_val),
+                   "images_per_s": tr["images_per_s"], "threads": s.threads}
         history.append(metrics)
         improved = va["acc"] > best_val
         if improved:
             best_val, best_epoch = va["acc"], epoch + 1
-        state = {**base, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+        state = {**s.base, "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
+                 "scheduler": s.scheduler.state_dict(), "epoch": epoch, "history": history,
                  "best_val_acc": best_val, "best_epoch": best_epoch}
         if improved:
-            save_checkpoint(best_path, state)
+            save_checkpoint(s.run_dir / "best.pt", state)
         # last.pt is what an interrupted run resumes from
-        save_checkpoint(run_dir / "last.pt", state)
+        save_checkpoint(s.run_dir / "last.pt", state)
         metrics["best_val_acc"] = best_val
         log.info("epoch %d/%d train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f (%.1fs, %.1f img/s)",
                  epoch + 1, cfg.train.epochs, tr["loss"], tr["acc"], va["loss"], va["acc"],
                  metrics["epoch_seconds"], tr["images_per_s"])
         epochs.set_postfix(val_acc=f"{va['acc']:.3f}", best=f"{best_val:.3f}", refresh=False)
         if callback:
-            callback(dict(metrics), run_dir)
+            callback(dict(metrics), s.run_dir)
+    return best_val, best_epoch
 
-    artifacts = {"curves": E.plot_curves(history, run_dir / "curves.png")}
-    test_metrics: dict[str, Any] = {}
-    if evaluate_test:
-        best = load_checkpoint(best_path, device)
-        model.load_state_dict(best["model"])
-        test_loader = make_loader(data.test, dc.eval_batch_size, False, dc.workers)
-        # the whole network on the test images in channels_last: 1.6x faster inference on CPU here
-        # (bench/train_speedups.py), which is most of a cached-trunk trial's time after its last epoch
-        model.eval().to(memory_format=torch.channels_last)
-        probs, labels = predict_dataset(model_proba(model, norm, device, channels_last=True), test_loader,
-                                        max_batches=dc.max_eval_batches, progress=cfg.train.progress, desc="test")
-        test_metrics, files = E.write_eval_artifacts(probs, labels, data.class_names, run_dir, prefix="test")
-        artifacts.update(files)
-        # record the test result inside the checkpoint so a model file carries its own accuracy
-        best["test_metrics"] = {k: v for k, v in test_metrics.items() if isinstance(v, (int, float))}
-        # per-image results: the registry gate compares two versions image by image
-        best["test_per_image"] = per_image_record(data.test.paths[: len(labels)], labels, probs.argmax(1))
-        save_checkpoint(best_path, best)
+
+def _test_best(cfg: C.Config, s: _Setup, artifacts: dict[str, Any]) -> dict[str, Any]:
+    """The best checkpoint on test: metrics and plots, recorded inside best.pt with per-image results."""
+    dc = cfg.data
+    best_path = s.run_dir / "best.pt"
+    best = load_checkpoint(best_path, s.device)
+    s.model.load_state_dict(best["model"])
+    test_loader = make_loader(s.data.test, dc.eval_batch_size, False, dc.workers)
+    # the whole network on the test images in channels_last: 1.6x faster inference on CPU here
+    # (bench/train_speedups.py), which is most of a cached-trunk trial's time after its last epoch
+    s.model.eval().to(memory_format=torch.channels_last)
+    probs, labels = predict_dataset(model_proba(s.model, s.norm, s.device, channels_last=True), test_loader,
+                                    max_batches=dc.max_eval_batches, progress=cfg.train.progress, desc="test")
+    test_metrics, files = E.write_eval_artifacts(probs, labels, s.data.class_names, s.run_dir, prefix="test")
+    artifacts.update(files)
+    # record the test result inside the checkpoint so a model file carries its own accuracy
+    best["test_metrics"] = {k: v for k, v in test_metrics.items() if isinstance(v, (int, float))}
+    # per-image results: the registry gate compares two versions image by image
+    best["test_per_image"] = per_image_record(s.data.test.paths[: len(labels)], labels, probs.argmax(1))
+    save_checkpoint(best_path, best)
+    return test_metrics
+
+
+def fit(
+    cfg: C.Config,
+    task: Task,
+    callback: EpochCallback | None = None,
+    run_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    evaluate_test: bool = True,
+) -> FitResult:
+    """Train per `cfg` with the loss `task` supplies (`flowers.training.tasks.make_task(cfg)`); return the
+    best-val checkpoint and its test metrics.
+
+    `callback(metrics, run_dir)` runs after every epoch, once `last.pt` (and
+    `best.pt` if improved) are on disk: Tune and MLflow plug in there.
+    `resume_from` is a `last.pt` from an interrupted run of the same config.
+    """
+    t_start = time.perf_counter()
+    s = _setup(cfg, task, run_dir)
+    history: list[dict[str, float]] = []
+    start_epoch, best_val, best_epoch = 0, -1.0, -1
+    if resume_from:
+        state = load_checkpoint(resume_from, s.device)
+        s.model.load_state_dict(state["model"])
+        s.optimizer.load_state_dict(state["optimizer"])
+        s.scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        best_val, best_epoch = state["best_val_acc"], state["best_epoch"]
+        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
+    best_val, best_epoch = _epochs(cfg, task, s, history, start_epoch, best_val, best_epoch, callback)
+
+    artifacts = {"curves": E.plot_curves(history, s.run_dir / "curves.png")}
+    test_metrics = _test_best(cfg, s, artifacts) if evaluate_test else {}
     summary = {
-        "level": cfg.level,
-        "model": cfg.model.name,
-        "data": data.source,
-        "best_epoch": best_epoch,
-        "best_val_acc": best_val,
-        "test": {k: v for k, v in test_metrics.items() if isinstance(v, (int, float))},
-        "wall_seconds": time.perf_counter() - t_start,
-        "device": str(device),
-        "threads": threads,
-        "feature_cache": cache_info,
-        "history": history,
+        "level": cfg.level, "model": cfg.model.name, "data": s.data.source, "best_epoch": best_epoch,
+        "best_val_acc": best_val, "test": {k: v for k, v in test_metrics.items() if isinstance(v, (int, float))},
+        "wall_seconds": time.perf_counter() - t_start, "device": str(s.device), "threads": s.threads,
+        "feature_cache": s.cache_info, "history": history,
     }
-    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    return FitResult(run_dir, best_path, best_epoch, best_val, test_metrics, history, artifacts)
+    (s.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    return FitResult(s.run_dir, s.run_dir / "best.pt", best_epoch, best_val, test_metrics, history, artifacts)
