@@ -1,7 +1,7 @@
 """The study's plan: read `configs/study.yaml` and turn it into trials. No Ray here.
 
 `load_study(path, profile, overrides)` reads the study YAML into a `StudyConfig`
-(`flowers/config.py`); `plan_study` turns it, once, into a `StudyPlan`: every trial's config
+(`flowers/config/`); `plan_study` turns it, once, into a `StudyPlan`: every trial's config
 (`build_trials` makes the `TrialSpec`s), the student's and the data's, each YAML file parsed
 once; the plan is what travels to the study's steps and Ray tasks. Trials whose
 resolved configs are equal: L1 is the grid point light/none/constant and L2 the point
