@@ -2,6 +2,8 @@
 
     app.py          the application builder (`serve deploy` import path: serve.app:build_app)
     deployments.py  the Ensemble and Student deployments (the Student is the HTTP ingress)
+    follower.py     the Follower deployment: polls the registry, referees each route's rollout (canary, shadow)
+    versions.py     a model replica's loaded versions: load + warm up, switch, drain, canary pick, shadow stats
     explainer.py    the Explainer deployment: Grad-CAM for POST /v1/explain/{model}, off the prediction path
     http.py         request validation and JSON errors
     schemas.py      what the API says about itself: response models, request bodies, errors (OpenAPI)

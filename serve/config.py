@@ -22,7 +22,7 @@ CLUSTER_CONFIG = Path(__file__).with_name("config.cluster.yaml")  # binds 0.0.0.
 MAX_TOP_K = 102  # Flowers-102 has 102 classes
 # the files a replica runs: a change in any of them is new code for Serve (a rolling update)
 CODE_FILES = ("app.py", "deployments.py", "explainer.py", "gate.py", "http.py", "metrics.py", "config.py",
-              "schemas.py", "web.py")
+              "schemas.py", "web.py", "follower.py", "versions.py")
 
 
 @dataclass
@@ -67,6 +67,18 @@ def app_config(args: dict[str, Any] | None) -> ServeAppConfig:
         raise ConfigError(f"app args: max_body_bytes must be > 0 and default_top_k in 1..{MAX_TOP_K}, got "
                           f"max_body_bytes={a.max_body_bytes}, default_top_k={a.default_top_k}")
     return a
+
+
+def edge_refs(a: ServeAppConfig) -> tuple[dict[str, Any], Any]:
+    """Resolve both model URIs once (the edge): ({'ensemble': ModelRef, 'student': ModelRef}, the store).
+
+    Replicas get the `ModelRef`s and never ask the registry. The store is the args' tracking_uri, else
+    $MLFLOW_TRACKING_URI, else the embedded store (looked up only when a URI needs one)."""
+    from flowers.registry.uris import is_mlflow_uri, resolve_ref, store_target
+
+    uris = {"ensemble": a.ensemble_uri, "student": a.student_uri}
+    target = store_target(a.tracking_uri) if any(is_mlflow_uri(u) for u in uris.values()) else None
+    return {role: resolve_ref(u, target) for role, u in uris.items()}, target
 
 
 def to_args(a: ServeAppConfig) -> dict[str, Any]:

@@ -4,12 +4,15 @@
             │         /v1/explain/{model}, /healthz, the web page and API docs (serve/web.py);
             │         @serve.batch over models:/flowers-student@champion, in-process)
             ├─► Ensemble (@serve.batch; loads models:/flowers-ensemble@champion)
-            └─► Explainer (Grad-CAM, one at a time; serve/explainer.py)
+            ├─► Explainer (Grad-CAM, one at a time; serve/explainer.py)
+            └─► Follower (the registry poller; each model replica asks it every second what to hold:
+                          serving, target, canary, shadow; serve/follower.py, serve/versions.py)
 
 The student's forward pass costs about what one more process hop in front of it would
 (docs/serving.md), so the Student deployment *is* the ingress: it validates every request
 (serve/http.py), answers student requests itself and forwards ensemble requests to the
-Ensemble deployment. Both load by URI through `flowers.inference.predict.Predictor`, so serving uses the
+Ensemble deployment. Both load the `ModelRef` the edge resolved through
+`flowers.inference.predict.Predictor` (never the registry), so serving uses the
 same decoding and eval preprocessing as training evaluation. Decoding happens per item inside
 the batched method, so a bad image in a batch becomes an error for that item only.
 """
@@ -27,14 +30,19 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from flowers.registry import uris as registry
-from flowers.inference.predict import Predictor
+import numpy as np
+
+from flowers.data import ImageDecodeError
+from flowers.inference.predict import Predictor, collate
+from flowers.registry.uris import ModelRef
 from flowers.runtime import configure_torch_threads
 from serve import http, schemas
 from serve.config import MAX_TOP_K, app_config
 from serve.explainer import MAX_WAITING
 from serve.gate import AdmissionGate
-from serve.metrics import CompareMetrics, ExplainMetrics, ModelMetrics
+from serve.follower import REPLICA_POLL_S
+from serve.metrics import CompareMetrics, ExplainMetrics, ModelMetrics, ShadowMetrics
+from serve.versions import SHADOW_MAX_PENDING, Slot, Versions, compare
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +60,45 @@ class BatchedModel:
     # meanwhile wait in the socket and still enter the next batch together.
     offload = True
 
-    def __init__(self, model_uri: str, tracking_uri: str | None = None,
+    def __init__(self, ref: ModelRef, follower: DeploymentHandle | None = None,
                  uncertainty_threshold: float | None = None) -> None:
-        if tracking_uri:  # this replica resolves models:/ against that store
-            registry.export_store([model_uri], explicit=tracking_uri)
+        """`ref`: the version the edge resolved (serve/run.py); `follower`: where later versions come from."""
         # Ray sets OMP_NUM_THREADS from num_cpus; more torch threads than that oversubscribe the node
         self.threads = configure_torch_threads()
-        self.uri = model_uri
         # a replica given a GPU (ray_actor_options.num_gpus) runs its model there
         self.device = "cuda" if ray.get_gpu_ids() else "cpu"
-        self.predictor = Predictor.from_uri(model_uri, device=self.device, threshold=uncertainty_threshold)
-        self.predictor.predict_proba(self.predictor.model.example_batch(1))  # warm-up: lazy init off the request path
+        self.versions = Versions(self.role, ref, self.device, uncertainty_threshold)  # loads + warms up `ref`
         self.gate = AdmissionGate(DEFAULT_MAX_BATCH_SIZE)
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # debug: observed batch sizes
         self.metrics = ModelMetrics(self.role)
-        log.info("%s: loaded %s (%s v%s) with %d torch threads", self.role, model_uri,
-                 self.predictor.model.name, self.predictor.model.version, self.threads)
+        self.shadow_metrics = ShadowMetrics(self.role)
+        self.follower = follower
+        self.follow_error: str | None = None
+        try:
+            self.replica_id = str(serve.get_replica_context().replica_id.unique_id)
+        except Exception:  # outside Serve (unit use): one replica
+            self.replica_id = "local"
+        if follower is not None:  # the constructor runs on the replica's event loop
+            self._follow_task = asyncio.get_running_loop().create_task(self._follow())
+        log.info("%s: loaded %s with %d torch threads", self.role, ref.label, self.threads)
+
+    @property
+    def predictor(self) -> Predictor:
+        """The version answering now (what /v1/models describes)."""
+        return self.versions.serving.predictor
+
+    async def _follow(self) -> None:
+        """Tell the Follower what this replica holds; load and switch to what it says (serve/follower.py)."""
+        while True:
+            try:
+                desired = await self.follower.report.remote(self.role, self.replica_id, *self.versions.report())
+                await self.versions.apply(desired)
+                self.follow_error = None
+            except Exception as e:  # the Follower restarting: keep answering with what is loaded
+                if self.follow_error is None:
+                    log.warning("%s: follower unreachable: %s", self.role, e)
+                self.follow_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            await asyncio.sleep(REPLICA_POLL_S)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Live `user_config`: batching (max_batch_size, batch_wait_timeout_s, admission_gate)
@@ -78,12 +109,24 @@ class BatchedModel:
         self.predict_batch.set_max_batch_size(self.gate.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(self.gate.serve_wait_s)
         if config.get("uncertainty_threshold") is not None:
-            self.predictor.threshold = float(config["uncertainty_threshold"])
+            self.versions.set_threshold(float(config["uncertainty_threshold"]))
         log.info("%s: batching %s", self.role, self.gate.settings())
 
-    def _run(self, images: list[bytes], top_ks: list[int]) -> list[dict[str, Any]]:
+    def _run(self, slot: Slot, images: list[bytes], top_ks: list[int], keep: bool) -> list[dict[str, Any]]:
+        """One forward pass of one version; `keep`: leave each item's probabilities in `_probs` (shadow)."""
         t0 = time.perf_counter()
-        results = self.predictor.predict(images, top_k=max(top_ks))
+        pred, tensors, ok = slot.predictor, [], []
+        results: list[dict[str, Any]] = [{} for _ in images]
+        for i, src in enumerate(images):
+            try:
+                tensors.append(pred.load_image(src))
+                ok.append(i)
+            except ImageDecodeError as e:  # this item alone fails
+                results[i] = {"error": str(e)}
+        if tensors:
+            probs = pred.predict_proba(collate(tensors))
+            for j, (i, r) in enumerate(zip(ok, pred.format(probs, max(top_ks)))):
+                results[i] = {**r, "_probs": probs[j]} if keep else r
         ms = (time.perf_counter() - t0) * 1e3
         for r, k in zip(results, top_ks):
             if "error" not in r:
@@ -92,32 +135,85 @@ class BatchedModel:
             r["batch_ms"] = round(ms, 3)
         return results
 
+    async def _pass(self, slot: Slot, images: list[bytes], top_ks: list[int]) -> list[dict[str, Any]]:
+        keep = self.versions.shadow is not None
+        if self.offload:
+            return await asyncio.to_thread(self._run, slot, images, top_ks, keep)
+        return self._run(slot, images, top_ks, keep)
+
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=0.0)
-    async def predict_batch(self, images: list[bytes], top_ks: list[int]) -> list[dict[str, Any]]:
+    async def predict_batch(self, images: list[bytes], top_ks: list[int], slots: list[Slot]) -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = [{} for _ in images]
+        groups: dict[int, list[int]] = {}  # a canary splits a batch: one pass per version
+        for i, s in enumerate(slots):
+            groups.setdefault(id(s.predictor), []).append(i)
         with self.gate.running_pass():
-            results = await asyncio.to_thread(self._run, images, top_ks) if self.offload else self._run(images, top_ks)
+            for idx in groups.values():
+                out = await self._pass(slots[idx[0]], [images[i] for i in idx], [top_ks[i] for i in idx])
+                for i, r in zip(idx, out):
+                    results[i] = r
         self.batch_sizes[len(images)] += 1
         self.metrics.record_batch(results)
         return results
 
     async def predict(self, image: bytes, top_k: int = 5) -> dict[str, Any]:
-        """One image → result dict, or {'error': decoder message} for that image alone."""
+        """One image → result dict (with the name, version and alias that answered), or {'error': ...}."""
+        slot, alias = self.versions.pick()
         async with self.gate.admission():
-            result = await self.predict_batch(image, top_k)
-        m = self.predictor.model
-        return {"model": m.name, "version": m.version, **result}
+            result = await self.predict_batch(image, top_k, slot)
+        probs = result.pop("_probs", None)
+        if probs is not None:
+            self._shadow(image, probs, slot, result["batch_ms"])
+        return {"model": slot.name, "version": slot.version, "alias": alias, **result}
+
+    def _shadow(self, image: bytes, probs: np.ndarray, primary: Slot, primary_ms: float) -> None:
+        """Send a copy to the shadow version, off the answer's path (bounded: a busy replica skips copies)."""
+        shadow = self.versions.shadow
+        if shadow is None:
+            return
+        pair = f"{primary.version}->{shadow.version}"
+        if self.versions.shadow_pending >= SHADOW_MAX_PENDING:
+            self.versions.shadow_stats.skip(pair)
+            self.shadow_metrics.skip(primary.version, shadow.version)
+            return
+        self.versions.shadow_pending += 1
+
+        def run() -> tuple[np.ndarray, float]:
+            t0 = time.perf_counter()
+            q = shadow.predictor.predict_proba(collate([shadow.predictor.load_image(image)]))[0]
+            return q, (time.perf_counter() - t0) * 1e3
+
+        async def copy() -> None:
+            try:
+                q, ms = await asyncio.to_thread(run)
+                agree, diff = compare(probs, q)
+                if diff != diff:  # NaN: the two versions do not have the same classes
+                    raise ValueError(f"{len(probs)} classes vs {len(q)}: not comparable")
+                self.versions.shadow_stats.record(pair, agree, diff, primary_ms, ms)
+                self.shadow_metrics.record(primary.version, shadow.version, agree, diff, primary_ms, ms)
+            except Exception as e:  # the shadow never answers: its failures are counted, not raised
+                log.warning("%s: shadow %s failed: %s", self.role, shadow.ref.label, e)
+                self.versions.shadow_stats.skip(pair)
+            finally:
+                self.versions.shadow_pending -= 1
+
+        asyncio.get_running_loop().create_task(copy())
 
     def info(self) -> dict[str, Any]:
-        m = self.predictor.model
-        return {"route": self.role, "name": m.name, "version": m.version, "alias": m.meta.get("alias"),
-                "uri": self.uri, "kind": m.meta.get("kind"), "test_accuracy": m.meta.get("test_accuracy"),
+        s = self.versions.serving
+        m = s.predictor.model
+        return {"route": self.role, "name": s.name, "version": s.version, "alias": s.ref.alias,
+                "uri": s.ref.uri, "pinned": s.ref.pinned, "kind": m.meta.get("kind"),
+                "test_accuracy": m.meta.get("test_accuracy"),
                 "num_classes": len(m.class_names), "image_size": m.preprocessing.image_size,
-                "uncertainty_threshold": self.predictor.threshold, "uncertainty_temperature": self.predictor.temperature,
+                "uncertainty_threshold": s.predictor.threshold, "uncertainty_temperature": s.predictor.temperature,
                 "torch_threads": self.threads, "device": self.device,
                 **self.gate.settings(), "batch_sizes_seen": {str(k): v for k, v in sorted(self.batch_sizes.items())},
                 # an INT8 file's own weight check, and what loading it on this replica's CPU had to say
                 # (e.g. 8-bit weights on a CPU without VNNI: exact only through ORT's slower kernels)
-                "int8_check": m.meta.get("int8_check"), "warnings": list(m.meta.get("warnings") or [])}
+                "int8_check": m.meta.get("int8_check"), "warnings": list(m.meta.get("warnings") or []),
+                "loaded_versions": [x.version for x in self.versions.slots.values()],
+                "failed_here": dict(self.versions.failed), "follower_error": self.follow_error}
 
     async def ping(self) -> str:
         return "ok"
@@ -152,10 +248,10 @@ class Student(BatchedModel):
     role = "student"
     offload = False
 
-    def __init__(self, model_uri: str, ensemble: DeploymentHandle, args: dict[str, Any],
-                 explainer: DeploymentHandle | None = None) -> None:
+    def __init__(self, ref: ModelRef, ensemble: DeploymentHandle, args: dict[str, Any],
+                 explainer: DeploymentHandle | None = None, follower: DeploymentHandle | None = None) -> None:
         self.args = app_config(args)
-        super().__init__(model_uri, self.args.tracking_uri, self.args.uncertainty_threshold)
+        super().__init__(ref, follower, self.args.uncertainty_threshold)
         self.ensemble = ensemble
         self.explainer = explainer
         self.explain_waiting = 0  # explain requests of this replica in flight (bounded: MAX_WAITING)
@@ -230,8 +326,14 @@ class Student(BatchedModel):
 
     @api.get("/v1/models", response_model=schemas.Models, summary="The served models, their versions and limits")
     async def http_models(self) -> JSONResponse:
-        ens = await self.ensemble.info.remote()
-        return JSONResponse({"models": [ens, self.info()], "max_body_bytes": self.args.max_body_bytes,
+        ens, stu = await self.ensemble.info.remote(), self.info()
+        if self.follower is not None:  # the rollout state: serving and target versions, replicas on each
+            try:
+                rollout = await asyncio.wait_for(self.follower.status.remote(), timeout=5.0)
+            except Exception as e:
+                rollout = {r: {"error": f"follower unavailable: {type(e).__name__}"} for r in http.MODEL_ROUTES}
+            ens["rollout"], stu["rollout"] = rollout.get("ensemble"), rollout.get("student")
+        return JSONResponse({"models": [ens, stu], "max_body_bytes": self.args.max_body_bytes,
                              "default_top_k": self.args.default_top_k, "max_top_k": MAX_TOP_K})
 
     @api.get("/healthz", response_model=schemas.Health, summary="Both models answer",

@@ -27,7 +27,7 @@ import numpy as np
 import ray
 from ray import serve
 
-from flowers.registry import uris as registry
+from flowers.registry.uris import ModelRef
 from flowers.models.checkpoint import ModelLoadError
 from flowers.data import ImageDecodeError
 from flowers.inference.explain import explain_batch, explainable_modules, overlay
@@ -49,7 +49,7 @@ class ExplainError(Exception):
         self.status, self.message = status, message
 
 
-def explainable(uri: str) -> tuple[LoadedModel, LoadedModel | None, str]:
+def explainable(uri: "str | ModelRef") -> tuple[LoadedModel, LoadedModel | None, str]:
     """(the served model, the PyTorch model Grad-CAM runs on or None, what that is or why there is none)."""
     served = load_model(uri)
     try:
@@ -101,13 +101,12 @@ def gradcam_png(model: LoadedModel, image: bytes, label: int | None) -> dict[str
 class Explainer:
     """Grad-CAM for the ensemble and the student, one at a time."""
 
-    def __init__(self, ensemble_uri: str, student_uri: str, tracking_uri: str | None = None) -> None:
-        if tracking_uri:
-            registry.export_store([ensemble_uri, student_uri], explicit=tracking_uri)
+    def __init__(self, ensemble: ModelRef, student: ModelRef) -> None:
+        """The refs the edge resolved (serve/run.py); it explains those versions (it does not follow the registry)."""
         # the CPUs this replica reserved (Ray sets no thread count for a 0-CPU actor): at least one thread
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
         self.threads = configure_torch_threads(max(1, int(cpus)))
-        self.models = {"ensemble": explainable(ensemble_uri), "student": explainable(student_uri)}
+        self.models = {"ensemble": explainable(ensemble), "student": explainable(student)}
         self.lock = asyncio.Lock()  # Grad-CAM hooks the network: one pass at a time
         self.metrics = ExplainMetrics()
         for route, (_, net, what) in self.models.items():

@@ -61,3 +61,41 @@ class ExplainMetrics:
 
     def reject(self) -> None:
         self.busy.inc()
+
+
+class ShadowMetrics:
+    """Shadow copies per (primary, shadow) version pair: compared, agreeing on top-1, the summed mean
+    |Δp|, skipped while the replica was busy, and each side's time (agreement rate =
+    rate(agreements) / rate(compared); mean |Δp| = rate(abs_prob_diff_sum) / rate(compared))."""
+
+    TAGS = ("model", "primary", "shadow")
+
+    def __init__(self, role: str) -> None:
+        self.compared = Counter("flowers_shadow_compared", description="shadow copies compared with the answer",
+                                tag_keys=self.TAGS)
+        self.agreements = Counter("flowers_shadow_top1_agreements",
+                                  description="shadow copies whose top-1 class equals the answer's", tag_keys=self.TAGS)
+        self.abs_diff = Counter("flowers_shadow_abs_prob_diff_sum",
+                                description="sum over copies of the mean |p_primary - p_shadow| over classes",
+                                tag_keys=self.TAGS)
+        self.skipped = Counter("flowers_shadow_skipped", description="copies not sent: shadow queue full or failed",
+                               tag_keys=self.TAGS)
+        self.latency = Histogram("flowers_shadow_latency_ms", description="forward-pass time per side (ms)",
+                                 boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000],
+                                 tag_keys=(*self.TAGS, "side"))
+        for m in (self.compared, self.agreements, self.abs_diff, self.skipped, self.latency):
+            m.set_default_tags({"model": role})
+
+    def record(self, primary: str | None, shadow: str | None, agree: bool, abs_diff: float, primary_ms: float,
+               shadow_ms: float) -> None:
+        tags = {"primary": str(primary), "shadow": str(shadow)}
+        self.compared.inc(tags=tags)
+        if agree:
+            self.agreements.inc(tags=tags)
+        if abs_diff > 0:  # a Ray counter takes positive increments only
+            self.abs_diff.inc(abs_diff, tags=tags)
+        self.latency.observe(primary_ms, tags={**tags, "side": "primary"})
+        self.latency.observe(shadow_ms, tags={**tags, "side": "shadow"})
+
+    def skip(self, primary: str | None, shadow: str | None) -> None:
+        self.skipped.inc(tags={"primary": str(primary), "shadow": str(shadow)})

@@ -30,11 +30,16 @@ def add_arguments(p: argparse.ArgumentParser, pin: bool = False) -> None:
                         "ray_actor_options.num_gpus); a cluster without GPUs serves on CPU and says so")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=pin,
                    help="resolve models:/name@alias to its version before deploying, so a redeploy "
-                        "after an alias move rolls the replicas onto the new model")
+                        "after an alias move rolls the replicas onto the new model (replicas always get "
+                        "the pinned version now; kept for scripts)")
+    p.add_argument("--follow", action=argparse.BooleanOptionalAction, default=None,
+                   help="follow the registry while serving (default: on, the config's args.follow): when "
+                        "the alias a model was started with moves, or a canary/shadow is set, the running "
+                        "app loads, warms up and switches with no failed request (docs/serving.md)")
 
 
 def settings(args: argparse.Namespace) -> ServeConfig:
     """The parsed options as settings."""
     return ServeConfig(config=args.config, ensemble_uri=args.ensemble, student_uri=args.student, host=args.host,
                        port=args.port, tracking_uri=args.tracking_uri, address=args.address, proxy=args.proxy,
-                       pin=args.pin, gpus=args.gpus)
+                       pin=args.pin, gpus=args.gpus, follow=args.follow)

@@ -12,7 +12,6 @@ import signal
 import sys
 import time
 
-from flowers.registry import uris as registry
 from flowers.config import ConfigError, ServeAppConfig, ServeConfig
 from serve import config as serve_config
 from serve.http import curl_examples
@@ -37,13 +36,12 @@ def deploy(settings: ServeConfig, block: bool) -> int:
     f = serve_config.read(path)
     tracking = settings.tracking_uri or f.args.get("tracking_uri")
     uris = model_uris(settings, f.args)
-    # the driver checks the URIs against the store the replicas will use (a local Ray inherits it)
-    registry.export_store(uris.values(), explicit=tracking)
-    if settings.pin:
-        uris = {k: registry.pin(v) for k, v in uris.items()}
-    for uri in uris.values():  # fail here with one line, not in a replica constructor retry loop
-        registry.describe(uri)  # the manifest and its files, without loading weights
-    overrides = {**uris, "tracking_uri": tracking or os.environ.get("MLFLOW_TRACKING_URI")}
+    overrides = {**uris, "tracking_uri": tracking or os.environ.get("MLFLOW_TRACKING_URI"), "follow": settings.follow}
+    # the edge: each URI resolved once, here, to a pinned ModelRef (one line on a wrong path or alias, before
+    # Ray starts); replicas load exactly these versions and never ask the registry (`--pin` is therefore always
+    # in effect); the app's Follower resolves the later ones when an alias moves (serve/follower.py)
+    refs, _ = serve_config.edge_refs(serve_config.app_config({**f.args, **{k: v for k, v in overrides.items()
+                                                                           if v is not None}}))
 
     import ray
     from ray import serve
@@ -53,7 +51,7 @@ def deploy(settings: ServeConfig, block: bool) -> int:
 
     def build(gpus: float | None):
         try:
-            return app_from_config(path, overrides, gpu_overrides(f, gpus))
+            return app_from_config(path, overrides, gpu_overrides(f, gpus), refs)
         except ValueError as e:
             raise ConfigError(f"{path}: {e}") from None
 
@@ -94,7 +92,10 @@ def deploy(settings: ServeConfig, block: bool) -> int:
             return 1
         base = f"http://{http['host']}:{http['port']}{spec.route_prefix.rstrip('/')}"
         print(f"flowers serving '{spec.name}' at {base}")
-        print(f"  ensemble: {spec.args.ensemble_uri}\n  student:  {spec.args.student_uri}\n  HTTP front: {front}")
+        for role, ref in refs.items():
+            print(f"  {role + ':':9} {ref.label} ({ref.pinned})")
+        follow = f"yes, polled every {spec.args.follow_interval_s:g} s" if spec.args.follow else "no (--no-follow)"
+        print(f"  following the registry: {follow}\n  HTTP front: {front}")
         print(f"  POST {base}/v1/predict/ensemble   POST {base}/v1/predict/student   POST {base}/v1/compare")
         print(f"  GET  {base}/v1/models   GET  {base}/healthz")
         print("try:\n" + curl_examples(base))

@@ -40,6 +40,8 @@ class Prediction(BaseModel):
     route: ModelRoute
     model: str = Field(description="the model's registered name (or its file's name)")
     version: Optional[str] = Field(description="registered version; null for a model served from a file")
+    alias: Optional[str] = Field(description="the alias this answer was served under: champion (or the alias the "
+                                             "app follows), canary; null for a file or a pinned version")
     label: int = Field(ge=0, description="top-1 class index")
     name: str = Field(description="top-1 class name")
     confidence: float = Field(ge=0, le=1, description="top-1 probability")
@@ -59,6 +61,33 @@ class Comparison(BaseModel):
     ensemble: Prediction
     student: Prediction
     latency_ms: float = Field(description="time in the ingress for the whole comparison")
+
+
+class ShadowPair(BaseModel):
+    """A shadow comparison, over the live requests of one (answering version, shadow version) pair."""
+
+    model_config = ConfigDict(extra="allow")
+    requests: int = Field(description="copies compared")
+    skipped: int = Field(description="copies not made: the replica's shadow queue was full, or the shadow failed")
+    top1_agreement: Optional[float] = Field(description="share of copies whose top-1 class equals the answer's")
+    mean_abs_prob_diff: Optional[float] = Field(description="mean over copies of mean over classes |p - q|")
+    primary_ms_mean: Optional[float] = Field(description="the answering version's forward pass, ms")
+    shadow_ms_mean: Optional[float] = Field(description="the shadow's forward pass on the copy, ms")
+
+
+class Rollout(BaseModel):
+    """What the route serves and where it is going (serve/follower.py)."""
+
+    model_config = ConfigDict(extra="allow")
+    following: Optional[str] = Field(description="the registry alias followed (null: a file or --no-follow)")
+    serving_version: Optional[str]
+    target_version: Optional[str] = Field(description="the version being loaded and warmed up; null when steady")
+    state: Literal["steady", "rolling out"]
+    replicas: dict[str, int] = Field(description="live replicas per version they answer with")
+    canary: Optional[dict[str, Any]] = Field(description="{version, percent} while a canary runs")
+    shadow: Optional[dict[str, Any]] = Field(description="{version, pairs: {'<answering>-><shadow>': ShadowPair}}")
+    failed: dict[str, dict[str, Any]] = Field(description="version → {reason, replica, at}: not rolled out")
+    last_switch: Optional[dict[str, Any]]
 
 
 class ModelInfo(BaseModel):
@@ -83,6 +112,10 @@ class ModelInfo(BaseModel):
     batch_sizes_seen: dict[str, int]
     int8_check: Optional[dict[str, Any]]
     warnings: list[str]
+    pinned: Optional[str] = Field(None, description="the version answering, as models:/name/<version> or a path")
+    loaded_versions: list[Optional[str]] = Field([], description="versions loaded on the replica that answered "
+                                                                 "(serving, and any target, canary or shadow)")
+    rollout: Optional[Rollout] = Field(None, description="the route's rollout state (the app's Follower)")
 
 
 class Models(BaseModel):

@@ -1,4 +1,5 @@
-"""`flowers models list|show|promote`: the registry's versions, their lineage and the champion gate."""
+"""`flowers models list|show|promote|canary|shadow|abort|rollback`: the registry's versions, their lineage,
+the champion gate, and the live lifecycle a running `flowers serve` follows (flowers/registry/lifecycle.py)."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,24 @@ def register(sub) -> None:
     pr.add_argument("--margin", type=float, default=None,
                     help="accepted accuracy loss, a fraction (default 0.005 = half a point)")
     pr.set_defaults(func=run_promote)
+    ca = verbs.add_parser("canary", parents=[store], help="send a share of the live traffic to a version")
+    ca.add_argument("name")
+    ca.add_argument("version")
+    ca.add_argument("--percent", type=float, required=True, help="share of the route's requests, (0, 100]")
+    ca.set_defaults(func=run_canary)
+    sw = verbs.add_parser("shadow", parents=[store],
+                          help="give a version a copy of every live request (it never answers; compared)")
+    sw.add_argument("name")
+    sw.add_argument("version")
+    sw.set_defaults(func=run_shadow)
+    ab = verbs.add_parser("abort", parents=[store], help="end the canary and/or the shadow")
+    ab.add_argument("name")
+    ab.add_argument("--only", choices=("canary", "shadow"), help="end only this one (default: both)")
+    ab.set_defaults(func=run_abort)
+    rb = verbs.add_parser("rollback", parents=[store], help="move champion back to the version it replaced")
+    rb.add_argument("name")
+    rb.add_argument("--reason", default="", help="why (recorded as a rollback.reason tag)")
+    rb.set_defaults(func=run_rollback)
 
 
 def _connect(args):
@@ -94,4 +113,46 @@ def run_promote(args) -> int:
     d = decide(args.name, args.version, uri, DEFAULT_MARGIN if args.margin is None else args.margin,
                force=args.force, client=client)
     print(f"{d.name} version {d.version}: {d.decision}" + (" -> champion" if d.promoted else "") + f" ({d.reason})")
+    if d.promoted:
+        from flowers.registry.lifecycle import finish_canary
+
+        if finish_canary(client, d.name, d.version):
+            print(f"{d.name}: canary version {d.version} finished (it is the champion)")
+    return 0
+
+
+def run_canary(args) -> int:
+    from flowers.registry.lifecycle import set_canary
+
+    client, _ = _connect(args)
+    v = set_canary(client, args.name, args.version, args.percent)
+    print(f"{args.name} version {v}: canary at {args.percent:g}% of the live requests "
+          f"(`flowers models promote {args.name} {v}` finishes it, `flowers models abort {args.name}` ends it)")
+    return 0
+
+
+def run_shadow(args) -> int:
+    from flowers.registry.lifecycle import set_shadow
+
+    client, _ = _connect(args)
+    v = set_shadow(client, args.name, args.version)
+    print(f"{args.name} version {v}: shadow (gets a copy of every live request; compare in GET /v1/models)")
+    return 0
+
+
+def run_abort(args) -> int:
+    from flowers.registry.lifecycle import CANARY, SHADOW, abort
+
+    client, _ = _connect(args)
+    ended = abort(client, args.name, (args.only,) if args.only else (CANARY, SHADOW))
+    print(f"{args.name}: ended " + ", ".join(f"{a} (version {v})" for a, v in ended.items()))
+    return 0
+
+
+def run_rollback(args) -> int:
+    from flowers.registry.lifecycle import rollback
+
+    client, _ = _connect(args)
+    old, new = rollback(client, args.name, args.reason)
+    print(f"{args.name}: champion rolled back from version {old} to version {new}")
     return 0
