@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import types
 import typing
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from flowers.config.schema import CHOICES, Config, ConfigError
 
@@ -21,76 +23,60 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; allow int→float and YAML-ish strings."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        # bool before str so "true" from --set becomes a bool where a bool is allowed
-        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is str):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if tp is Any:
-        return value
-    if _is_dataclass_type(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return _build(tp, value, key + ".")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item_tp, *_) = typing.get_args(tp) or (Any,)
-        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - programming error
+@functools.lru_cache(maxsize=None)
+def _adapter(cls: type) -> TypeAdapter:
+    # pydantic checks and converts (int -> float, YAML-ish strings); unknown keys are refused by the
+    # schema's `__pydantic_config__`; `_config_error` turns its report into today's one-line messages
+    return TypeAdapter(cls)
+
+
+EXPECTED = {"int": "an integer", "float": "a number", "bool": "true/false", "string": "a string", "list": "a list",
+            "tuple": "a list", "dict": "a mapping", "dataclass": "a mapping"}
 
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    """`str | bool | None` for a union, else the type's name."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    return "None" if tp is type(None) else getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _build(cls: type, values: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}' (valid keys under "
-            f"'{prefix.rstrip('.') or 'top level'}': {', '.join(sorted(names))})"
-        )
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
-    return cls(**kwargs)
+def _locate(cls: type, loc: tuple) -> tuple[str, Any, type]:
+    """A pydantic error location → (dotted key, its annotation, the dataclass holding it)."""
+    key, tp, owner = "", cls, cls
+    for part in loc:
+        if isinstance(part, int):
+            key, tp = f"{key}[{part}]", (typing.get_args(tp) or (Any,))[0]
+            continue
+        if not _is_dataclass_type(tp):
+            break  # a union member's tag, not a key
+        owner, key = tp, f"{key}.{part}" if key else str(part)
+        tp = typing.get_type_hints(tp).get(part, Any)
+    return key, tp, owner
+
+
+def _config_error(cls: type, e: ValidationError) -> ConfigError:
+    """The first problem pydantic found, said the way the rest of the project says it."""
+    errors = e.errors()
+    err = errors[0]
+    key, tp, owner = _locate(cls, err["loc"])
+    if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        parent = key.rpartition(".")[0]
+        names = sorted(f.name for f in dataclasses.fields(owner))
+        return ConfigError(f"unknown config key '{key}' (valid keys under '{parent or 'top level'}': {', '.join(names)})")
+    value = err.get("input")
+    if sum(_locate(cls, x["loc"])[0] == key for x in errors) > 1:  # every member of a union refused it
+        return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    what = EXPECTED.get(err["type"].split("_")[0], None)
+    return ConfigError(f"{key}: expected {what}, got {value!r}" if what else f"{key}: {err['msg']} (got {value!r})")
 
 
 def build(cls: type, values: dict) -> Any:
     """Build a (nested) config dataclass from a plain dict, checking keys, types and choices."""
-    obj = _build(cls, values)
+    try:
+        obj = _adapter(cls).validate_python(values)
+    except ValidationError as e:
+        raise _config_error(cls, e) from None
     if cls is Config:
         validate(obj)
     return obj

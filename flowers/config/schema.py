@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from pydantic import ConfigDict
+
+# how `flowers.config.loading.build` validates every class below: unknown keys are errors
+CHECKED = ConfigDict(extra="forbid")
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key or file."""
@@ -13,6 +18,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class DataConfig:
     """Where the images come from and how they are split and loaded."""
+
+    __pydantic_config__ = CHECKED
 
     root: str | None = None  # None: $FLOWERS_DATA, else the download cache
     format: str = "vgg"  # vgg (Flowers-102 release) | folder (one subfolder per class)
@@ -40,6 +47,8 @@ class DataConfig:
 class ModelConfig:
     """Which network: a registered backbone, optionally with attention pooling."""
 
+    __pydantic_config__ = CHECKED
+
     arch: str = "resnet50"
     attention: bool = False
     pretrained: Union[str, bool, None] = "DEFAULT"
@@ -55,6 +64,8 @@ class ModelConfig:
 class OptimConfig:
     """AdamW, loss and learning-rate schedule."""
 
+    __pydantic_config__ = CHECKED
+
     lr: float = 3e-4
     backbone_lr_mult: float = 1.0  # backbone lr = lr * this (heads learn faster)
     weight_decay: float = 0.0
@@ -67,6 +78,8 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """Loop settings that do not change the model."""
+
+    __pydantic_config__ = CHECKED
 
     epochs: int = 10
     seed: int = 0
@@ -82,6 +95,8 @@ class TrainConfig:
 class DistillConfig:
     """L5 knowledge distillation (used when task == distill)."""
 
+    __pydantic_config__ = CHECKED
+
     teacher: str | None = None  # model URI of the teacher (ensemble or level)
     temperature: float = 4.0
     alpha: float = 0.7  # weight of the KD term; (1 - alpha) weights cross-entropy
@@ -96,6 +111,8 @@ class DistillConfig:
 @dataclass(frozen=True)
 class Config:
     """A whole run: one level, one trial."""
+
+    __pydantic_config__ = CHECKED
 
     level: str = "l1"
     task: str = "classification"  # classification | distill
@@ -128,6 +145,8 @@ STUDY_STAGES = ("tune", "ensemble", "distill", "robustness")
 class ResourcesConfig:
     """Per-trial resources and parallelism."""
 
+    __pydantic_config__ = CHECKED
+
     cpus_per_trial: float = 1.0
     gpus_per_trial: float | None = None  # None: 0 on CPU machines, 1/max_concurrent of a GPU otherwise
     max_concurrent: int = 2
@@ -139,6 +158,8 @@ class ResourcesConfig:
 @dataclass(frozen=True)
 class StudyConfig:
     """What a study runs and where it records it (`configs/study.yaml`). Relative paths: to the study YAML."""
+
+    __pydantic_config__ = CHECKED
 
     name: str = "flowers-study"
     levels: dict[str, str] = field(default_factory=lambda: {"l1": "level1.yaml", "l2": "level2.yaml", "l3": "level3.yaml"})
@@ -171,6 +192,8 @@ class StudyConfig:
 class SearchConfig:
     """`flowers tune`: a hyperparameter search around one level config."""
 
+    __pydantic_config__ = CHECKED
+
     name: str = "flowers-tune"  # MLflow experiment and Tune experiment
     num_samples: int = 8
     asha: bool = False  # stop weak trials early (ASHA on val_acc)
@@ -181,6 +204,8 @@ class SearchConfig:
 @dataclass(frozen=True)
 class ScoreConfig:
     """Batch scoring settings (`flowers score`); the inputs, model and output are the job's inputs."""
+
+    __pydantic_config__ = CHECKED
 
     batch_size: int = 32  # images per model call
     workers: int | None = None  # model actors; None: one per cluster CPU (or GPU share), at most one per batch
@@ -206,6 +231,8 @@ class ScoreConfig:
 class ServeAppConfig:
     """The Serve application's arguments: the `args:` block of serve/config.yaml."""
 
+    __pydantic_config__ = CHECKED
+
     ensemble_uri: str = "models:/flowers-ensemble@champion"
     student_uri: str = "models:/flowers-student@champion"
     tracking_uri: str | None = None  # MLflow store for models:/ URIs; None: the replicas' $MLFLOW_TRACKING_URI
@@ -219,6 +246,8 @@ class ServeAppConfig:
 @dataclass(frozen=True)
 class ServeConfig:
     """How `flowers serve` / `python -m jobs.deploy` deploy the app; None: the Serve YAML's value."""
+
+    __pydantic_config__ = CHECKED
 
     config: str | None = None  # Serve config YAML; None: the packaged serve/config.yaml
     ensemble_uri: str | None = None
