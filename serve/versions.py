@@ -124,7 +124,11 @@ class Versions:
                 continue
             self.slots[ref.pinned] = slot
             log.info("%s: loaded and warmed up %s in %.1f s", self.role, ref.label, time.perf_counter() - t0)
-        serving = desired["serving"]
+        serving, target = desired["serving"], desired.get("target")
+        if target is not None and target.pinned == self.serving.key:
+            # already answering with the target (a restarted Follower starts from the app's first version):
+            # do not step back; the Follower commits it on this replica's next report
+            serving = target
         if serving.pinned in self.slots and serving.pinned != self.serving.key:
             log.info("%s: now answering with %s (was %s)", self.role, serving.label, self.serving.ref.label)
         if serving.pinned in self.slots:  # the alias it answers under may change without the version changing

@@ -9,7 +9,7 @@ LIST_COLUMNS = ("name", "version", "aliases", "test_acc", "threshold", "decision
 
 
 def register(sub) -> None:
-    p = sub.add_parser("models", help="registered models: list, show, promote a version through the gate",
+    p = sub.add_parser("models", help="registered models: list, show, promote through the gate; canary, shadow, abort, rollback",
                        description="New versions are registered as `challenger`; `champion` (what serving and "
                                    "scoring follow) moves only through the gate: a paired comparison with the "
                                    "current champion on the same test images (see flowers/registry/governance.py).")
