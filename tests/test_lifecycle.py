@@ -159,6 +159,7 @@ def _switch_under_load(app, jpeg, move, old: str, new: str) -> Load:
     return load
 
 
+@pytest.mark.slow
 def test_promotion_reaches_the_running_app_with_zero_failed_requests(app, registry, jpeg, capsys):
     name, v1, v2 = registry["name"], registry["v1"], registry["v2"]
     first = _predict(app, jpeg).json()
@@ -177,6 +178,7 @@ def test_promotion_reaches_the_running_app_with_zero_failed_requests(app, regist
     assert app.get("/v1/models").json()["models"][1]["loaded_versions"] == [v2]  # the old one was dropped
 
 
+@pytest.mark.slow
 def test_broken_version_is_not_rolled_out_and_the_old_keeps_serving(app, registry, jpeg):
     name, v2, v3, c = registry["name"], registry["v2"], registry["v3"], registry["client"]
     with Load(app, jpeg) as load:
@@ -191,6 +193,7 @@ def test_broken_version_is_not_rolled_out_and_the_old_keeps_serving(app, registr
     _wait(lambda: _rollout(app)["target_version"] is None)
 
 
+@pytest.mark.slow
 def test_canary_share_is_honoured_then_aborted(app, registry, jpeg, capsys):
     name, v1, v2, uri = registry["name"], registry["v1"], registry["v2"], registry["uri"]
     assert cli(["models", "canary", name, v1, "--percent", "30", "--tracking-uri", uri]) == 0
@@ -207,6 +210,7 @@ def test_canary_share_is_honoured_then_aborted(app, registry, jpeg, capsys):
     assert {_predict(app, jpeg).json()["version"] for _ in range(20)} == {v2}
 
 
+@pytest.mark.slow
 def test_shadow_gets_copies_and_never_answers(app, registry, jpeg, synth_root):
     name, v1, v2, uri = registry["name"], registry["v1"], registry["v2"], registry["uri"]
     assert cli(["models", "shadow", name, v1, "--tracking-uri", uri]) == 0
@@ -228,6 +232,7 @@ def test_shadow_gets_copies_and_never_answers(app, registry, jpeg, synth_root):
     _wait(lambda: _rollout(app)["shadow"] is None or not _rollout(app)["shadow"].get("version"))
 
 
+@pytest.mark.slow
 def test_rollback_under_load_zero_failed_requests(app, registry, jpeg, capsys):
     name, v1, v2, uri = registry["name"], registry["v1"], registry["v2"], registry["uri"]
 
