@@ -1,0 +1,260 @@
+"""Batching chosen per machine: time a loaded model at a few batch sizes, keep batching only where it pays.
+
+Whether one forward pass over n images beats n passes over one depends on the CPU, the
+runtime's kernels and the threads the process has: the same ensemble served 1.01x faster with
+batching on a 2-core Xeon with AMX (its batched pass cost more per image than batch 1) and 1.66x
+faster on an AMD EPYC with AVX-512 VNNI. So a replica measures instead of trusting a fixed config:
+`calibrate_batching` runs `predict_proba` on `example_batch(n)` for n = 1, 2, 4, 8, 16 (up to
+`max_batch`), a few times each within a small time budget, and picks the batch size with the best
+throughput only if it beats batch 1 by `margin`; otherwise batching is off (max_batch_size 1).
+
+Threads. The figures hold for the threads the measuring process has, so a Serve replica calls it
+after loading its model, in the replica itself: Ray sets OMP_NUM_THREADS from the replica's
+num_cpus, `flowers.runtime.configure_torch_threads` gives torch that many and ONNX Runtime sessions
+take it as their intra-op threads (`onnx_models.onnx_session`). Calibrating in another process,
+or with other threads, measures another machine.
+
+Noise. Sizes are measured in interleaved rounds (1, 2, 4, ... then again), and each size's median
+is used, so a neighbour that slows the machine for a moment (two replicas calibrating at once, other
+jobs) hits every size alike rather than one. A size is a candidate only if it and every smaller
+size measured are at least as fast per image as batch 1 (within `NOISE`): batches smaller than the
+cap form too, and none of them may be slower than batching off.
+
+Wait. While a pass runs, requests gather for the next one; how long a replica may wait for more
+is derived from batch 1's latency: at most `wait_fraction` of it, and never more than one image
+saves by riding in a batch (batch 1's per-image cost minus the chosen size's), so waiting costs
+less than batching gains. Batching off waits 0.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
+from flowers.inference.loaded import LoadedModel
+from flowers.inference.onnx_models import cpu_flags, describe_cpu
+from flowers.runtime import cpu_share
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH = 16  # the cap Serve's deployments and serve/config.yaml use
+DEFAULT_BUDGET_S = 3.0  # wall-clock time a replica start may spend calibrating
+DEFAULT_MARGIN = 0.10  # batching must beat batch 1's throughput by this much to be turned on
+DEFAULT_WAIT_FRACTION = 0.5  # at most this fraction of batch 1's latency spent waiting for company
+DEFAULT_REPS = 3  # timed passes per size (after one warm-up pass) when the budget allows
+NOISE = 0.05  # a size this much slower per image than batch 1 still counts as "not slower"
+
+
+class CalibrationError(RuntimeError):
+    """Calibration could not measure enough to decide (no time budget, the model failed)."""
+
+
+@dataclass(frozen=True)
+class BatchTiming:
+    """One batch size: median time of a pass, per image, images per second, and how many passes."""
+
+    size: int
+    ms_per_batch: float
+    ms_per_image: float
+    images_per_s: float
+    reps: int
+
+
+@dataclass(frozen=True)
+class BatchingChoice:
+    """What a replica batches with, and why. `max_batch_size` 1 means batching off.
+
+    `source` is "calibrated" (measured here) or "config" (the config's values: calibration off,
+    failed or out of time; `reason` says which). `speedup` is the chosen size's measured
+    throughput over batch 1's (1.0 when off or not measured).
+    """
+
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    speedup: float
+    reason: str
+    source: str = "calibrated"
+    table: tuple[BatchTiming, ...] = ()
+    skipped: tuple[int, ...] = ()  # sizes the budget left unmeasured
+    cpu: str = ""
+    cpu_flags: tuple[str, ...] = ()
+    threads: int = 0  # this process's CPU share: ONNX Runtime intra-op threads (sessions made here)
+    torch_threads: int = 0
+    budget_s: float = 0.0
+    elapsed_s: float = 0.0
+
+    @property
+    def batching(self) -> bool:
+        return self.max_batch_size > 1
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready (GET /v1/models): every field, the table as a list of rows."""
+        d = asdict(self)
+        d["table"] = [asdict(t) for t in self.table]
+        d["skipped"] = list(self.skipped)
+        d["cpu_flags"] = list(self.cpu_flags)
+        return d
+
+    def log_line(self) -> str:
+        """One line for the replica's log: the choice, the reason, the per-image costs, the CPU."""
+        head = (f"batching {'on, max ' + str(self.max_batch_size) if self.batching else 'off'} "
+                f"(wait {self.batch_wait_timeout_s * 1e3:.1f} ms, {self.source}): {self.reason}")
+        if not self.table:
+            return head
+        costs = ", ".join(f"{t.size}: {t.ms_per_image:.2f}" for t in self.table)
+        return (f"{head}; ms/image by batch size {{{costs}}}; {self.threads} thread(s); {self.cpu}; "
+                f"{self.elapsed_s:.2f} s")
+
+
+def batch_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4, ... up to `max_batch`, and `max_batch` itself when it is not a power of two."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    sizes = [1]
+    while sizes[-1] * 2 <= max_batch:
+        sizes.append(sizes[-1] * 2)
+    if sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return sizes
+
+
+def measure_sizes(model: LoadedModel, sizes: list[int], budget_s: float, reps: int = DEFAULT_REPS,
+                  clock: Callable[[], float] = time.perf_counter) -> tuple[dict[int, list[float]], list[int]]:
+    """Seconds per pass of `model.predict_proba` at each size: ({size: [seconds...]}, sizes skipped).
+
+    First, ascending, one warm-up pass (a new shape allocates; oneDNN builds its kernels) and one
+    timed pass per size, as long as the next size's two passes, estimated from the last size's
+    per-image cost, fit in the budget. Then whole rounds over the sizes measured, while a round
+    fits, until each has `reps` timed passes. The budget bounds the wall time up to one pass's
+    misestimate. Raises CalibrationError when batch 1 cannot be measured.
+    """
+    start = clock()
+    deadline = start + budget_s
+    samples: dict[int, list[float]] = {}
+    inputs: dict[int, Any] = {}
+
+    def timed(n: int) -> float:
+        t0 = clock()
+        model.predict_proba(inputs[n])
+        return clock() - t0
+
+    per_image = 0.0
+    for n in sizes:
+        if samples and clock() + 2 * n * per_image > deadline:
+            break
+        inputs[n] = model.example_batch(n)
+        timed(n)  # warm-up
+        samples[n] = [timed(n)]
+        per_image = samples[n][0] / n
+    if 1 not in samples:
+        raise CalibrationError("batch 1 was not measured")
+    while min(len(s) for s in samples.values()) < reps:
+        round_s = sum(statistics.median(s) for s in samples.values())
+        if clock() + round_s > deadline:
+            break
+        for n in samples:  # interleaved: a slow moment of the machine hits every size
+            samples[n].append(timed(n))
+    return samples, [n for n in sizes if n not in samples]
+
+
+def timing_table(samples: dict[int, list[float]]) -> tuple[BatchTiming, ...]:
+    """Median per size → ms per pass, ms per image, images per second."""
+    rows = []
+    for n in sorted(samples):
+        s = statistics.median(samples[n])
+        rows.append(BatchTiming(n, round(s * 1e3, 4), round(s * 1e3 / n, 4), round(n / s, 2) if s > 0 else float("inf"),
+                                len(samples[n])))
+    return tuple(rows)
+
+
+def choose(table: tuple[BatchTiming, ...], margin: float = DEFAULT_MARGIN,
+           wait_fraction: float = DEFAULT_WAIT_FRACTION) -> tuple[int, float, float, str]:
+    """(max_batch_size, batch_wait_timeout_s, speedup, reason) from a timing table (batch 1 first)."""
+    base = table[0]
+    if base.size != 1:
+        raise ValueError("the timing table must start at batch 1")
+    if len(table) == 1:
+        return 1, 0.0, 1.0, "only batch 1 was measured"
+    # every size up to a candidate must be at least as fast per image as batch 1: smaller batches form too
+    candidates = []
+    for t in table[1:]:
+        if t.images_per_s < base.images_per_s * (1 - NOISE):
+            break
+        candidates.append(t)
+    barrier = table[len(candidates) + 1].size if len(candidates) + 1 < len(table) else None
+    best = max(candidates, key=lambda t: t.images_per_s, default=None)
+    overall = max(table[1:], key=lambda t: t.images_per_s)
+    if best is None or best.images_per_s < base.images_per_s * (1 + margin):
+        top = best or overall
+        why = (f"best batch ({top.size}: {top.images_per_s:.1f} img/s) beats batch 1 ({base.images_per_s:.1f} img/s) "
+               f"by {top.images_per_s / base.images_per_s:.2f}x, under the {1 + margin:.2f}x needed")
+        if barrier is not None and best is None:
+            why = (f"batch {barrier} costs more per image ({table[1].ms_per_image:.2f} ms) than batch 1 "
+                   f"({base.ms_per_image:.2f} ms)")
+        return 1, 0.0, 1.0, f"off: {why}"
+    speedup = best.images_per_s / base.images_per_s
+    saved_s = (base.ms_per_image - best.ms_per_image) / 1e3
+    wait = round(max(0.0, min(wait_fraction * base.ms_per_batch / 1e3, saved_s)), 5)
+    why = f"on: batch {best.size} gives {best.images_per_s:.1f} img/s vs {base.images_per_s:.1f} at batch 1"
+    if barrier is not None:
+        why += f" (stopped at batch {barrier}: slower per image than batch 1)"
+    return best.size, wait, round(speedup, 3), why
+
+
+def calibrate_batching(model: LoadedModel, max_batch: int = DEFAULT_MAX_BATCH, budget_s: float = DEFAULT_BUDGET_S,
+                       *, margin: float = DEFAULT_MARGIN, wait_fraction: float = DEFAULT_WAIT_FRACTION,
+                       reps: int = DEFAULT_REPS, clock: Callable[[], float] = time.perf_counter) -> BatchingChoice:
+    """Measure `model` here, with this process's threads, and choose its batching (module docstring).
+
+    `clock` is the time source for both the passes and the budget (tests inject a fake one).
+    Raises CalibrationError when there is no budget, the model fails, or the budget allowed only
+    batch 1 (nothing to compare); `choose_batching` turns that into the config's values.
+    """
+    if budget_s <= 0:
+        raise CalibrationError(f"no time budget ({budget_s} s)")
+    t0 = clock()
+    try:
+        samples, skipped = measure_sizes(model, batch_sizes(max_batch), budget_s, reps, clock)
+    except CalibrationError:
+        raise
+    except Exception as e:  # a model that fails its warm-up cannot be calibrated
+        raise CalibrationError(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
+    if max_batch > 1 and len(samples) == 1:
+        ms = statistics.median(samples[1]) * 1e3
+        raise CalibrationError(f"the {budget_s:g} s budget allowed only batch 1 ({ms:.1f} ms a pass)")
+    table = timing_table(samples)
+    size, wait, speedup, reason = choose(table, margin, wait_fraction)
+    if skipped:
+        reason += f"; not measured in the {budget_s:g} s budget: batch {', '.join(map(str, skipped))}"
+    info = cpu_flags()
+    return BatchingChoice(size, wait, speedup, reason, "calibrated", table, tuple(skipped), describe_cpu(info),
+                          tuple(info.get("flags") or ()), cpu_share(), torch.get_num_threads(), budget_s,
+                          round(clock() - t0, 3))
+
+
+def config_choice(max_batch_size: int, batch_wait_timeout_s: float, reason: str) -> BatchingChoice:
+    """The config's values as a BatchingChoice (source "config")."""
+    return BatchingChoice(max(1, int(max_batch_size)), max(0.0, float(batch_wait_timeout_s)), 1.0, reason, "config",
+                          cpu=describe_cpu(), threads=cpu_share(), torch_threads=torch.get_num_threads())
+
+
+def choose_batching(model: LoadedModel, max_batch_size: int = DEFAULT_MAX_BATCH, batch_wait_timeout_s: float = 0.0,
+                    *, calibrate: bool = True, budget_s: float = DEFAULT_BUDGET_S, label: str = "model",
+                    **kw: Any) -> BatchingChoice:
+    """A replica's batching: calibrated with `max_batch_size` as the cap, or the config's values
+    (`max_batch_size`, `batch_wait_timeout_s`) when `calibrate` is off or calibration cannot run,
+    which logs one line saying so. `kw` goes to `calibrate_batching` (margin, wait_fraction, reps, clock)."""
+    if not calibrate:
+        return config_choice(max_batch_size, batch_wait_timeout_s, "calibration off in the config")
+    try:
+        choice = calibrate_batching(model, max(1, int(max_batch_size)), budget_s, **kw)
+    except CalibrationError as e:
+        log.warning("%s: batching calibration could not run (%s); using the config's max_batch_size %s, "
+                    "batch_wait_timeout_s %s", label, e, max_batch_size, batch_wait_timeout_s)
+        return config_choice(max_batch_size, batch_wait_timeout_s, f"calibration could not run: {e}")
+    log.info("%s: %s", label, choice.log_line())
+    return choice
