@@ -14,8 +14,12 @@ Single node (`--mode single`), images/s:
 - model-only: `predict_proba` on pre-decoded uint8 batches, one 1-thread process per CPU
   (on a shared CPU, one process with N OpenMP threads collapses: spinning threads wait
   on descheduled ones; N single-thread processes is the machine's best model rate);
-- pipeline: `score_folders` end to end (actor start-up and model load included), and its
-  steady rate after the first batch, for each worker count;
+- `flowers score` on 20 images in a fresh process: wall time vs the job's own time;
+- pipeline: `score_folders` end to end (planning, model load, Ray start-up and actors
+  included: the job's whole time), the time to its first scored batch, and its steady rate
+  after the first batch, for each engine: in-process (`flowers.scoring.local`, run twice:
+  first in this process, then again with the imports done) and Ray Data per worker count.
+  Each run's phases (plan, connect, model load, decode, predict, ...) are printed below it;
 - ratio = pipeline / min(decode, model); target >= 70 %. Decode and model compete for the
   same CPUs here, so the best a CPU-only pipeline can do is 1 / (1/decode + 1/model):
   that ceiling is printed next to it.
@@ -86,6 +90,22 @@ def random_student(dst: Path) -> tuple[str, str]:
     return str(dst), f"RANDOM-INIT {name} fp32 @{size}px (no trained student given; speed only)"
 
 
+def stand_in_student(dst: Path, paths: list[str]) -> tuple[str, str]:
+    """The random-init MobileNet-V3-Large exported as the study exports its student (`export_student`:
+    ONNX, static INT8, calibrated here on 64 real images); returns (folder, label). Speed only."""
+    import torch
+
+    from flowers.inference.export import export_student
+    from flowers.inference.predict import Predictor
+
+    ckpt, _ = random_student(dst.parent / "random_mnv3l.pt")
+    pred = Predictor.from_ref(ckpt)
+    calib = [torch.stack([pred.load_image(p) for p in paths[i:i + 16]]) for i in range(0, 64, 16)]
+    export_student(Path(ckpt), dst, calib, calibration_size=64, torchscript=False, dynamic=False)
+    return str(dst), ("STAND-IN: RANDOM-INIT mobilenet_v3_large @160px exported as an INT8 ONNX student "
+                      "(export_student, static INT8, 64 calibration images); speed only, accuracy meaningless")
+
+
 _PRED = None
 _BATCH = None
 
@@ -151,8 +171,8 @@ def steady_rate(table) -> tuple[float, float]:
 
 def single_node(args, uri: str, paths: list[str], src: Path, tmp: Path) -> dict:
     from flowers.config import ScoreConfig
-    from raylink.connect import connect
-    from jobs.score import score_folders
+    import pyarrow.parquet as pq
+    from jobs.score import phase_line, score_folders
 
     import ray
 
@@ -164,24 +184,67 @@ def single_node(args, uri: str, paths: list[str], src: Path, tmp: Path) -> dict:
     ceiling = 1.0 / (1.0 / dec + 1.0 / mod)
     print(f"min(decode, model)                {floor:8.1f} img/s; shared-CPU ceiling 1/(1/d+1/m) = "
           f"{ceiling:.1f} img/s ({ceiling / floor:.0%} of min)")
-    connect(num_cpus=args.cpus, log_to_driver=False)
     results = {"decode_only": dec, "model_only": mod, "ceiling": ceiling, "ceiling_share": ceiling / floor,
                "pipeline": {}}
-    for w in [int(x) for x in args.workers.split(",")]:
-        s = score_folders([src], uri, tmp / f"out-{w}.parquet",
+    runs = [("local", None, "first in this process"), ("local", None, "again (warm process)")]
+    if "ray" in args.engines.split(","):
+        runs += [("ray", int(w), "") for w in args.workers.split(",")]
+    if "local" not in args.engines.split(","):
+        runs = [r for r in runs if r[0] != "local"]
+    for i, (engine, w, note) in enumerate(runs):
+        s = score_folders([src], uri, tmp / f"out-{i}.parquet",
                           ScoreConfig(batch_size=args.batch_size, workers=w, overwrite=True, progress=False,
-                                      dataset_threshold=len(paths)))
-        fb, fr = s.extra.get("first_batch_s") or 0.0, s.extra.get("first_batch_rows") or 0
-        steady = (s.scored - fr) / max(s.wall_s - fb, 1e-9)
-        results["pipeline"][w] = {"end_to_end": s.images_per_s, "steady": steady, "wall_s": s.wall_s,
-                                  "startup_s": fb, "errors": s.errors, "cpus_per_worker": s.extra["cpus_per_worker"],
-                                  "steady_share": steady / floor}
-        print(f"pipeline {w} worker(s) x {s.extra['cpus_per_worker']:g} CPU: {s.images_per_s:7.1f} img/s end to end "
-              f"({s.wall_s:.1f} s, {fb:.1f} s to first batch), steady {steady:7.1f} img/s = "
-              f"{steady / floor:.0%} of min(decode, model) (target 70 %; shared-CPU ceiling "
-              f"{ceiling / floor:.0%}) [end to end {s.images_per_s / floor:.0%}], {s.errors} errors")
+                                      dataset_threshold=len(paths), engine=engine))
+        ph = s.extra["phases"]
+        first = ph.get("first_batch_s", 0.0)
+        # from the rows' `scored_at` (when each batch left the model): the driver receives Ray Data's
+        # first batch only after several are done, so its arrival times would flatter the Ray engine
+        steady, _ = steady_rate(pq.read_table(tmp / f"out-{i}.parquet", columns=["scored_at"]))
+        e2e = s.scored / ph["total_s"]
+        key = f"{engine}-{w or 'x'}-{i}"
+        results["pipeline"][key] = {"engine": engine, "note": note, "end_to_end": e2e, "steady": steady,
+                                    "total_s": ph["total_s"], "first_batch_s": first, "errors": s.errors,
+                                    "workers": s.workers, "cpus_per_worker": s.extra["cpus_per_worker"],
+                                    "end_to_end_share": e2e / floor, "steady_share": steady / floor,
+                                    "phases": ph, "load": os.getloadavg()[0]}
+        how = (f"in-process, {s.extra['cpus_per_worker']:g} lanes x 1 thread ({note})" if engine == "local"
+               else f"Ray Data, {s.workers} worker(s) x {s.extra['cpus_per_worker']:g} CPU")
+        print(f"{how}: {e2e:7.1f} img/s end to end = {e2e / floor:.0%} of min(decode, model) "
+              f"({ph['total_s']:.1f} s, first batch {first:.2f} s after the job's start); steady {steady:7.1f} img/s "
+              f"= {steady / floor:.0%}; shared-CPU ceiling {ceiling / floor:.0%}; {s.errors} errors; "
+              f"load {os.getloadavg()[0]:.1f}")
+        print(f"    phases: {phase_line(ph)}")
     ray.shutdown()
     return results
+
+
+def cli_small(uri: str, paths: list[str], tmp: Path, n: int = 20) -> dict:
+    """`flowers score` on `n` images as a user runs it: a fresh process (imports, the allocator
+    re-exec, the model load and all), its wall time, and the job's phases from the summary file."""
+    import subprocess
+
+    src = tmp / f"cli-{n}"
+    src.mkdir()
+    for p in paths[:n]:
+        (src / Path(p).name).symlink_to(p)
+    out = tmp / f"cli-{n}.parquet"
+    exe = Path(sys.executable).with_name("flowers")
+    cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "flowers.cli.main"]),
+           "score", str(src), "--model", uri, "--out", str(out), "--no-progress"]
+    t = time.perf_counter()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if r.returncode != 0:
+        raise SystemExit(f"flowers score failed:\n{r.stderr[-2000:]}")
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    ph = summary["extra"]["phases"]
+    from jobs.score import phase_line
+
+    print(f"flowers score on {n} images (a fresh process, {summary['extra']['engine']} engine): {wall:.1f} s wall, "
+          f"of which the job {ph['total_s']:.2f} s (first batch {ph.get('first_batch_s', 0):.2f} s after its start) "
+          f"and {wall - ph['total_s']:.1f} s interpreter start, imports and exit; load {os.getloadavg()[0]:.1f}")
+    print(f"    phases: {phase_line(ph)}")
+    return {"images": n, "wall_s": wall, "job_s": ph["total_s"], "phases": ph, "load": os.getloadavg()[0]}
 
 
 def cluster_nodes(args, uri: str, paths: list[str], src: Path, tmp: Path) -> dict:
@@ -248,12 +311,17 @@ def cluster_nodes(args, uri: str, paths: list[str], src: Path, tmp: Path) -> dic
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="model URI (default: random-init MobileNet-V3-Large, clearly labelled)")
+    ap.add_argument("--model", help="model URI (default: a stand-in, clearly labelled: see --stand-in)")
+    ap.add_argument("--stand-in", choices=["int8", "fp32"], default="int8",
+                    help="without --model: a random-init MobileNet-V3-Large exported as an INT8 ONNX student "
+                         "(default), or the fp32 torch checkpoint")
     ap.add_argument("--data", default=os.environ.get("FLOWERS_DATA"), help="Flowers-102 root (default $FLOWERS_DATA)")
     ap.add_argument("--limit", type=int, default=None, help="first N images only")
     ap.add_argument("--mode", choices=["single", "cluster", "all"], default="single",
                     help="single node (default), 1 vs 2 worker nodes on a local test cluster, or both")
-    ap.add_argument("--workers", default="1,2", help="single node: worker counts to compare (default 1,2)")
+    ap.add_argument("--workers", default="2", help="single node: Ray Data worker counts to compare (default 2)")
+    ap.add_argument("--engines", default="local,ray",
+                    help="single node: the scoring engines to time, in-process (local) and Ray Data (default both)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="single node: CPUs (default: all)")
     ap.add_argument("--node-cpus", type=int, default=1, help="cluster: CPUs of each worker node (default 1)")
@@ -279,6 +347,8 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="score-bench-"))
     if args.model:
         uri, label = args.model, args.model
+    elif args.stand_in == "int8":
+        uri, label = stand_in_student(tmp / "student", paths)
     else:
         uri, label = random_student(tmp / "random_mnv3l.pt")
     # the pipeline scores a folder: link the subset into one so --limit needs no copy
@@ -294,6 +364,7 @@ def main() -> int:
     results = {"model": label, "images": len(paths), "batch_size": args.batch_size, "machine": cpu_line(),
                "load_at_start": os.getloadavg()}
     if args.mode in ("single", "all"):
+        results["cli_20"] = cli_small(uri, paths, tmp)
         results["single"] = single_node(args, uri, paths, src, tmp)
     if args.mode in ("cluster", "all"):
         results["cluster"] = cluster_nodes(args, uri, paths, src, tmp)

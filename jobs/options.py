@@ -89,6 +89,9 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
                       help="keep what --out already holds (complete part files after a crash) and score only the rest")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar/log lines")
+    # SUPPRESS: `flowers -v score` and `flowers score -v` both work (a default here would reset the former)
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="debug logging, with where the job's seconds went (plan, model load, decode, predict, ...)")
 
 
 def score_settings(args: argparse.Namespace) -> ScoreConfig:

@@ -70,7 +70,8 @@ def _spans_nodes() -> bool:
 
 
 def _threads(settings: ScoreConfig) -> int:
-    """CPUs for the in-process engine: --workers x --cpus-per-worker when given, else this process's share."""
+    """Lanes (1-thread scorers) of the in-process engine: --workers x --cpus-per-worker when given,
+    else one per CPU of this process's share."""
     if settings.workers or settings.cpus_per_worker:
         return max(1, round((settings.workers or 1) * (settings.cpus_per_worker or 1)))
     return cpu_share()
@@ -113,8 +114,11 @@ def score_folders(inputs: Sequence[str | os.PathLike], model: Any, out: str | os
     first = summary.extra.get("first_batch_s")
     if first is not None:  # from the job's start, not the sink's
         phases["first_batch_s"] = phases["plan_s"] + phases.get("connect_s", 0.0) + first
-    t2 = time.perf_counter()
     summary.extra.update(engine=engine, engine_reason=why, cpus_per_worker=cpus, device=device)
+    # the job's time up to the committed output; writing and logging the summary come after
+    phases["total_s"] = summary.extra["total_s"] = time.perf_counter() - t0
+    summary.extra["phases"] = {k: round(v, 3) for k, v in phases.items()}
+    t2 = time.perf_counter()
     summary.extra["summary_file"] = write_summary(plan, summary)
     if tracking is not None:
         try:
@@ -124,10 +128,8 @@ def score_folders(inputs: Sequence[str | os.PathLike], model: Any, out: str | os
             log.warning("could not log the scoring summary to MLflow at %s (%s); it is in %s",
                         tracking.tracking_uri, str(e).splitlines()[0] if str(e) else type(e).__name__,
                         summary.extra["summary_file"])
-    phases["summary_s"] = time.perf_counter() - t2
-    phases["total_s"] = summary.extra["total_s"] = time.perf_counter() - t0
-    summary.extra["phases"] = {k: round(v, 3) for k, v in phases.items()}
-    log.debug("phases (%s engine): %s", engine, phase_line(phases))
+    summary.extra["phases"]["summary_s"] = round(time.perf_counter() - t2, 3)
+    log.debug("phases (%s engine): %s", engine, phase_line(summary.extra["phases"]))
     log.info(summary.line())
     return summary
 
@@ -141,7 +143,7 @@ def _announce(plan: ScorePlan, settings: ScoreConfig, how: str, why: str) -> Non
 
 def _run_local(plan: ScorePlan, settings: ScoreConfig, phases: dict[str, float], why: str) -> ScoreSummary:
     threads = _threads(settings)
-    _announce(plan, settings, f"in this process ({threads} threads)", why)
+    _announce(plan, settings, f"in this process ({threads} lanes x 1 thread)", why)
     stats = local.LocalStats()
     t1 = time.perf_counter()
     summary = write_scores(plan, local.score_local(plan, settings.batch_size, threads, stats=stats),
@@ -171,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
     # the store is read once, here: the model resolves against it and every scorer gets the
     # resolved ModelRef (no environment handed down). A tracking URI the user set (flag or
     # environment) also gets the summary run; the embedded store that resolves by default does not
+    if getattr(args, "verbose", False):  # `python -m jobs.score -v`: `flowers -v` set the root level already
+        log.setLevel(logging.DEBUG)
     explicit = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     target = registry.store_target(explicit) if registry.is_mlflow_uri(args.model) else None
     tracking = registry.resolve_target(explicit) if explicit else None

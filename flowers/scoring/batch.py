@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Sequence
@@ -64,6 +66,26 @@ class Decoded:
     decode_s: float = 0.0
 
 
+@contextmanager
+def _thread_share(threads: int):
+    """OMP_NUM_THREADS = `threads` while the model loads, then as it was. The loaders size their
+    thread pools from it (`flowers.runtime.cpu_share`, ONNX Runtime's included), as Ray sets it
+    for each actor; the in-process engine runs several 1-thread scorers in one process, where it
+    is unset. Nothing else reads it after start-up."""
+    key, old = "OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS")
+    if old == str(threads):
+        yield
+        return
+    os.environ[key] = str(threads)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
 class Scorer:
     """Loads the Predictor once; `__call__` scores a batch of `{path[, bytes, read_error]}` rows.
 
@@ -99,7 +121,8 @@ class Scorer:
         try:
             from flowers.inference.predict import Predictor
 
-            predictor = Predictor.from_ref(self.model_ref, self.device)
+            with _thread_share(self.threads):
+                predictor = Predictor.from_ref(self.model_ref, self.device)
         except BaseException as e:
             self._loading.set_exception(e)
             if self.decoder is None:
