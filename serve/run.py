@@ -36,7 +36,8 @@ def deploy(settings: ServeConfig, block: bool) -> int:
     f = serve_config.read(path)
     tracking = settings.tracking_uri or f.args.get("tracking_uri")
     uris = model_uris(settings, f.args)
-    overrides = {**uris, "tracking_uri": tracking or os.environ.get("MLFLOW_TRACKING_URI"), "follow": settings.follow}
+    # no tracking_uri: $MLFLOW_TRACKING_URI, else the embedded store, read once by `edge_refs` below
+    overrides = {**uris, "tracking_uri": tracking, "follow": settings.follow}
     # the edge: each URI resolved once, here, to a pinned ModelRef (one line on a wrong path or alias, before
     # Ray starts); replicas load exactly these versions and never ask the registry (`--pin` is therefore always
     # in effect); the app's Follower resolves the later ones when an alias moves (serve/follower.py)
