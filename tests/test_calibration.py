@@ -174,3 +174,26 @@ def test_real_model_table_is_complete_and_consistent(trained_checkpoint):
     assert c.max_batch_size in [t.size for t in c.table]
     assert c.batch_wait_timeout_s == 0.0 if c.max_batch_size == 1 else c.batch_wait_timeout_s >= 0.0
     assert c.elapsed_s <= 5 + 5  # the budget, plus at most one misestimated pass
+
+
+def test_a_lucky_pass_alone_does_not_turn_batching_on():
+    # batch 2 costs 12 ms per image, but one pass in four is fast (5 ms per image): its fastest
+    # pass says 2x, its median pass says 0.83x
+    passes: dict[int, int] = {}
+
+    def cost(n: int) -> float:
+        passes[n] = passes.get(n, 0) + 1
+        return 0.010 if n == 1 else (0.005 if passes[n] % 4 == 0 else 0.012) * n
+
+    c = calibrate(cost, max_batch=2, reps=8)
+    assert c.max_batch_size == 1 and "median pass" in c.reason and "noisy timings" in c.reason
+
+
+def test_a_lower_cap_is_chosen_again_from_the_table():
+    c = calibrate(lambda n: 0.010 + 0.002 * n)
+    assert c.capped(16) is c and c.capped(32) is None
+    four = c.capped(4)
+    assert four.max_batch_size == 4 and [t.size for t in four.table] == [1, 2, 4] and four.cap == 4
+    assert "cap lowered to 4" in four.reason
+    assert c.capped(1).max_batch_size == 1
+    assert choose_batching(None, 8, 0.01, calibrate=False).capped(4) is None  # config values: nothing measured

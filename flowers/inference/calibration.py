@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -88,10 +88,27 @@ class BatchingChoice:
     torch_threads: int = 0
     budget_s: float = 0.0
     elapsed_s: float = 0.0
+    cap: int = 0  # the max_batch it was calibrated under
+    margin: float = DEFAULT_MARGIN
+    wait_fraction: float = DEFAULT_WAIT_FRACTION
 
     @property
     def batching(self) -> bool:
         return self.max_batch_size > 1
+
+    def capped(self, max_batch: int) -> "BatchingChoice | None":
+        """The choice under a new cap without measuring again: chosen again from the table's sizes
+        up to `max_batch` when that is below the cap it was calibrated under; itself when the cap
+        is the same; None when the new cap is higher (sizes above the old cap were never measured)."""
+        if self.source != "calibrated" or max_batch > self.cap:
+            return None
+        if max_batch == self.cap:
+            return self
+        table = tuple(t for t in self.table if t.size <= max_batch)
+        size, wait, speedup, reason = choose(table, self.margin, self.wait_fraction)
+        return replace(self, max_batch_size=size, batch_wait_timeout_s=wait, speedup=speedup, table=table,
+                       skipped=tuple(n for n in self.skipped if n <= max_batch), cap=max_batch,
+                       reason=f"{reason} (cap lowered to {max_batch}, not measured again)")
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (GET /v1/models): every field, the table as a list of rows."""
@@ -176,9 +193,32 @@ def timing_table(samples: dict[int, list[float]]) -> tuple[BatchTiming, ...]:
     return tuple(rows)
 
 
+def _gain(t: BatchTiming, base: BatchTiming, median: bool = False) -> float:
+    """Throughput of `t` over batch 1's, by fastest passes (or by median passes)."""
+    if median:
+        return base.ms_median * t.size / t.ms_median if t.ms_median > 0 else float("inf")
+    return t.images_per_s / base.images_per_s
+
+
+def _why_off(table: tuple[BatchTiming, ...], candidates: list[BatchTiming], margin: float) -> str:
+    base = table[0]
+    if not candidates:
+        return f"batch {table[1].size} costs more per image ({table[1].ms_per_image:.2f} ms) than batch 1 ({base.ms_per_image:.2f} ms)"
+    top = max(candidates, key=lambda t: t.images_per_s)
+    if _gain(top, base) < 1 + margin:
+        return (f"best batch ({top.size}: {top.images_per_s:.1f} img/s) beats batch 1 ({base.images_per_s:.1f} img/s) "
+                f"by {_gain(top, base):.2f}x, under the {1 + margin:.2f}x needed")
+    return (f"batch {top.size}'s fastest pass beats batch 1 by {_gain(top, base):.2f}x but its median pass by "
+            f"{_gain(top, base, median=True):.2f}x, under the {1 + margin:.2f}x needed (noisy timings)")
+
+
 def choose(table: tuple[BatchTiming, ...], margin: float = DEFAULT_MARGIN,
            wait_fraction: float = DEFAULT_WAIT_FRACTION) -> tuple[int, float, float, str]:
-    """(max_batch_size, batch_wait_timeout_s, speedup, reason) from a timing table (batch 1 first)."""
+    """(max_batch_size, batch_wait_timeout_s, speedup, reason) from a timing table (batch 1 first).
+
+    On: the size of best throughput among those that beat batch 1 by `margin` both by fastest and
+    by median passes (two estimators agreeing: a lucky pass alone does not turn batching on), with
+    no smaller size slower per image than batch 1. Ties go to the smaller size."""
     base = table[0]
     if base.size != 1:
         raise ValueError("the timing table must start at batch 1")
@@ -191,23 +231,16 @@ def choose(table: tuple[BatchTiming, ...], margin: float = DEFAULT_MARGIN,
             break
         candidates.append(t)
     barrier = table[len(candidates) + 1].size if len(candidates) + 1 < len(table) else None
-    best = max(candidates, key=lambda t: t.images_per_s, default=None)
-    overall = max(table[1:], key=lambda t: t.images_per_s)
-    if best is None or best.images_per_s < base.images_per_s * (1 + margin):
-        top = best or overall
-        why = (f"best batch ({top.size}: {top.images_per_s:.1f} img/s) beats batch 1 ({base.images_per_s:.1f} img/s) "
-               f"by {top.images_per_s / base.images_per_s:.2f}x, under the {1 + margin:.2f}x needed")
-        if barrier is not None and best is None:
-            why = (f"batch {barrier} costs more per image ({table[1].ms_per_image:.2f} ms) than batch 1 "
-                   f"({base.ms_per_image:.2f} ms)")
-        return 1, 0.0, 1.0, f"off: {why}"
-    speedup = best.images_per_s / base.images_per_s
+    paying = [t for t in candidates if min(_gain(t, base), _gain(t, base, median=True)) >= 1 + margin]
+    if not paying:
+        return 1, 0.0, 1.0, f"off: {_why_off(table, candidates, margin)}"
+    best = max(paying, key=lambda t: t.images_per_s)
     saved_s = (base.ms_per_image - best.ms_per_image) / 1e3
     wait = round(max(0.0, min(wait_fraction * base.ms_per_batch / 1e3, saved_s)), 5)
     why = f"on: batch {best.size} gives {best.images_per_s:.1f} img/s vs {base.images_per_s:.1f} at batch 1"
     if barrier is not None:
         why += f" (stopped at batch {barrier}: slower per image than batch 1)"
-    return best.size, wait, round(speedup, 3), why
+    return best.size, wait, round(_gain(best, base), 3), why
 
 
 def calibrate_batching(model: LoadedModel, max_batch: int = DEFAULT_MAX_BATCH, budget_s: float = DEFAULT_BUDGET_S,
@@ -238,7 +271,7 @@ def calibrate_batching(model: LoadedModel, max_batch: int = DEFAULT_MAX_BATCH, b
     info = cpu_flags()
     return BatchingChoice(size, wait, speedup, reason, "calibrated", table, tuple(skipped), describe_cpu(info),
                           tuple(info.get("flags") or ()), cpu_share(), torch.get_num_threads(), budget_s,
-                          round(clock() - t0, 3))
+                          round(clock() - t0, 3), max_batch, margin, wait_fraction)
 
 
 def config_choice(max_batch_size: int, batch_wait_timeout_s: float, reason: str) -> BatchingChoice:
