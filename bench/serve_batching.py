@@ -17,8 +17,9 @@ once under --work-dir and every line says so (speed only, accuracy meaningless):
    --calibrations times, so its stability on this machine shows.
 3. --serve: a local Ray + Serve (HAProxy front as `flowers serve`), both models deployed with one
    replica of --threads CPUs; each route at each --concurrency with batching off
-   (max_batch_size 1) and per the calibration, in interleaved rounds; req/s, p50/p99 and req/s
-   over the model-only rate at the best batch size (the ceiling one replica can reach).
+   (max_batch_size 1), per the calibration, and per today's fixed config (max 16), in interleaved
+   rounds; req/s, p50/p99 and req/s over the model-only rate at the best batch size (the ceiling
+   one replica can reach).
 The machine may be shared (other jobs running): the load average is printed before and after.
 """
 from __future__ import annotations
@@ -107,23 +108,24 @@ def model_only(uri: str, label: str, args) -> dict:
 
     model = load_model(uri)
     model.predict_proba(model.example_batch(1))
-    samples, skipped = measure_sizes(model, batch_sizes(args.max_batch), args.table_s, reps=args.table_reps)
+    samples = measure_sizes(model, batch_sizes(args.max_batch), args.table_s, reps=args.table_reps)
     table = timing_table(samples)
     choices = [calibrate_batching(model, args.max_batch, args.budget_s or DEFAULT_BUDGET_S)
                for _ in range(args.calibrations)]
     return {"uri": uri, "label": label, "kind": model.meta.get("kind"), "table": [t.__dict__ for t in table],
-            "skipped": skipped, "calibrations": [c.as_dict() for c in choices]}
+            "skipped": samples.skipped, "calibrations": [c.as_dict() for c in choices]}
 
 
 def print_model(name: str, r: dict) -> None:
     print(f"\n## {name}: {r['label']}")
     print(f"   {r['uri']} (kind {r['kind']})")
     base = r["table"][0]
-    print("| batch | ms/pass | ms/image | img/s | vs batch 1 | passes |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| batch | fastest ms/pass | ms/image | img/s | vs batch 1 | median ms/pass | passes | paired gain (pairs) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for t in r["table"]:
         print(f"| {t['size']} | {t['ms_per_batch']:.2f} | {t['ms_per_image']:.2f} | {t['images_per_s']:.1f} | "
-              f"{t['images_per_s'] / base['images_per_s']:.2f}x | {t['reps']} |")
+              f"{t['images_per_s'] / base['images_per_s']:.2f}x | {t['ms_median']:.2f} | {t['reps']} | "
+              f"{t['gain']:.2f}x ({t['pairs']}) |")
     if r["skipped"]:
         print(f"   not measured within --table-s: batch {r['skipped']}")
     for i, c in enumerate(r["calibrations"], 1):
@@ -161,11 +163,16 @@ def serve_compare(models: dict[str, dict], args) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
 
-    def deploy(batching: bool) -> None:
+    # today's fixed config (serve/config.yaml): max 16, the ensemble waits 30 ms, the student 0
+    fixed = {"ensemble": {"max_batch_size": 16, "batch_wait_timeout_s": 0.03},
+             "student": {"max_batch_size": 16, "batch_wait_timeout_s": 0.0}}
+
+    def deploy(setting: str) -> None:
         def opts(route: str, ongoing: int) -> dict:
             c = chosen[route]
-            user = ({"max_batch_size": c["max_batch_size"], "batch_wait_timeout_s": c["batch_wait_timeout_s"]}
-                    if batching else {"max_batch_size": 1, "batch_wait_timeout_s": 0.0})
+            user = {"off": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}, "fixed": fixed[route],
+                    "calibrated": {"max_batch_size": c["max_batch_size"],
+                                   "batch_wait_timeout_s": c["batch_wait_timeout_s"]}}[setting]
             return {"num_replicas": 1, "max_ongoing_requests": ongoing, "ray_actor_options": {"num_cpus": args.threads},
                     "user_config": user}
         serve.run(make_app({"ensemble_uri": models["ensemble"]["uri"], "student_uri": models["student"]["uri"]},
@@ -177,14 +184,14 @@ def serve_compare(models: dict[str, dict], args) -> dict:
                                               for k, v in chosen.items()}, "runs": []}
     try:
         for rnd in range(args.rounds):
-            for batching in (False, True):  # interleaved: a drift in machine speed hits both alike
-                deploy(batching)
+            for setting in ("off", "calibrated", "fixed"):  # interleaved: a drift in machine speed hits all alike
+                deploy(setting)
                 for route in ("student", "ensemble"):
                     url = f"{base}/v1/predict/{route}"
                     for c in args.concurrency:
                         asyncio.run(closed_loop(url, images, c, c * 3, 10))  # warm-up
                         level = asyncio.run(closed_loop(url, images, c, 10**6, args.seconds))
-                        out["runs"].append({"round": rnd, "route": route, "batching": batching, **level})
+                        out["runs"].append({"round": rnd, "route": route, "setting": setting, **level})
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -192,21 +199,22 @@ def serve_compare(models: dict[str, dict], args) -> dict:
 
 
 def print_serve(s: dict, models: dict[str, dict]) -> None:
-    print(f"\n## Serve over HTTP (images: {s['images']}); batching on = the first calibration's choice: {s['chosen']}")
-    print("| route | conc | off req/s | off p50 / p99 ms | on req/s | on p50 / p99 ms | on/off | on / model-only best |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\n## Serve over HTTP (images: {s['images']}); calibrated = the first calibration's choice: {s['chosen']}; "
+          "fixed = max 16, wait 30 ms (ensemble) / 0 (student), today's serve/config.yaml")
+    print("| route | conc | off req/s | p50 / p99 ms | calibrated req/s | p50 / p99 ms | fixed req/s | p50 / p99 ms "
+          "| calibrated/off | fixed/off | calibrated / model-only best |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for route in ("student", "ensemble"):
         best = max(t["images_per_s"] for t in models[route]["table"])
         for c in sorted({r["concurrency"] for r in s["runs"]}):
-            runs = [r for r in s["runs"] if r["route"] == route and r["concurrency"] == c]
-            off = [r for r in runs if not r["batching"]]
-            on = [r for r in runs if r["batching"]]
-            if not off or not on:
-                continue
-            rate_off = sum(r["ok"] for r in off) / sum(r["seconds"] for r in off)
-            rate_on = sum(r["ok"] for r in on) / sum(r["seconds"] for r in on)
-            print(f"| {route} | {c} | {rate_off:.1f} | {off[-1]['p50']} / {off[-1]['p99']} | {rate_on:.1f} | "
-                  f"{on[-1]['p50']} / {on[-1]['p99']} | {rate_on / rate_off:.2f}x | {rate_on / best:.0%} |")
+            cells, rates = [], {}
+            for setting in ("off", "calibrated", "fixed"):
+                runs = [r for r in s["runs"] if (r["route"], r["concurrency"], r["setting"]) == (route, c, setting)]
+                rates[setting] = sum(r["ok"] for r in runs) / max(1e-9, sum(r["seconds"] for r in runs))
+                cells.append(f"{rates[setting]:.1f} | {runs[-1]['p50']} / {runs[-1]['p99']}")
+            off = rates["off"] or float("nan")
+            print(f"| {route} | {c} | {' | '.join(cells)} | {rates['calibrated'] / off:.2f}x | "
+                  f"{rates['fixed'] / off:.2f}x | {rates['calibrated'] / best:.0%} |")
     errors = sum(r["errors"] for r in s["runs"])
     print(f"errors: {errors}; model-only best = the best img/s of the table above (same threads, no decode, no HTTP)")
 
@@ -218,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="threads per model = a Serve replica's num_cpus")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--table-s", type=float, default=20.0, help="time budget of each model's long table")
-    p.add_argument("--table-reps", type=int, default=9, help="passes per size in the long table")
+    p.add_argument("--table-reps", type=int, default=9, help="rounds (passes per size) in the long table")
     p.add_argument("--budget-s", type=float, default=None, help="the start-up calibration's budget (default 3 s)")
     p.add_argument("--calibrations", type=int, default=3, help="start-up calibrations per model (stability)")
     p.add_argument("--serve", action="store_true", help="also compare batching off/on over HTTP")

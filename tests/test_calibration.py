@@ -55,7 +55,9 @@ def test_turns_batching_on_where_it_pays():
     assert c.speedup == pytest.approx(12 / (42 / 16), rel=1e-3)
     # wait: half of batch 1's 12 ms (less than the 9.4 ms an image saves at batch 16)
     assert c.batch_wait_timeout_s == pytest.approx(0.006)
-    assert [t.size for t in c.table] == [1, 2, 4, 8, 16] and all(t.reps == 15 for t in c.table)
+    assert [t.size for t in c.table] == [1, 2, 4, 8, 16]
+    assert all(t.reps == 15 and t.pairs == 14 for t in c.table[1:])  # 1 warm-up + 14 rounds beside batch 1
+    assert [t.gain for t in c.table] == pytest.approx([12 * n / (10 + 2 * n) for n in (1, 2, 4, 8, 16)], rel=1e-3)
     assert c.reason.startswith("on: batch 16")
 
 
@@ -71,7 +73,7 @@ def test_turns_batching_off_where_batched_passes_cost_more_per_image():
     c = calibrate(lambda n: 0.0615 * n * (1 + 0.08 * (n - 1)), budget_s=30)
     assert c.max_batch_size == 1 and not c.batching
     assert c.batch_wait_timeout_s == 0.0 and c.speedup == 1.0
-    assert c.reason.startswith("off: batch 2 costs more per image")
+    assert c.reason.startswith("off: batch 2 is slower per image than batch 1")
 
 
 def test_gain_under_the_margin_stays_off():
@@ -102,25 +104,27 @@ def test_respects_max_batch():
 
 def test_respects_the_budget():
     # 100 ms per image: one pass of 1, 2, 4, 8 takes 1.5 s and 16 would need 1.6 s more; the
-    # rounds then fit a second pass of 1 and 2 (1.8 s) but not of 4
+    # round then fits 1, 2, 1 (1.9 s) but not 4 and 1
     calls: list[int] = []
     c = calibrate(lambda n: 0.1 * n, calls, budget_s=2.0)
     assert c.elapsed_s <= 2.0
     assert c.skipped == (16,) and [t.size for t in c.table] == [1, 2, 4, 8]
-    assert [t.reps for t in c.table] == [2, 2, 1, 1] and calls == [1, 2, 4, 8, 1, 2]
+    assert [t.reps for t in c.table] == [3, 2, 1, 1] and [t.pairs for t in c.table] == [0, 1, 0, 0]
+    assert calls == [1, 2, 4, 8, 1, 2, 1]
     assert "not measured in the 2 s budget: batch 16" in c.reason
 
 
 def test_rounds_are_interleaved_and_judged_by_the_fastest_pass():
     calls: list[int] = []
     c = calibrate(lambda n: 0.001 * n, calls, reps=4)
-    assert calls == [1, 2, 4, 8, 16] * 4  # rounds ascending, the first pass of each size warms it up
-    # a pass slowed by a neighbour (every third one here takes 5x) does not move the figure
-    seen: list[int] = []
+    # one pass per size (it warms the shape up), then rounds with each size between two batch-1 passes
+    assert calls == [1, 2, 4, 8, 16] + [1, 2, 1, 4, 1, 8, 1, 16, 1] * 3
+    # a pass slowed by a neighbour (every second one of each size here takes 5x) does not move the figure
+    seen: dict[int, int] = {}
 
     def noisy(n: int) -> float:
-        seen.append(n)
-        return 0.001 * n * (5 if len(seen) % 3 == 0 else 1)
+        seen[n] = seen.get(n, 0) + 1
+        return 0.001 * n * (5 if seen[n] % 2 == 0 else 1)
 
     c2 = calibrate(noisy, reps=4)
     assert [t.ms_per_batch for t in c2.table] == [t.ms_per_batch for t in c.table]
@@ -130,7 +134,7 @@ def test_rounds_are_interleaved_and_judged_by_the_fastest_pass():
 def test_cannot_run_falls_back_to_the_config(caplog):
     clock = FakeClock()
     slow = fake_model(clock, lambda n: 0.2 * n)
-    with pytest.raises(CalibrationError, match="allowed only batch 1"):
+    with pytest.raises(CalibrationError, match="allowed no batch beside batch 1"):
         calibrate_batching(slow, budget_s=0.3, clock=clock)
     with pytest.raises(CalibrationError, match="no time budget"):
         calibrate_batching(slow, budget_s=0, clock=clock)
@@ -155,7 +159,8 @@ def test_choice_is_reported(caplog):
         c = choose_batching(fake_model(clock, lambda n: 0.010 + 0.002 * n), 16, 0.0, label="student", clock=clock)
     d = json.loads(json.dumps(c.as_dict()))
     assert d["max_batch_size"] == 16 and d["source"] == "calibrated" and len(d["table"]) == 5
-    assert set(d["table"][0]) == {"size", "ms_per_batch", "ms_per_image", "images_per_s", "ms_median", "reps"}
+    assert set(d["table"][0]) == {"size", "ms_per_batch", "ms_per_image", "images_per_s", "ms_median", "reps", "gain",
+                                 "pairs"}
     assert d["cpu"] and d["threads"] >= 1 and d["torch_threads"] >= 1
     (line,) = [r.getMessage() for r in caplog.records]
     assert line.startswith("student: batching on, max 16 (wait 6.0 ms, calibrated)") and "ms/image" in line
@@ -178,7 +183,7 @@ def test_real_model_table_is_complete_and_consistent(trained_checkpoint):
 
 def test_a_lucky_pass_alone_does_not_turn_batching_on():
     # batch 2 costs 12 ms per image, but one pass in four is fast (5 ms per image): its fastest
-    # pass says 2x, its median pass says 0.83x
+    # pass says 2x, the median of its paired gains 0.83x
     passes: dict[int, int] = {}
 
     def cost(n: int) -> float:
@@ -186,7 +191,7 @@ def test_a_lucky_pass_alone_does_not_turn_batching_on():
         return 0.010 if n == 1 else (0.005 if passes[n] % 4 == 0 else 0.012) * n
 
     c = calibrate(cost, max_batch=2, reps=8)
-    assert c.max_batch_size == 1 and "median pass" in c.reason and "noisy timings" in c.reason
+    assert c.max_batch_size == 1 and "slower per image than batch 1 (paired gain 0.83x" in c.reason
 
 
 def test_a_lower_cap_is_chosen_again_from_the_table():

@@ -6,7 +6,7 @@ batching on a 2-core Xeon with AMX (its batched pass cost more per image than ba
 faster on an AMD EPYC with AVX-512 VNNI. So a replica measures instead of trusting a fixed config:
 `calibrate_batching` runs `predict_proba` on `example_batch(n)` for n = 1, 2, 4, 8, 16 (up to
 `max_batch`), a few times each within a small time budget, and picks the batch size with the best
-throughput only if it beats batch 1 by `margin`; otherwise batching is off (max_batch_size 1).
+throughput only if it beats batch 1 by `margin` (10 %); otherwise batching is off (max_batch_size 1).
 
 Threads. The figures hold for the threads the measuring process has, so a Serve replica calls it
 after loading its model, in the replica itself: Ray sets OMP_NUM_THREADS from the replica's
@@ -14,12 +14,14 @@ num_cpus, `flowers.runtime.configure_torch_threads` gives torch that many and ON
 take it as their intra-op threads (`onnx_models.onnx_session`). Calibrating in another process,
 or with other threads, measures another machine.
 
-Noise. Sizes are measured in interleaved rounds (1, 2, 4, ... then again), as many as the budget
-allows, and each size is judged by its fastest pass: other processes (a neighbour replica
-calibrating at the same time, other jobs on a shared machine) only ever add time, and they hit
-every size alike rather than one. A size is a candidate only if it and every smaller size
-measured are at least as fast per image as batch 1 (within `NOISE`): batches smaller than the
-cap form too, and none of them may be slower than batching off.
+Noise. Other processes (a neighbour replica calibrating at the same time, other jobs on a shared
+machine) slow passes at random and the machine's speed drifts. So each size is timed between two
+batch-1 passes, in rounds (1, 2, 1, 4, 1, 8, 1, 16, 1), as many as the budget allows, and its gain
+is the median over rounds of batch 1's time per image (the passes beside it) over its own; and
+its fastest pass is compared with batch 1's fastest (other processes only ever add time).
+Batching is turned on only where both show the margin. A size is a candidate only if it and every
+smaller size are no slower per image than batch 1 (within `NOISE`) by either figure: batches
+smaller than the cap form too, and none of them may be slower than batching off.
 
 Wait. While a pass runs, requests gather for the next one; how long a replica may wait for more
 is derived from batch 1's latency: at most `wait_fraction` of it, and never more than one image
@@ -56,7 +58,8 @@ class CalibrationError(RuntimeError):
 
 @dataclass(frozen=True)
 class BatchTiming:
-    """One batch size: its fastest pass (ms), per image, images per second; the median pass; passes."""
+    """One batch size: its fastest pass (ms), per image, images per second; the median pass; passes;
+    the median of its paired gains over batch 1 (`measure_sizes`) and how many pairs."""
 
     size: int
     ms_per_batch: float
@@ -64,6 +67,8 @@ class BatchTiming:
     images_per_s: float
     ms_median: float
     reps: int
+    gain: float = 1.0
+    pairs: int = 0
 
 
 @dataclass(frozen=True)
@@ -141,84 +146,108 @@ def batch_sizes(max_batch: int) -> list[int]:
     return sizes
 
 
+@dataclass
+class Samples:
+    """Raw timings: seconds per pass by size, and paired gains (batch 1's time per image, from the
+    batch-1 passes just before and after, over this size's time per image) by size."""
+
+    passes: dict[int, list[float]]
+    gains: dict[int, list[float]]
+    skipped: list[int]
+
+
 def measure_sizes(model: LoadedModel, sizes: list[int], budget_s: float, reps: int = DEFAULT_REPS,
-                  clock: Callable[[], float] = time.perf_counter) -> tuple[dict[int, list[float]], list[int]]:
-    """Seconds per pass of `model.predict_proba` at each size: ({size: [seconds...]}, sizes skipped).
+                  clock: Callable[[], float] = time.perf_counter) -> Samples:
+    """Time `model.predict_proba` at each size, within `budget_s` (up to one pass's misestimate).
 
     First one pass per size, ascending, while the next size's pass (estimated from the last
     size's per-image cost) fits in the budget; that first pass at a new shape also warms it up
-    (allocations, oneDNN kernels) and is slower, which the fastest-pass statistic
-    (`timing_table`) discards as soon as there is another. Then rounds over the sizes measured,
-    ascending, each pass only if it fits in what is left of the budget, until each size has
-    `reps` passes: a cheap model gets many passes per size, a slow one few, and the budget bounds
-    the wall time up to one pass's misestimate. Raises CalibrationError when batch 1 cannot be
-    measured.
+    (allocations, oneDNN kernels). Then up to `reps` - 1 rounds of 1, 2, 1, 4, 1, 8, ..., 1: each
+    size between two batch-1 passes, so its gain over batch 1 compares passes a moment apart and
+    a machine whose speed drifts (other jobs, a neighbour replica) moves both alike. A step runs
+    only if it fits in what is left of the budget: a cheap model gets many rounds, a slow one
+    few. Raises CalibrationError when batch 1 cannot be measured.
     """
     deadline = clock() + budget_s
-    samples: dict[int, list[float]] = {}
+    passes: dict[int, list[float]] = {}
+    gains: dict[int, list[float]] = {}
     inputs: dict[int, Any] = {}
 
     def timed(n: int) -> float:
         t0 = clock()
         model.predict_proba(inputs[n])
-        return clock() - t0
+        passes[n].append(clock() - t0)
+        return passes[n][-1]
 
     per_image = 0.0
     for n in sizes:
-        if samples and clock() + n * per_image > deadline:
+        if passes and clock() + n * per_image > deadline:
             break
-        inputs[n] = model.example_batch(n)
-        samples[n] = [timed(n)]
-        per_image = samples[n][0] / n
-    if 1 not in samples:
+        inputs[n], passes[n] = model.example_batch(n), []
+        per_image = timed(n) / n
+    if 1 not in passes:
         raise CalibrationError("batch 1 was not measured")
-    for _ in range(reps - 1):  # interleaved rounds: a slow moment of the machine hits every size
-        for n in samples:
-            if clock() + min(samples[n]) > deadline:
-                return samples, [n for n in sizes if n not in samples]
-            samples[n].append(timed(n))
-    return samples, [n for n in sizes if n not in samples]
+    larger = [n for n in passes if n > 1]
+    for _ in range(reps - 1):
+        if not larger or clock() + min(passes[1]) > deadline:
+            break
+        before = timed(1)
+        for n in larger:
+            if clock() + min(passes[n]) + min(passes[1]) > deadline:
+                return Samples(passes, gains, [n for n in sizes if n not in passes])
+            t = timed(n)
+            after = timed(1)
+            gains.setdefault(n, []).append((before + after) / 2 * n / t if t > 0 else float("inf"))
+            before = after
+    return Samples(passes, gains, [n for n in sizes if n not in passes])
 
 
-def timing_table(samples: dict[int, list[float]]) -> tuple[BatchTiming, ...]:
-    """Per size: the fastest pass (the decision's figure) as ms per pass, ms per image, images per
-    second, and the median pass. Fastest, not median: other processes only ever add time to a
-    pass, and a longer pass is more likely to be interrupted, which makes the figure conservative
-    for large batches rather than flattering."""
+def timing_table(samples: Samples) -> tuple[BatchTiming, ...]:
+    """Per size: the fastest pass as ms per pass, ms per image and images per second, the median
+    pass, the passes, and the median paired gain over batch 1 (0 when no pair was measured).
+    Fastest, not median: other processes only ever add time to a pass."""
     rows = []
-    for n in sorted(samples):
-        s = min(samples[n])
+    for n in sorted(samples.passes):
+        ts = samples.passes[n]
+        s = min(ts)
+        pairs = samples.gains.get(n, [])
+        gain = 1.0 if n == 1 else (round(statistics.median(pairs), 4) if pairs else 0.0)
         rows.append(BatchTiming(n, round(s * 1e3, 4), round(s * 1e3 / n, 4), round(n / s, 2) if s > 0 else float("inf"),
-                                round(statistics.median(samples[n]) * 1e3, 4), len(samples[n])))
+                                round(statistics.median(ts) * 1e3, 4), len(ts), gain, len(pairs)))
     return tuple(rows)
 
 
-def _gain(t: BatchTiming, base: BatchTiming, median: bool = False) -> float:
-    """Throughput of `t` over batch 1's, by fastest passes (or by median passes)."""
-    if median:
-        return base.ms_median * t.size / t.ms_median if t.ms_median > 0 else float("inf")
+def _gain(t: BatchTiming, base: BatchTiming) -> float:
+    """Throughput of `t` over batch 1's by fastest passes."""
     return t.images_per_s / base.images_per_s
+
+
+def _slower(t: BatchTiming, base: BatchTiming) -> bool:
+    """Slower per image than batch 1 (beyond `NOISE`) by fastest passes or by paired gain."""
+    return _gain(t, base) < 1 - NOISE or (t.pairs > 0 and t.gain < 1 - NOISE)
 
 
 def _why_off(table: tuple[BatchTiming, ...], candidates: list[BatchTiming], margin: float) -> str:
     base = table[0]
     if not candidates:
-        return f"batch {table[1].size} costs more per image ({table[1].ms_per_image:.2f} ms) than batch 1 ({base.ms_per_image:.2f} ms)"
-    top = max(candidates, key=lambda t: t.images_per_s)
-    if _gain(top, base) < 1 + margin:
-        return (f"best batch ({top.size}: {top.images_per_s:.1f} img/s) beats batch 1 ({base.images_per_s:.1f} img/s) "
-                f"by {_gain(top, base):.2f}x, under the {1 + margin:.2f}x needed")
-    return (f"batch {top.size}'s fastest pass beats batch 1 by {_gain(top, base):.2f}x but its median pass by "
-            f"{_gain(top, base, median=True):.2f}x, under the {1 + margin:.2f}x needed (noisy timings)")
+        t = table[1]
+        return (f"batch {t.size} is slower per image than batch 1 (paired gain {t.gain:.2f}x over {t.pairs} pairs; "
+                f"fastest passes {t.ms_per_image:.2f} vs {base.ms_per_image:.2f} ms per image)")
+    if not any(t.pairs for t in candidates):
+        return "no size was measured beside batch 1 within the budget (one pass each): not enough to turn batching on"
+    top = max((t for t in candidates if t.pairs), key=lambda t: t.gain)
+    return (f"best batch {top.size} beats batch 1 by {top.gain:.2f}x (paired, {top.pairs} pairs) and "
+            f"{_gain(top, base):.2f}x (fastest passes), under the {1 + margin:.2f}x needed")
 
 
 def choose(table: tuple[BatchTiming, ...], margin: float = DEFAULT_MARGIN,
            wait_fraction: float = DEFAULT_WAIT_FRACTION) -> tuple[int, float, float, str]:
     """(max_batch_size, batch_wait_timeout_s, speedup, reason) from a timing table (batch 1 first).
 
-    On: the size of best throughput among those that beat batch 1 by `margin` both by fastest and
-    by median passes (two estimators agreeing: a lucky pass alone does not turn batching on), with
-    no smaller size slower per image than batch 1. Ties go to the smaller size."""
+    On: the size with the best paired gain among those that beat batch 1 by `margin` both by
+    paired gain and by fastest passes (two estimators agreeing: a lucky pass alone does not turn
+    batching on), with no smaller size slower per image than batch 1. Ties go to the smaller size.
+    `speedup` is the chosen size's paired gain."""
     base = table[0]
     if base.size != 1:
         raise ValueError("the timing table must start at batch 1")
@@ -227,20 +256,21 @@ def choose(table: tuple[BatchTiming, ...], margin: float = DEFAULT_MARGIN,
     # every size up to a candidate must be at least as fast per image as batch 1: smaller batches form too
     candidates = []
     for t in table[1:]:
-        if t.images_per_s < base.images_per_s * (1 - NOISE):
+        if _slower(t, base):
             break
         candidates.append(t)
     barrier = table[len(candidates) + 1].size if len(candidates) + 1 < len(table) else None
-    paying = [t for t in candidates if min(_gain(t, base), _gain(t, base, median=True)) >= 1 + margin]
+    paying = [t for t in candidates if t.pairs and min(t.gain, _gain(t, base)) >= 1 + margin]
     if not paying:
         return 1, 0.0, 1.0, f"off: {_why_off(table, candidates, margin)}"
-    best = max(paying, key=lambda t: t.images_per_s)
-    saved_s = (base.ms_per_image - best.ms_per_image) / 1e3
+    best = max(paying, key=lambda t: t.gain)
+    saved_s = base.ms_per_image * (1 - 1 / best.gain) / 1e3  # what one image saves by riding in the batch
     wait = round(max(0.0, min(wait_fraction * base.ms_per_batch / 1e3, saved_s)), 5)
-    why = f"on: batch {best.size} gives {best.images_per_s:.1f} img/s vs {base.images_per_s:.1f} at batch 1"
+    why = (f"on: batch {best.size} is {best.gain:.2f}x batch 1's throughput (paired, {best.pairs} pairs; "
+           f"{best.images_per_s:.1f} vs {base.images_per_s:.1f} img/s by fastest passes)")
     if barrier is not None:
-        why += f" (stopped at batch {barrier}: slower per image than batch 1)"
-    return best.size, wait, round(_gain(best, base), 3), why
+        why += f"; stopped at batch {barrier}: slower per image than batch 1"
+    return best.size, wait, round(best.gain, 3), why
 
 
 def calibrate_batching(model: LoadedModel, max_batch: int = DEFAULT_MAX_BATCH, budget_s: float = DEFAULT_BUDGET_S,
@@ -249,27 +279,28 @@ def calibrate_batching(model: LoadedModel, max_batch: int = DEFAULT_MAX_BATCH, b
     """Measure `model` here, with this process's threads, and choose its batching (module docstring).
 
     `clock` is the time source for both the passes and the budget (tests inject a fake one).
-    Raises CalibrationError when there is no budget, the model fails, or the budget allowed only
-    batch 1 (nothing to compare); `choose_batching` turns that into the config's values.
+    Raises CalibrationError when there is no budget, the model fails, or the budget allowed no
+    batch to be timed beside batch 1 (nothing to compare); `choose_batching` turns that into the
+    config's values.
     """
     if budget_s <= 0:
         raise CalibrationError(f"no time budget ({budget_s} s)")
     t0 = clock()
     try:
-        samples, skipped = measure_sizes(model, batch_sizes(max_batch), budget_s, reps, clock)
+        samples = measure_sizes(model, batch_sizes(max_batch), budget_s, reps, clock)
     except CalibrationError:
         raise
     except Exception as e:  # a model that fails its warm-up cannot be calibrated
         raise CalibrationError(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
-    if max_batch > 1 and len(samples) == 1:
-        ms = min(samples[1]) * 1e3
-        raise CalibrationError(f"the {budget_s:g} s budget allowed only batch 1 ({ms:.1f} ms a pass)")
+    if max_batch > 1 and not samples.gains:  # nothing measured beside batch 1: nothing to compare
+        ms = min(samples.passes[1]) * 1e3
+        raise CalibrationError(f"the {budget_s:g} s budget allowed no batch beside batch 1 ({ms:.1f} ms a pass)")
     table = timing_table(samples)
     size, wait, speedup, reason = choose(table, margin, wait_fraction)
-    if skipped:
-        reason += f"; not measured in the {budget_s:g} s budget: batch {', '.join(map(str, skipped))}"
+    if samples.skipped:
+        reason += f"; not measured in the {budget_s:g} s budget: batch {', '.join(map(str, samples.skipped))}"
     info = cpu_flags()
-    return BatchingChoice(size, wait, speedup, reason, "calibrated", table, tuple(skipped), describe_cpu(info),
+    return BatchingChoice(size, wait, speedup, reason, "calibrated", table, tuple(samples.skipped), describe_cpu(info),
                           tuple(info.get("flags") or ()), cpu_share(), torch.get_num_threads(), budget_s,
                           round(clock() - t0, 3), max_batch, margin, wait_fraction)
 
