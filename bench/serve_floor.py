@@ -20,7 +20,7 @@ import time
 
 
 def _free_port() -> int:
-    from serve.ingress_env import pick_port
+    from raylink.ports import pick_port
 
     return pick_port()
 

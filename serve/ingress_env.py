@@ -17,38 +17,13 @@ No Ray import here: the variables must be decided before Ray is imported and sta
 from __future__ import annotations
 
 import os
-import random
 import shutil
-import socket
 
 PROXIES = ("haproxy", "serve")
 LOCAL_DRAIN_S = 3.0  # single-node drain period (see ingress_env)
 # gRPC between deployments caps a message at 4 MiB by default; the image body rides in one
 _GRPC_DEFAULT = 4 * 1024 * 1024
 _GRPC_MARGIN = 1024 * 1024
-
-
-def pick_port(host: str = "127.0.0.1") -> int:
-    """A free TCP port below the kernel's ephemeral range (32768+).
-
-    A port the kernel hands out for `bind(0)` is free now but may be taken seconds later by one
-    of Ray's own servers, which bind ephemeral ports too; HAProxy binds only after the Serve
-    controller has started it, so it would fail with "Address already in use".
-    """
-    for _ in range(200):
-        port = random.randint(20000, 29999)  # Ray's replica ports are 30000-31000
-        if port_free(port, host):
-            return port
-    raise RuntimeError("no free TCP port in 20000-29999")
-
-
-def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def haproxy_binary() -> str | None:

@@ -15,7 +15,8 @@ import time
 from flowers.config import ConfigError, ServeAppConfig, ServeConfig
 from serve import config as serve_config
 from serve.http import curl_examples
-from serve.ingress_env import LOCAL_DRAIN_S, ingress_env, pick_port, port_free, resolve_proxy
+from raylink.ports import pick_port, port_free
+from serve.ingress_env import LOCAL_DRAIN_S, ingress_env, resolve_proxy
 
 # HAProxy's side ports and the fallback proxy's: Ray's defaults unless taken or set by the user
 SIDE_PORTS = {"fallback": ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", 8500),

@@ -17,7 +17,7 @@ pytest_plugins = ["tests.cluster_fixture"]  # `test_cluster`: the local multi-no
 
 def free_port() -> int:
     """A free port outside the ephemeral range, so Ray's own servers cannot take it meanwhile."""
-    from serve.ingress_env import pick_port
+    from raylink.ports import pick_port
 
     return pick_port()
 

@@ -210,3 +210,35 @@ def test_no_file_over_500_lines_and_no_function_over_80():
     stale = sorted(set(SIZE_ALLOWLIST) - set(offenders))
     assert not new, "too long: " + "; ".join(f"{k}: {v}" for k, v in sorted(new.items()))
     assert not stale, f"no longer too long, remove from SIZE_ALLOWLIST: {stale}"
+
+
+def _source_files() -> list[Path]:
+    return [p for pkg in PACKAGES_WITH_EDGES for p in sorted((REPO / pkg).rglob("*.py"))]
+
+
+PACKAGES_WITH_EDGES = ("flowers", "jobs", "serve", "raylink")
+
+
+def test_the_tracking_store_is_never_written_into_the_environment():
+    """The store travels as an argument (TrackingTarget, ModelRef): no module sets MLFLOW_TRACKING_URI."""
+    found = []
+    for p in _source_files():
+        for node in ast.walk(ast.parse(p.read_text())):
+            keys = []
+            if isinstance(node, ast.Assign):
+                keys = [t.slice for t in node.targets if isinstance(t, ast.Subscript)]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args \
+                    and node.func.attr in ("setdefault", "putenv", "__setitem__"):
+                keys = [node.args[0]]
+            if any(isinstance(k, ast.Constant) and k.value == "MLFLOW_TRACKING_URI" for k in keys):
+                found.append(f"{p.relative_to(REPO)}:{node.lineno}")
+    assert not found, f"MLFLOW_TRACKING_URI written at {found}; pass a TrackingTarget instead"
+
+
+def test_only_the_registry_package_turns_a_model_version_into_files():
+    """One resolver: `flowers.registry` (uris.resolve_ref/fetch, and the gate's per-image records) is the
+    only place that asks MLflow where a version's files are."""
+    outside = [f"{p.relative_to(REPO)}" for p in _source_files()
+               if "get_model_version_download_uri" in p.read_text()
+               and not p.is_relative_to(REPO / "flowers" / "registry")]
+    assert not outside, outside

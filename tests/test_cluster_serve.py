@@ -81,7 +81,7 @@ def registered(cluster_env, trained_run, tmp_path_factory):
 def serve_port(test_cluster) -> int:
     """One HTTP port for the module (Serve keeps the http_options it started with), free on every
     interface: the proxy binds 0.0.0.0."""
-    from serve.ingress_env import pick_port
+    from raylink.ports import pick_port
 
     return pick_port("0.0.0.0")
 

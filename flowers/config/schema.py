@@ -235,7 +235,7 @@ class ServeAppConfig:
 
     ensemble_uri: str = "models:/flowers-ensemble@champion"
     student_uri: str = "models:/flowers-student@champion"
-    tracking_uri: str | None = None  # MLflow store for models:/ URIs; None: the replicas' $MLFLOW_TRACKING_URI
+    tracking_uri: str | None = None  # MLflow store for models:/ URIs; None: $MLFLOW_TRACKING_URI where `flowers serve` runs
     max_body_bytes: int = 10 * 1024 * 1024  # larger request bodies get 413
     default_top_k: int = 5
     uncertainty_threshold: float | None = None  # None: the threshold stored with each model

@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from flowers.models.checkpoint import MANIFEST, ModelLoadError, find_manifest, locate_model, sha256_file
 
@@ -84,18 +84,6 @@ def tracking_uri(explicit: str | None = None, home: str | Path = DEFAULT_HOME) -
 def is_mlflow_uri(uri: str | Path) -> bool:
     """True for URIs that only MLflow can resolve."""
     return str(uri).startswith(("models:/", "runs:/", "mlflow-artifacts:/"))
-
-
-def export_store(uris: Iterable[str | Path], explicit: str | None = None) -> None:
-    """For entry points: put the store that resolves these URIs in $MLFLOW_TRACKING_URI.
-
-    Ray workers (Serve replicas, Data actors, trials) inherit it, so they resolve `models:/`
-    against the same store as the driver, whatever their working directory.
-    """
-    if explicit:
-        os.environ["MLFLOW_TRACKING_URI"] = explicit
-    elif any(is_mlflow_uri(u) for u in uris) and not os.environ.get("MLFLOW_TRACKING_URI"):
-        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
 
 
 def client(uri: str | None = None):
