@@ -140,7 +140,7 @@ def serve_compare(models: dict[str, dict], args) -> dict:
     from serve_load import closed_loop, load_images  # the existing load client
 
     from serve.ingress_env import LOCAL_DRAIN_S, ingress_env, resolve_proxy
-    from serve.ingress_env import pick_port as free_port
+    from raylink.ports import pick_port as free_port
 
     proxy, warning = resolve_proxy("haproxy")
     if warning:

@@ -48,7 +48,7 @@ DEFAULT_MAX_BATCH = 16  # the cap Serve's deployments and serve/config.yaml use
 DEFAULT_BUDGET_S = 3.0  # wall-clock time a replica start may spend calibrating
 DEFAULT_MARGIN = 0.10  # batching must beat batch 1's throughput by this much to be turned on
 DEFAULT_WAIT_FRACTION = 0.5  # at most this fraction of batch 1's latency spent waiting for company
-DEFAULT_REPS = 15  # passes per size at most (the first warms the shape up); the budget usually ends it first
+DEFAULT_REPS = 15  # passes per size at most: 1 warm-up + 14 paired rounds; the budget usually ends it first
 NOISE = 0.05  # a size this much slower per image than batch 1 still counts as "not slower"
 
 
@@ -76,8 +76,8 @@ class BatchingChoice:
     """What a replica batches with, and why. `max_batch_size` 1 means batching off.
 
     `source` is "calibrated" (measured here) or "config" (the config's values: calibration off,
-    failed or out of time; `reason` says which). `speedup` is the chosen size's measured
-    throughput over batch 1's (1.0 when off or not measured).
+    failed or out of time; `reason` says which). `speedup` is the chosen size's paired gain over
+    batch 1 (`measure_sizes`; 1.0 when off or not measured).
     """
 
     max_batch_size: int
@@ -129,8 +129,9 @@ class BatchingChoice:
                 f"(wait {self.batch_wait_timeout_s * 1e3:.1f} ms, {self.source}): {self.reason}")
         if not self.table:
             return head
-        costs = ", ".join(f"{t.size}: {t.ms_per_image:.2f}" for t in self.table)
-        return (f"{head}; ms/image by batch size {{{costs}}}; {self.threads} thread(s); {self.cpu}; "
+        costs = ", ".join(f"{t.size}: {t.ms_per_image:.2f}" + (f" ({t.gain:.2f}x)" if t.size > 1 else "")
+                          for t in self.table)
+        return (f"{head}; ms/image (paired gain) by batch size {{{costs}}}; {self.threads} thread(s); {self.cpu}; "
                 f"{self.elapsed_s:.2f} s")
 
 
