@@ -202,3 +202,10 @@ def test_a_lower_cap_is_chosen_again_from_the_table():
     assert "cap lowered to 4" in four.reason
     assert c.capped(1).max_batch_size == 1
     assert choose_batching(None, 8, 0.01, calibrate=False).capped(4) is None  # config values: nothing measured
+
+
+def test_one_pair_is_not_enough_to_turn_batching_on():
+    # batching pays (4.6x at 16) but the budget fits a single round beside batch 1
+    c = calibrate(lambda n: 0.010 + 0.002 * n, reps=2)
+    assert c.max_batch_size == 1 and "over 1 pair(s), 2 needed" in c.reason
+    assert calibrate(lambda n: 0.010 + 0.002 * n, reps=2, min_pairs=1).max_batch_size == 16

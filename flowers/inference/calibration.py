@@ -19,13 +19,14 @@ machine) slow passes at random and the machine's speed drifts. So each size is t
 batch-1 passes, in rounds (1, 2, 1, 4, 1, 8, 1, 16, 1), as many as the budget allows, and its gain
 is the median over rounds of batch 1's time per image (the passes beside it) over its own; and
 its fastest pass is compared with batch 1's fastest (other processes only ever add time).
-Batching is turned on only where both show the margin. A size is a candidate only if it and every
-smaller size are no slower per image than batch 1 (within `NOISE`) by either figure: batches
-smaller than the cap form too, and none of them may be slower than batching off.
+Batching is turned on only where both show the margin, over at least `MIN_PAIRS` rounds (a slow
+model needs a longer budget for that: the ensemble's replicas get one). A size is a candidate
+only if it and every smaller size are no slower per image than batch 1 (within `NOISE`) by either
+figure: batches smaller than the cap form too, and none of them may be slower than batching off.
 
 Wait. While a pass runs, requests gather for the next one; how long a replica may wait for more
 is derived from batch 1's latency: at most `wait_fraction` of it, and never more than one image
-saves by riding in a batch (batch 1's per-image cost minus the chosen size's), so waiting costs
+saves by riding in a batch (batch 1's per-image cost times 1 - 1/gain), so waiting costs
 less than batching gains. Batching off waits 0.
 """
 from __future__ import annotations
@@ -50,6 +51,7 @@ DEFAULT_MARGIN = 0.10  # batching must beat batch 1's throughput by this much to
 DEFAULT_WAIT_FRACTION = 0.5  # at most this fraction of batch 1's latency spent waiting for company
 DEFAULT_REPS = 15  # passes per size at most: 1 warm-up + 14 paired rounds; the budget usually ends it first
 NOISE = 0.05  # a size this much slower per image than batch 1 still counts as "not slower"
+MIN_PAIRS = 2  # rounds beside batch 1 a size needs before it may turn batching on
 
 
 class CalibrationError(RuntimeError):
@@ -96,6 +98,7 @@ class BatchingChoice:
     cap: int = 0  # the max_batch it was calibrated under
     margin: float = DEFAULT_MARGIN
     wait_fraction: float = DEFAULT_WAIT_FRACTION
+    min_pairs: int = MIN_PAIRS
 
     @property
     def batching(self) -> bool:
@@ -110,7 +113,7 @@ class BatchingChoice:
         if max_batch == self.cap:
             return self
         table = tuple(t for t in self.table if t.size <= max_batch)
-        size, wait, speedup, reason = choose(table, self.margin, self.wait_fraction)
+        size, wait, speedup, reason = choose(table, self.margin, self.wait_fraction, self.min_pairs)
         return replace(self, max_batch_size=size, batch_wait_timeout_s=wait, speedup=speedup, table=table,
                        skipped=tuple(n for n in self.skipped if n <= max_batch), cap=max_batch,
                        reason=f"{reason} (cap lowered to {max_batch}, not measured again)")
@@ -228,7 +231,7 @@ def _slower(t: BatchTiming, base: BatchTiming) -> bool:
     return _gain(t, base) < 1 - NOISE or (t.pairs > 0 and t.gain < 1 - NOISE)
 
 
-def _why_off(table: tuple[BatchTiming, ...], candidates: list[BatchTiming], margin: float) -> str:
+def _why_off(table: tuple[BatchTiming, ...], candidates: list[BatchTiming], margin: float, min_pairs: int) -> str:
     base = table[0]
     if not candidates:
         t = table[1]
@@ -237,17 +240,21 @@ def _why_off(table: tuple[BatchTiming, ...], candidates: list[BatchTiming], marg
     if not any(t.pairs for t in candidates):
         return "no size was measured beside batch 1 within the budget (one pass each): not enough to turn batching on"
     top = max((t for t in candidates if t.pairs), key=lambda t: t.gain)
+    if top.pairs < min_pairs and min(top.gain, _gain(top, base)) >= 1 + margin:
+        return (f"batch {top.size} beats batch 1 by {top.gain:.2f}x (paired) but over {top.pairs} pair(s), "
+                f"{min_pairs} needed: a longer calibration budget measures more")
     return (f"best batch {top.size} beats batch 1 by {top.gain:.2f}x (paired, {top.pairs} pairs) and "
             f"{_gain(top, base):.2f}x (fastest passes), under the {1 + margin:.2f}x needed")
 
 
-def choose(table: tuple[BatchTiming, ...], margin: float = DEFAULT_MARGIN,
-           wait_fraction: float = DEFAULT_WAIT_FRACTION) -> tuple[int, float, float, str]:
+def choose(table: tuple[BatchTiming, ...], margin: float = DEFAULT_MARGIN, wait_fraction: float = DEFAULT_WAIT_FRACTION,
+           min_pairs: int = MIN_PAIRS) -> tuple[int, float, float, str]:
     """(max_batch_size, batch_wait_timeout_s, speedup, reason) from a timing table (batch 1 first).
 
     On: the size with the best paired gain among those that beat batch 1 by `margin` both by
     paired gain and by fastest passes (two estimators agreeing: a lucky pass alone does not turn
-    batching on), with no smaller size slower per image than batch 1. Ties go to the smaller size.
+    batching on), over at least `min_pairs` rounds, with no smaller size slower per image than
+    batch 1. Ties go to the smaller size.
     `speedup` is the chosen size's paired gain."""
     base = table[0]
     if base.size != 1:
@@ -261,9 +268,9 @@ def choose(table: tuple[BatchTiming, ...], margin: float = DEFAULT_MARGIN,
             break
         candidates.append(t)
     barrier = table[len(candidates) + 1].size if len(candidates) + 1 < len(table) else None
-    paying = [t for t in candidates if t.pairs and min(t.gain, _gain(t, base)) >= 1 + margin]
+    paying = [t for t in candidates if t.pairs >= max(1, min_pairs) and min(t.gain, _gain(t, base)) >= 1 + margin]
     if not paying:
-        return 1, 0.0, 1.0, f"off: {_why_off(table, candidates, margin)}"
+        return 1, 0.0, 1.0, f"off: {_why_off(table, candidates, margin, min_pairs)}"
     best = max(paying, key=lambda t: t.gain)
     saved_s = base.ms_per_image * (1 - 1 / best.gain) / 1e3  # what one image saves by riding in the batch
     wait = round(max(0.0, min(wait_fraction * base.ms_per_batch / 1e3, saved_s)), 5)
@@ -276,7 +283,8 @@ def choose(table: tuple[BatchTiming, ...], margin: float = DEFAULT_MARGIN,
 
 def calibrate_batching(model: LoadedModel, max_batch: int = DEFAULT_MAX_BATCH, budget_s: float = DEFAULT_BUDGET_S,
                        *, margin: float = DEFAULT_MARGIN, wait_fraction: float = DEFAULT_WAIT_FRACTION,
-                       reps: int = DEFAULT_REPS, clock: Callable[[], float] = time.perf_counter) -> BatchingChoice:
+                       reps: int = DEFAULT_REPS, min_pairs: int = MIN_PAIRS,
+                       clock: Callable[[], float] = time.perf_counter) -> BatchingChoice:
     """Measure `model` here, with this process's threads, and choose its batching (module docstring).
 
     `clock` is the time source for both the passes and the budget (tests inject a fake one).
@@ -297,13 +305,13 @@ def calibrate_batching(model: LoadedModel, max_batch: int = DEFAULT_MAX_BATCH, b
         ms = min(samples.passes[1]) * 1e3
         raise CalibrationError(f"the {budget_s:g} s budget allowed no batch beside batch 1 ({ms:.1f} ms a pass)")
     table = timing_table(samples)
-    size, wait, speedup, reason = choose(table, margin, wait_fraction)
+    size, wait, speedup, reason = choose(table, margin, wait_fraction, min_pairs)
     if samples.skipped:
         reason += f"; not measured in the {budget_s:g} s budget: batch {', '.join(map(str, samples.skipped))}"
     info = cpu_flags()
     return BatchingChoice(size, wait, speedup, reason, "calibrated", table, tuple(samples.skipped), describe_cpu(info),
                           tuple(info.get("flags") or ()), cpu_share(), torch.get_num_threads(), budget_s,
-                          round(clock() - t0, 3), max_batch, margin, wait_fraction)
+                          round(clock() - t0, 3), max_batch, margin, wait_fraction, min_pairs)
 
 
 def config_choice(max_batch_size: int, batch_wait_timeout_s: float, reason: str) -> BatchingChoice:
@@ -317,7 +325,7 @@ def choose_batching(model: LoadedModel, max_batch_size: int = DEFAULT_MAX_BATCH,
                     **kw: Any) -> BatchingChoice:
     """A replica's batching: calibrated with `max_batch_size` as the cap, or the config's values
     (`max_batch_size`, `batch_wait_timeout_s`) when `calibrate` is off or calibration cannot run,
-    which logs one line saying so. `kw` goes to `calibrate_batching` (margin, wait_fraction, reps, clock)."""
+    which logs one line saying so. `kw` goes to `calibrate_batching` (margin, wait_fraction, reps, min_pairs, clock)."""
     if not calibrate:
         return config_choice(max_batch_size, batch_wait_timeout_s, "calibration off in the config")
     try:
