@@ -13,8 +13,9 @@ once under --work-dir and every line says so (speed only, accuracy meaningless):
 1. Model-only, in this process, with the threads a Serve replica gets (--threads, its num_cpus:
    OMP_NUM_THREADS for ONNX Runtime, torch's intra-op threads): each size's median over
    interleaved rounds (`flowers.inference.calibration.measure_sizes` with a long budget).
-2. What the start-up calibration (`calibrate_batching`, default 3 s budget) chooses, run
-   --calibrations times, so its stability on this machine shows.
+2. What the start-up calibration (`calibrate_batching`; budget 3 s for the student, 8 s for the
+   ensemble, as the deployments are meant to get) chooses, run --calibrations times, so its
+   stability on this machine shows.
 3. --serve: a local Ray + Serve (HAProxy front as `flowers serve`), both models deployed with one
    replica of --threads CPUs; each route at each --concurrency with batching off
    (max_batch_size 1), per the calibration, and per today's fixed config (max 16), in interleaved
@@ -100,7 +101,7 @@ def stand_in_ensemble(work: Path) -> tuple[str, str]:
     return str(out), label
 
 
-def model_only(uri: str, label: str, args) -> dict:
+def model_only(route: str, uri: str, label: str, args) -> dict:
     """The long model-only table and --calibrations start-up calibrations of one model, in this process."""
     from flowers.inference.calibration import (DEFAULT_BUDGET_S, batch_sizes, calibrate_batching, measure_sizes,
                                                timing_table)
@@ -110,8 +111,8 @@ def model_only(uri: str, label: str, args) -> dict:
     model.predict_proba(model.example_batch(1))
     samples = measure_sizes(model, batch_sizes(args.max_batch), args.table_s, reps=args.table_reps)
     table = timing_table(samples)
-    choices = [calibrate_batching(model, args.max_batch, args.budget_s or DEFAULT_BUDGET_S)
-               for _ in range(args.calibrations)]
+    budget = args.budget_s or (args.ensemble_budget_s if route == "ensemble" else DEFAULT_BUDGET_S)
+    choices = [calibrate_batching(model, args.max_batch, budget) for _ in range(args.calibrations)]
     return {"uri": uri, "label": label, "kind": model.meta.get("kind"), "table": [t.__dict__ for t in table],
             "skipped": samples.skipped, "calibrations": [c.as_dict() for c in choices]}
 
@@ -227,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--table-s", type=float, default=20.0, help="time budget of each model's long table")
     p.add_argument("--table-reps", type=int, default=9, help="rounds (passes per size) in the long table")
-    p.add_argument("--budget-s", type=float, default=None, help="the start-up calibration's budget (default 3 s)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="the start-up calibration's budget for both models (default: 3 s student, --ensemble-budget-s)")
+    p.add_argument("--ensemble-budget-s", type=float, default=8.0,
+                   help="the ensemble's calibration budget (a slow model needs longer for 2 rounds up to batch 16)")
     p.add_argument("--calibrations", type=int, default=3, help="start-up calibrations per model (stability)")
     p.add_argument("--serve", action="store_true", help="also compare batching off/on over HTTP")
     p.add_argument("--concurrency", type=int, nargs="+", default=[8, 16])
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     models = {}
     for route, uri, build in (("student", args.student, stand_in_student), ("ensemble", args.ensemble, stand_in_ensemble)):
         uri, label = (uri, f"{route} {uri}") if uri else build(work)
-        models[route] = model_only(uri, label, args)
+        models[route] = model_only(route, uri, label, args)
         print_model(route, models[route])
     result: dict = {"cpu": lscpu_line(), "threads": args.threads, "models": models}
     if args.serve:
