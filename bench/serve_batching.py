@@ -103,8 +103,7 @@ def stand_in_ensemble(work: Path) -> tuple[str, str]:
 
 def model_only(route: str, uri: str, label: str, args) -> dict:
     """The long model-only table and --calibrations start-up calibrations of one model, in this process."""
-    from flowers.inference.calibration import (DEFAULT_BUDGET_S, batch_sizes, calibrate_batching, measure_sizes,
-                                               timing_table)
+    from flowers.inference.calibration import DEFAULT_BUDGET_S, batch_sizes, choose_batching, measure_sizes, timing_table
     from flowers.inference.predict import load_model
 
     model = load_model(uri)
@@ -112,7 +111,10 @@ def model_only(route: str, uri: str, label: str, args) -> dict:
     samples = measure_sizes(model, batch_sizes(args.max_batch), args.table_s, reps=args.table_reps)
     table = timing_table(samples)
     budget = args.budget_s or (args.ensemble_budget_s if route == "ensemble" else DEFAULT_BUDGET_S)
-    choices = [calibrate_batching(model, args.max_batch, budget) for _ in range(args.calibrations)]
+    # as a replica does it: the config's values (max 16, its wait) when calibration cannot run
+    wait = 0.03 if route == "ensemble" else 0.0
+    choices = [choose_batching(model, args.max_batch, wait, budget_s=budget, label=route)
+               for _ in range(args.calibrations)]
     return {"uri": uri, "label": label, "kind": model.meta.get("kind"), "table": [t.__dict__ for t in table],
             "skipped": samples.skipped, "calibrations": [c.as_dict() for c in choices]}
 
@@ -130,7 +132,7 @@ def print_model(name: str, r: dict) -> None:
     if r["skipped"]:
         print(f"   not measured within --table-s: batch {r['skipped']}")
     for i, c in enumerate(r["calibrations"], 1):
-        print(f"   calibration {i} ({c['elapsed_s']:.2f} s of a {c['budget_s']:g} s budget, {c['threads']} thread(s)): "
+        print(f"   calibration {i} ({c['source']}, {c['elapsed_s']:.2f} s of a {c['budget_s']:g} s budget, {c['threads']} thread(s)): "
               f"max_batch_size {c['max_batch_size']}, wait {c['batch_wait_timeout_s'] * 1e3:.1f} ms, "
               f"{c['speedup']:.2f}x; {c['reason']}")
 

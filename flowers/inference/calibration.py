@@ -161,12 +161,12 @@ class Samples:
 
 
 def measure_sizes(model: LoadedModel, sizes: list[int], budget_s: float, reps: int = DEFAULT_REPS,
-                  clock: Callable[[], float] = time.perf_counter) -> Samples:
+                  clock: Callable[[], float] = time.perf_counter, reserve_rounds: int = MIN_PAIRS) -> Samples:
     """Time `model.predict_proba` at each size, within `budget_s` (up to one pass's misestimate).
 
-    First one pass per size, ascending, while the next size's pass (estimated from the last
-    size's per-image cost) fits in the budget; that first pass at a new shape also warms it up
-    (allocations, oneDNN kernels). Then up to `reps` - 1 rounds of 1, 2, 1, 4, 1, 8, ..., 1: each
+    First one pass per size, ascending, while the next size's pass and `reserve_rounds` rounds
+    over the sizes so far (estimated from the last size's per-image cost) fit in the budget; that
+    first pass at a new shape also warms it up (allocations, oneDNN kernels). Then up to `reps` - 1 rounds of 1, 2, 1, 4, 1, 8, ..., 1: each
     size between two batch-1 passes, so its gain over batch 1 compares passes a moment apart and
     a machine whose speed drifts (other jobs, a neighbour replica) moves both alike. A step runs
     only if it fits in what is left of the budget: a cheap model gets many rounds, a slow one
@@ -185,7 +185,9 @@ def measure_sizes(model: LoadedModel, sizes: list[int], budget_s: float, reps: i
 
     per_image = 0.0
     for n in sizes:
-        if passes and clock() + n * per_image > deadline:
+        # images in this size's first pass and in `reserve_rounds` rounds of 1, 2, 1, ..., n, 1 after it
+        images = n + reserve_rounds * (sum(m for m in passes if m > 1) + n + len(passes) + 1)
+        if passes and clock() + images * per_image > deadline:
             break
         inputs[n], passes[n] = model.example_batch(n), []
         per_image = timed(n) / n
@@ -296,7 +298,7 @@ def calibrate_batching(model: LoadedModel, max_batch: int = DEFAULT_MAX_BATCH, b
         raise CalibrationError(f"no time budget ({budget_s} s)")
     t0 = clock()
     try:
-        samples = measure_sizes(model, batch_sizes(max_batch), budget_s, reps, clock)
+        samples = measure_sizes(model, batch_sizes(max_batch), budget_s, reps, clock, min_pairs)
     except CalibrationError:
         raise
     except Exception as e:  # a model that fails its warm-up cannot be calibrated
