@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from serve.ingress_env import LOCAL_DRAIN_S, ingress_env
-    from serve.ingress_env import pick_port as free_port
+    from raylink.ports import pick_port as free_port
 
     os.environ.update(ingress_env("haproxy", 10 * 1024 * 1024, {k: free_port() for k in
                                   ("stats", "metrics", "fallback", "fallback_grpc")}, LOCAL_DRAIN_S))

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from serve.ingress_env import LOCAL_DRAIN_S, ingress_env, resolve_proxy
-    from serve.ingress_env import pick_port as free_port
+    from raylink.ports import pick_port as free_port
 
     proxy, warning = resolve_proxy(args.proxy)
     if warning:
