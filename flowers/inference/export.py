@@ -80,16 +80,25 @@ def export_onnx_fp32(module: torch.nn.Module, path: Path, image_size: int) -> Pa
     return path
 
 
+def as_feed(batch: Any, input_name: str = INPUT_NAME) -> dict[str, np.ndarray]:
+    """An ONNX Runtime feed: a dict of named inputs as is, a single array under `input_name`."""
+    return batch if isinstance(batch, dict) else {input_name: batch}
+
+
+def feed_len(batch: Any) -> int:
+    return len(next(iter(batch.values()))) if isinstance(batch, dict) else len(batch)
+
+
 class _Calibration:
     """onnxruntime CalibrationDataReader over uint8 batches (duck-typed: get_next / rewind)."""
 
-    def __init__(self, batches: Sequence[np.ndarray]) -> None:
+    def __init__(self, batches: Sequence[Any]) -> None:
         self.batches = list(batches)
-        self._it: Iterator[np.ndarray] = iter(self.batches)
+        self._it: Iterator[Any] = iter(self.batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         b = next(self._it, None)
-        return None if b is None else {INPUT_NAME: b}
+        return None if b is None else as_feed(b)
 
     def rewind(self) -> None:
         self._it = iter(self.batches)
@@ -154,10 +163,10 @@ def conv_input_means(graph: Any, batches: Sequence[np.ndarray]) -> dict[str, np.
     sums: dict[str, np.ndarray] = {}
     count = 0
     for x in batches:
-        values = sess.run(wanted, {input_name: x})
+        values = sess.run(wanted, as_feed(x, input_name))
         for name, v in zip(wanted, values):
             sums[name] = sums.get(name, 0) + v.astype(np.float64).mean(axis=(2, 3)).sum(axis=0)
-        count += len(x)
+        count += feed_len(x)
     return {name: v / max(1, count) for name, v in sums.items()}
 
 
@@ -204,20 +213,33 @@ def bias_correct_7bit(fp32: Path, out: Path, batches: Sequence[np.ndarray]) -> P
     return out
 
 
-def quantize_static_int8(fp32: Path, out: Path, batches: Sequence[np.ndarray],
+def softmax_and_after(graph: Any) -> list[str]:
+    """Names of the Softmax nodes of an ONNX graph and of every node fed by them (directly or not):
+    what stays float, so probabilities (a student's, or an ensemble's weighted vote) are never quantized."""
+    names, tainted = [], set()
+    for node in graph.node:  # ONNX graphs are stored in topological order
+        if node.op_type == "Softmax" or any(i in tainted for i in node.input):
+            names.append(node.name)
+            tainted.update(node.output)
+    return names
+
+
+def quantize_static_int8(fp32: Path, out: Path, batches: Sequence[Any],
                          recipe: str = DEFAULT_INT8_RECIPE) -> Path:
     """Post-training static INT8: QDQ format, per-channel int8 weights, uint8 activations (MinMax calibration).
 
     `recipe` (see `INT8_RECIPES`): the 7-bit ones keep weights in [-64, 64] so no x86 CPU can
     saturate; `u8s8_7bit_bc` also bias-corrects the convolutions first (:func:`bias_correct_7bit`,
     on the same calibration images). `fp32` should have been through
-    :func:`prepare_for_quantization`. The final Softmax stays in float: quantized probabilities
-    (steps of 1/256) would spoil the entropy.
+    :func:`prepare_for_quantization`. The final Softmax (and anything after it) stays in float:
+    quantized probabilities (steps of 1/256) would spoil the entropy. `batches`: uint8 arrays, or
+    dicts of them by input name. MinMax calibration holds every batch's intermediate tensors in
+    memory (ORT 1.32's CalibMaxIntermediateOutputs drops data instead of folding it): size it.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    softmax = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Softmax"]
+    softmax = softmax_and_after(onnx.load(str(fp32)).graph)
     r = _recipe(recipe)
     with tempfile.TemporaryDirectory() as tmp:
         if r["bias_correction"]:
@@ -264,7 +286,8 @@ def export_torchscript(module: torch.nn.Module, path: Path, image_size: int) -> 
     return path
 
 
-def _embed_metadata(path: Path, meta: dict[str, Any]) -> None:
+def embed_metadata(path: Path, meta: dict[str, Any]) -> None:
+    """Replace an ONNX file's metadata with `meta` (JSON values), so the file alone can be served."""
     import onnx
 
     model = onnx.load(str(path))
@@ -317,7 +340,7 @@ def export_student(checkpoint: Path, out_dir: Path, calibration: Dataset | Seque
                 "uncertainty_threshold": threshold, "model_name": ckpt["model_name"]}
     for key in ("fp32", "int8", "dynamic_int8"):
         if key in files:
-            _embed_metadata(out_dir / files[key], embedded)
+            embed_metadata(out_dir / files[key], embedded)
     test = ckpt.get("test_metrics", {})
     extra = dict(extra or {})
     # the student's data/split/config hashes from training, plus what the caller adds (its teacher)
@@ -355,5 +378,5 @@ def sync_onnx_metadata(model_dir: Path) -> None:
     embedded = {k: manifest.get(k) for k in EMBEDDED_KEYS}
     for f in manifest.get("files", {}).values():
         if f.endswith(".onnx"):
-            _embed_metadata(Path(model_dir) / f, embedded)
+            embed_metadata(Path(model_dir) / f, embedded)
     update_manifest(model_dir)  # the ONNX files changed: their checksums too

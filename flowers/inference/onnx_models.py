@@ -191,11 +191,13 @@ def load_onnx(path: Path, manifest: dict, device: str) -> LoadedModel:
     meta = {**embedded, **manifest}
     if not meta.get("class_names") or not meta.get("preprocessing"):
         raise ModelLoadError(f"{path} carries no class names/preprocessing; export it with `flowers export`")
-    input_name = sess.get_inputs()[0].name
+    input_names = [i.name for i in sess.get_inputs()]  # one per input view (a fused ensemble may have several)
 
-    def proba(x: torch.Tensor) -> np.ndarray:
-        arr = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-        return sess.run(None, {input_name: np.ascontiguousarray(arr, dtype=np.uint8)})[0]
+    def proba(x: Any) -> np.ndarray:
+        xs = x if isinstance(x, (tuple, list)) else (x,)  # one batch per input view
+        feed = {name: np.ascontiguousarray(v.numpy() if isinstance(v, torch.Tensor) else v, dtype=np.uint8)
+                for name, v in zip(input_names, xs)}
+        return sess.run(None, feed)[0]
 
     info = {k: v for k, v in meta.items() if k not in ("file", "class_names", "preprocessing")}
     info.update({"kind": "onnx", "onnx_file": path.name})
@@ -205,8 +207,12 @@ def load_onnx(path: Path, manifest: dict, device: str) -> LoadedModel:
         if warning:
             log.warning(warning)
             info["warnings"] = [*(info.get("warnings") or []), warning]
+    views = [Preprocessing.from_dict(v) for v in meta.get("views") or []]
+    if views and len(views) != len(input_names):
+        raise ModelLoadError(f"{path} has {len(input_names)} inputs but its manifest lists {len(views)} views")
     return LoadedModel(proba, Preprocessing.from_dict(meta["preprocessing"]), list(meta["class_names"]),
-                       meta.get("name", REGISTERED_NAME), version=meta.get("version"), meta=info, source=str(path))
+                       meta.get("name", REGISTERED_NAME), version=meta.get("version"), meta=info, source=str(path),
+                       views=views)
 
 
 def load_variant(model_dir: Path, variant: str) -> LoadedModel:

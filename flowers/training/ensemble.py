@@ -341,8 +341,9 @@ def run_ensemble_stage(member_uris: dict[str, str], data_cfg: DataConfig, out_di
                        weights: dict[str, float] | None = None, threshold_policy: str = "coverage",
                        threshold_target: float = 0.95, workers: int | None = None,
                        explain_images: int = 8, ood_images: int = 32,
-                       target: "registry.TrackingTarget | None" = None) -> StageResult:
-    """Build the ensemble, evaluate members and ensemble on val/test, write diversity tables and plots.
+                       target: "registry.TrackingTarget | None" = None, fuse: bool = True) -> StageResult:
+    """Build the ensemble, evaluate members and ensemble on val/test, write diversity tables and plots;
+    `fuse`: add its one-graph serving artifact (`flowers.inference.fused_ensemble`).
 
     `member_uris` maps a member key (e.g. 'l1') to its URI; each member's probabilities are
     computed once per split, on the images in its own eval preprocessing, and reused for every
@@ -351,6 +352,7 @@ def run_ensemble_stage(member_uris: dict[str, str], data_cfg: DataConfig, out_di
     from flowers.data.bundle import build_data
     from flowers.evaluation.metrics import write_eval_artifacts
     from flowers.registry.governance import data_lineage
+    from flowers.inference.fused_ensemble import fuse_for_stage
     from flowers.inference.predict import predict_dataset
     from flowers.training.stages import Explained, stage_tail
 
@@ -380,6 +382,9 @@ def run_ensemble_stage(member_uris: dict[str, str], data_cfg: DataConfig, out_di
     # per-image results in the model folder: the registry gate compares versions on them
     write_json(model_dir / PER_IMAGE, per_image_record(data.test.paths, labels["test"], ens["test"].argmax(1)))
     metrics = stage_metrics(ens, probs, labels, test_m)
+    if fuse:  # the serving artifact: one ONNX graph (INT8 when it keeps the accuracy), compared on test
+        metrics.update(fuse_for_stage(model_dir, data, ens_model, ens["test"], labels["test"],
+                                      batch_size=data_cfg.eval_batch_size, workers=nw))
 
     arch = {k: loaded.meta.get("model_name") for k, loaded in members.items()}
     report = diversity_report(probs["test"], labels["test"], arch, dict(zip(keys, w)))
