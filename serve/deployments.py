@@ -33,6 +33,7 @@ from ray.serve.handle import DeploymentHandle
 import numpy as np
 
 from flowers.data import ImageDecodeError
+from flowers.inference.calibration import DEFAULT_BUDGET_S, DEFAULT_MAX_BATCH, BatchingChoice, choose_batching
 from flowers.inference.predict import Predictor, collate
 from flowers.registry.uris import ModelRef
 from flowers.runtime import configure_torch_threads
@@ -46,7 +47,8 @@ from serve.versions import SHADOW_MAX_PENDING, Slot, Versions, compare
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH_SIZE = 8  # until user_config sets it
+DEFAULT_MAX_BATCH_SIZE = DEFAULT_MAX_BATCH  # 16, the cap until user_config sets one (serve/config.yaml: 16)
+serve_log = logging.getLogger("ray.serve")  # the logger Serve writes to the replica's log file
 STALL_S = 30.0  # requests admitted this long with no forward pass: the batcher has stopped
 
 
@@ -69,6 +71,9 @@ class BatchedModel:
         self.device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.versions = Versions(self.role, ref, self.device, uncertainty_threshold)  # loads + warms up `ref`
         self.gate = AdmissionGate(DEFAULT_MAX_BATCH_SIZE)
+        self.batching: BatchingChoice | None = None  # measured in reconfigure (Serve calls it before the first request)
+        self._calibrated_for: tuple | None = None  # (calibrate, budget, serving version) of self.batching
+        self._user_config: dict[str, Any] = {}
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # debug: observed batch sizes
         self.metrics = ModelMetrics(self.role)
         self.shadow_metrics = ShadowMetrics(self.role)
@@ -93,6 +98,9 @@ class BatchedModel:
             try:
                 desired = await self.follower.report.remote(self.role, self.replica_id, *self.versions.report())
                 await self.versions.apply(desired)
+                if self._calibrated_for and self._calibrated_for[2] != self.versions.serving.key:
+                    # a new serving version: measure it (off the event loop; the old choice serves meanwhile)
+                    self._apply_batching(await asyncio.to_thread(self._choose_batching, self._user_config))
                 self.follow_error = None
             except Exception as e:  # the Follower restarting: keep answering with what is loaded
                 if self.follow_error is None:
@@ -100,17 +108,36 @@ class BatchedModel:
                 self.follow_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             await asyncio.sleep(REPLICA_POLL_S)
 
-    def reconfigure(self, config: dict[str, Any]) -> None:
-        """Live `user_config`: batching (max_batch_size, batch_wait_timeout_s, admission_gate)
-        and the uncertainty threshold."""
-        config = config or {}
-        self.gate.configure(config.get("max_batch_size"), config.get("batch_wait_timeout_s"),
-                            config.get("admission_gate"))
-        self.predict_batch.set_max_batch_size(self.gate.max_batch_size)
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        """Live `user_config`: batching (max_batch_size = the cap, batch_wait_timeout_s = the fallback
+        wait, calibrate, calibration_budget_s, admission_gate) and the uncertainty threshold.
+        Serve awaits the first call before the replica takes requests, so the calibration
+        (flowers/inference/calibration.py, about 3 s) measures an idle replica."""
+        self._user_config = dict(config or {})
+        self._apply_batching(await asyncio.to_thread(self._choose_batching, self._user_config))
+        if self._user_config.get("uncertainty_threshold") is not None:
+            self.versions.set_threshold(float(self._user_config["uncertainty_threshold"]))
+
+    def _choose_batching(self, config: dict[str, Any]) -> BatchingChoice:
+        """Calibrated for the serving model under the config's cap; a lower cap re-chooses from the
+        table already measured; the config's values when `calibrate` is false or calibration fails."""
+        cap = int(config.get("max_batch_size") or DEFAULT_MAX_BATCH_SIZE)
+        key = (bool(config.get("calibrate", True)), float(config.get("calibration_budget_s", DEFAULT_BUDGET_S)),
+               self.versions.serving.key)
+        if self.batching is not None and key == self._calibrated_for:
+            lower = self.batching.capped(cap)
+            if lower is not None:
+                return lower
+        self._calibrated_for = key
+        return choose_batching(self.predictor.model, cap, float(config.get("batch_wait_timeout_s") or 0.0),
+                               calibrate=key[0], budget_s=key[1], label=self.role)
+
+    def _apply_batching(self, choice: BatchingChoice) -> None:
+        self.batching = choice
+        self.gate.configure(choice.max_batch_size, choice.batch_wait_timeout_s, self._user_config.get("admission_gate"))
+        self.predict_batch.set_max_batch_size(self.gate.max_batch_size)  # @serve.batch's public setters
         self.predict_batch.set_batch_wait_timeout_s(self.gate.serve_wait_s)
-        if config.get("uncertainty_threshold") is not None:
-            self.versions.set_threshold(float(config["uncertainty_threshold"]))
-        log.info("%s: batching %s", self.role, self.gate.settings())
+        serve_log.info("%s: %s", self.role, choice.log_line())
 
     def _run(self, slot: Slot, images: list[bytes], top_ks: list[int], keep: bool) -> list[dict[str, Any]]:
         """One forward pass of one version; `keep`: leave each item's probabilities in `_probs` (shadow)."""
@@ -208,7 +235,8 @@ class BatchedModel:
                 "num_classes": len(m.class_names), "image_size": m.preprocessing.image_size,
                 "uncertainty_threshold": s.predictor.threshold, "uncertainty_temperature": s.predictor.temperature,
                 "torch_threads": self.threads, "device": self.device,
-                **self.gate.settings(), "batch_sizes_seen": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                **self.gate.settings(), "batching": self.batching.as_dict() if self.batching else None,
+                "batch_sizes_seen": {str(k): v for k, v in sorted(self.batch_sizes.items())},
                 # an INT8 file's own weight check, and what loading it on this replica's CPU had to say
                 # (e.g. 8-bit weights on a CPU without VNNI: exact only through ORT's slower kernels)
                 "int8_check": m.meta.get("int8_check"), "warnings": list(m.meta.get("warnings") or []),
@@ -227,7 +255,8 @@ class BatchedModel:
 
 
 @serve.deployment(name="Ensemble", max_ongoing_requests=32, ray_actor_options={"num_cpus": 1},
-                  user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.03})
+                  user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.03, "calibrate": True,
+                               "calibration_budget_s": 8})
 class Ensemble(BatchedModel):
     """Soft-voting ensemble (manifest kind 'ensemble'), or any model URI."""
 
@@ -240,7 +269,8 @@ TopK = Query(None, ge=1, le=MAX_TOP_K, description=f"classes to return, 1..{MAX_
 
 
 @serve.deployment(name="Student", max_ongoing_requests=128, ray_actor_options={"num_cpus": 1},
-                  user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.0})
+                  user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.0, "calibrate": True,
+                               "calibration_budget_s": 3})
 @serve.ingress(api)
 class Student(BatchedModel):
     """Distilled INT8 student (manifest kind 'onnx', or any model URI) and the HTTP front."""

@@ -212,6 +212,12 @@ def test_compare_models_and_health(served, jpegs):
     for m in models["models"]:
         assert m["uri"] == str(ckpt) and m["num_classes"] == len(_class_names(ckpt))
         assert {"name", "version", "alias", "test_accuracy", "max_batch_size"} <= set(m)
+        # batching was chosen for this machine at start-up, and the replica runs what was chosen
+        b = m["batching"]
+        assert b["source"] in ("calibrated", "config") and b["reason"] and b["cpu"]
+        assert 1 <= b["max_batch_size"] <= 16 and m["max_batch_size"] == b["max_batch_size"]
+        if b["source"] == "calibrated":
+            assert b["table"] and all(r["ms_per_image"] > 0 for r in b["table"])
     assert models["max_body_bytes"] == BODY_LIMIT
 
     h = client.get("/healthz")
