@@ -118,6 +118,9 @@ def _worker_init(uri: str, paths: list[str]) -> None:
     from flowers.inference.predict import Predictor
 
     torch.set_num_threads(1)
+    # ONNX Runtime sizes its pool from OMP_NUM_THREADS (flowers.runtime.cpu_share), as Ray sets it per
+    # 1-CPU actor; unset, each process would run 2 threads on 2 cores and collapse on a shared CPU
+    os.environ["OMP_NUM_THREADS"] = "1"
     _PRED = Predictor.from_uri(uri)
     _BATCH = torch.stack([_PRED.load_image(p) for p in paths])
     _PRED.predict_proba(_BATCH)  # warm-up: first call allocates
@@ -207,7 +210,7 @@ def single_node(args, uri: str, paths: list[str], src: Path, tmp: Path) -> dict:
                                     "workers": s.workers, "cpus_per_worker": s.extra["cpus_per_worker"],
                                     "end_to_end_share": e2e / floor, "steady_share": steady / floor,
                                     "phases": ph, "load": os.getloadavg()[0]}
-        how = (f"in-process, {s.extra['cpus_per_worker']:g} lanes x 1 thread ({note})" if engine == "local"
+        how = (f"in-process, {s.workers} lanes x 1 thread ({note})" if engine == "local"
                else f"Ray Data, {s.workers} worker(s) x {s.extra['cpus_per_worker']:g} CPU")
         print(f"{how}: {e2e:7.1f} img/s end to end = {e2e / floor:.0%} of min(decode, model) "
               f"({ph['total_s']:.1f} s, first batch {first:.2f} s after the job's start); steady {steady:7.1f} img/s "
@@ -215,6 +218,12 @@ def single_node(args, uri: str, paths: list[str], src: Path, tmp: Path) -> dict:
               f"load {os.getloadavg()[0]:.1f}")
         print(f"    phases: {phase_line(ph)}")
     ray.shutdown()
+    # the machine may be shared: decode-only and model-only again, to bracket the runs above
+    dec2 = pool_rate(uri, paths, args.cpus, args.batch_size, "decode")
+    mod2 = pool_rate(uri, paths, args.cpus, args.batch_size, "model")
+    results.update(decode_only_after=dec2, model_only_after=mod2)
+    print(f"again after the runs: decode-only {dec2:.1f} img/s, model-only {mod2:.1f} img/s, min {min(dec2, mod2):.1f} "
+          f"(before: {floor:.1f}); ratios above are to the min before; load {os.getloadavg()[0]:.1f}")
     return results
 
 

@@ -107,7 +107,8 @@ def score_folders(inputs: Sequence[str | os.PathLike], model: Any, out: str | os
                             output_uncertain=plan.kept_uncertain, layout=plan.layout)
     engine, why = choose_engine(plan, settings, address)
     if engine == "local":
-        summary, workers, cpus, device = _run_local(plan, settings, phases, why), 1, float(_threads(settings)), "cpu"
+        # lanes of one thread each: reported as workers x 1 CPU, like the Ray engine's 1-CPU actors
+        summary, workers, cpus, device = _run_local(plan, settings, phases, why), _threads(settings), 1.0, "cpu"
     else:
         summary, workers, cpus, device = _run_ray(plan, settings, address, phases, why)
     summary.workers, summary.batch_size = workers, settings.batch_size

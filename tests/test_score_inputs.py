@@ -179,6 +179,32 @@ def test_resources_gpu_fallback_and_counts():
     assert (cpu.workers, cpu.cpus, cpu.gpus, cpu.note) == (2, 1.0, 0.0, None)
 
 
+def test_engine_choice(tmp_path, monkeypatch):
+    """auto: in-process for local images into one file on this machine; Ray Data for a named cluster,
+    object storage, a dataset folder, GPUs or more than --local-max images. --engine forces one."""
+    from jobs.score import choose_engine
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    plan = ScorePlan([f"/in/{i}.jpg" for i in range(5)], str(tmp_path / "o.parquet"), "m", "m", "1", 5, 5)
+    assert choose_engine(plan, ScoreConfig(), None)[0] == "local"
+    assert choose_engine(plan, ScoreConfig(engine="ray"), None)[0] == "ray"
+    cases = [(dict(address="ray://head:10001"), {}, "cluster was named"),
+             ({}, dict(gpus_per_worker=1), "--gpus-per-worker"),
+             ({}, dict(local_max=4), "--local-max 4")]
+    for call, settings, why in cases:
+        engine, reason = choose_engine(plan, ScoreConfig(**settings), call.get("address"))
+        assert engine == "ray" and why in reason, reason
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert choose_engine(plan, ScoreConfig(), None)[0] == "ray"
+    assert choose_engine(plan, ScoreConfig(engine="local"), None)[0] == "local"  # forced: this process
+    monkeypatch.delenv("RAY_ADDRESS")
+    for change in (dict(layout="dataset"), dict(todo=["s3://b/x.jpg"])):
+        other = ScorePlan(**{**plan.__dict__, **change})
+        assert choose_engine(other, ScoreConfig(), None)[0] == "ray"
+        with pytest.raises(ConfigError, match="--engine local scores local images into one Parquet file"):
+            choose_engine(other, ScoreConfig(engine="local"), None)
+
+
 def test_driver_local_paths_refused_on_a_multi_node_cluster(tmp_path):
     plan = ScorePlan(["/x.jpg"], str(tmp_path / "o"), "m", "m", "1", 5, 1, layout="dataset",
                      sources=[str(tmp_path / "list.txt")])
