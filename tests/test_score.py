@@ -397,3 +397,32 @@ def test_models_uri_resolves_once_at_the_edge(folder, registered_champion, ray_s
                        ScoreConfig(top_k=2, progress=False, engine="ray", workers=1, cpus_per_worker=1), target=target)
     assert calls["lookup"] == 2 and calls["resolve"] == 2  # the driver's one, for the second job
     assert (s2.scored, s2.errors) == (9, 3) and _rows(ray_out) == _rows(out)
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "ensemble", "student"])
+def test_manifest_preprocessing_is_the_loaded_models(kind, other_kinds, trained_checkpoint, folder, tmp_path):
+    """The scorers decode with the preprocessing the plan read from the manifest before the model
+    loaded: it must be the loaded model's, for every kind (else rows would differ from Serve's)."""
+    from flowers.inference.predict import Predictor
+    from flowers.scoring.batch import Decoder
+
+    uri = str(trained_checkpoint if kind == "checkpoint" else other_kinds[kind])
+    plan = plan_scoring([folder["root"]], uri, tmp_path / "o.parquet", ScoreConfig())
+    assert Decoder(plan.views).views == Predictor.from_ref(plan.model).model.views
+
+
+def test_scorer_decodes_again_when_the_manifest_disagrees_with_the_model(folder, trained_checkpoint):
+    """A manifest whose preprocessing is not the model's: the batch is decoded again the model's way
+    (rows as the Predictor gives them), with one warning, and later batches decode that way at once."""
+    from flowers.inference.predict import Predictor
+    from flowers.registry.uris import describe
+
+    pp = dict(describe(str(trained_checkpoint)).preprocessing)
+    wrong = {**pp, "image_size": pp["image_size"] + 8, "resize_size": pp["resize_size"] + 8}
+    scorer = Scorer(str(trained_checkpoint), top_k=2, threads=1, views=[wrong])
+    paths = [str(folder["a.jpg"]), str(folder["c.png"])]
+    rows = scorer({"path": paths}).to_pylist()
+    assert scorer.decoder is None
+    ref = Predictor.from_ref(str(trained_checkpoint)).predict(paths, top_k=2)
+    for r, e in zip(rows, ref):
+        np.testing.assert_allclose(r["top_k_probs"], [t["probability"] for t in e["top_k"]], atol=1e-5)

@@ -63,6 +63,8 @@ class Decoded:
     cols: dict[str, list]
     inputs: list[Any] = field(default_factory=list)  # decoded images (a tensor, or a tuple per view)
     ok: list[int] = field(default_factory=list)      # their row numbers
+    data: list[bytes] = field(default_factory=list)  # their bytes, kept when decoded by the manifest's
+    views: list[Any] | None = None                   # preprocessing (again if the loaded model disagrees)
     decode_s: float = 0.0
 
 
@@ -157,14 +159,15 @@ class Scorer:
         from flowers.data import ImageDecodeError
 
         t0 = time.perf_counter()
-        decode = self.decoder or self.predictor.load_image
+        decoder = self.decoder
+        decode = decoder or self.predictor.load_image
         paths = [str(p) for p in batch["path"]]
         blobs = batch.get("bytes")
         read_errors = batch.get("read_error")
         n = len(paths)
         cols: dict[str, list] = {f.name: [None] * n for f in SCHEMA}
         cols["path"] = paths
-        out = Decoded(cols)
+        out = Decoded(cols, views=decoder.views if decoder is not None else None)
         for i, path in enumerate(paths):
             data = None
             if read_errors is not None and read_errors[i]:
@@ -172,9 +175,12 @@ class Scorer:
                 continue
             try:
                 data = blobs[i] if blobs is not None and blobs[i] is not None else read_bytes(path)
-                out.inputs.append(decode(bytes(data)))
+                data = bytes(data)
+                out.inputs.append(decode(data))
                 cols["width"][i], cols["height"][i] = image_size(data)
                 out.ok.append(i)
+                if decoder is not None:
+                    out.data.append(data)
             except ImageDecodeError as e:
                 # open_image names bytes input "<N bytes>"; the path is what the user can act on
                 cols["error"][i] = str(e).replace(f"<{len(data)} bytes>", path) if data is not None else str(e)
@@ -190,10 +196,13 @@ class Scorer:
         from flowers.inference.loaded import collate
 
         predictor, cols = self.predictor, decoded.cols
-        if self.decoder is not None and self.decoder.views != predictor.model.views:
-            # the manifest and the loaded model disagree on preprocessing: the model is right
-            raise RuntimeError(f"model {self.model_uri}: its manifest's preprocessing differs from the loaded "
-                               "model's; re-export or re-register it")
+        if decoded.views is not None and decoded.views != predictor.model.views:
+            # decoded by the manifest's preprocessing, which the loaded model contradicts: the model is right
+            if self.decoder is not None:
+                log.warning("model %s: its manifest's preprocessing differs from the loaded model's; decoding "
+                            "with the model's", self.model_uri)
+                self.decoder = None
+            decoded.inputs = [predictor.load_image(d) for d in decoded.data]
         if decoded.inputs:
             probs = predictor.predict_proba(collate(decoded.inputs))
             for i, r in zip(decoded.ok, predictor.format(probs, self.top_k)):
