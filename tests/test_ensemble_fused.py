@@ -70,7 +70,7 @@ def test_fused_graphs_give_the_members_vote(fused_ensemble):
     assert set(entry["latency"]) == {"members_fp32", "fused_fp32", "fused_int8"}
     assert all(set(v) == {"1", "8"} for v in entry["latency"].values())
     gap = 100 * (entry["test_top1"]["members_fp32"] - entry["test_top1"]["fused_int8"])
-    assert entry["variant"] == ("int8" if gap <= 0.3 else "fp32")
+    assert entry["variant"] == "fp32" if gap > 0.3 else entry["variant"] in ("int8", "fp32") and entry["why"]
     manifest = read_manifest(ens_dir)
     assert manifest["fused"]["variant"] == entry["variant"] and f"{FUSED_DIR}/flowers_model.json" in manifest["sha256"]
     m = fused_metrics(entry)
@@ -132,4 +132,6 @@ def test_choose_variant():
     assert choose_variant(0.90, 0.905, safe)[0] == "int8"
     assert choose_variant(0.90, 0.896, safe)[0] == "fp32"  # 0.4 points
     assert choose_variant(0.90, 0.90, {"saturation_safe": False})[0] == "fp32"
+    assert choose_variant(0.90, 0.90, safe, int8_ms=12.0, fp32_ms=10.0)[0] == "fp32"  # slower here: not served
+    assert choose_variant(0.90, 0.90, safe, int8_ms=8.0, fp32_ms=10.0)[0] == "int8"
     assert fused_metrics(None) == {"fused_served": 0.0}

@@ -143,7 +143,7 @@ def _members_module(path: Path, manifest: dict, device: str) -> Callable[[], tor
         members = load_members(path, manifest, device)
         if not all(m.module is not None for _, m in members):
             return None
-        views, index = member_views([m.preprocessing for _, m in members])
+        _, index = member_views([m.preprocessing for _, m in members])
         weights = manifest.get("weights") or [1.0] * len(members)
         return EnsembleModule([m.module for _, m in members], index, weights).eval()
     return make

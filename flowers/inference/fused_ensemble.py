@@ -45,6 +45,7 @@ INT8_TOLERANCE_POINTS = 0.3  # INT8 is served only within this many top-1 points
 # MinMax calibration keeps every calibration batch's intermediate tensors of all members in memory:
 # about the student's 256 images' worth for a three-member ensemble
 CALIBRATION_IMAGES = 96
+EVAL_BATCH = 8  # the fused graphs' test pass: serving batches are this small too
 
 
 def input_names(n_views: int) -> list[str]:
@@ -182,13 +183,17 @@ def compare_latency(models: dict[str, LoadedModel], batches: Sequence[int] = (1,
 
 
 def choose_variant(members_top1: float, int8_top1: float, int8_check: dict[str, Any],
-                   tolerance_points: float = INT8_TOLERANCE_POINTS) -> tuple[str, str]:
-    """('int8' | 'fp32', why): INT8 when it is saturation-safe and within the tolerance of the fp32 vote."""
+                   tolerance_points: float = INT8_TOLERANCE_POINTS, int8_ms: float | None = None,
+                   fp32_ms: float | None = None) -> tuple[str, str]:
+    """('int8' | 'fp32', why): INT8 when it is saturation-safe, within the tolerance of the fp32 vote,
+    and (when both batch-1 latencies are given) not slower than the fused fp32 graph on this CPU."""
     gap = 100 * (members_top1 - int8_top1)
     if not int8_check.get("saturation_safe", False):
         return "fp32", "the INT8 weights can saturate on CPUs without VNNI"
     if gap > tolerance_points:
         return "fp32", f"INT8 top-1 is {gap:.2f} points below the fp32 members' vote (> {tolerance_points})"
+    if int8_ms is not None and fp32_ms is not None and int8_ms > fp32_ms:
+        return "fp32", f"INT8 is slower than fp32 here (batch-1 p50 {int8_ms:.1f} vs {fp32_ms:.1f} ms)"
     return "int8", f"INT8 top-1 is {gap:+.2f} points from the fp32 members' vote (<= {tolerance_points})"
 
 
@@ -215,7 +220,8 @@ def fuse_and_compare(model_dir: Path, calibration: Dataset, test: Dataset, membe
     t0 = time.perf_counter()
     made = export_fused(model_dir, calibration)
     graphs = {k: load_fused_variant(model_dir, k) for k in FILES}
-    probs = {k: predict_dataset(m.predict_proba, test, batch_size=batch_size, workers=workers)[0]
+    # small batches: a 3-member graph at batch 64 grew past 21 GiB here (OOM-killed) in ONNX Runtime
+    probs = {k: predict_dataset(m.predict_proba, test, batch_size=min(batch_size, EVAL_BATCH), workers=workers)[0]
              for k, m in graphs.items()}
     top1 = {"members_fp32": float((members_test.argmax(1) == labels).mean()),
             **{f"fused_{k}": float((p.argmax(1) == labels).mean()) for k, p in probs.items()}}
@@ -223,7 +229,8 @@ def fuse_and_compare(model_dir: Path, calibration: Dataset, test: Dataset, membe
     members = load_ensemble(model_dir, read_manifest(model_dir), "cpu", fused=False)
     lat = compare_latency({"members_fp32": members, **{f"fused_{k}": m for k, m in graphs.items()}},
                           iters=latency_iters)
-    variant, why = choose_variant(top1["members_fp32"], top1["fused_int8"], made["int8_check"])
+    variant, why = choose_variant(top1["members_fp32"], top1["fused_int8"], made["int8_check"],
+                                  int8_ms=lat["fused_int8"]["1"]["p50_ms"], fp32_ms=lat["fused_fp32"]["1"]["p50_ms"])
     record = {
         "test_top1": top1, "test_images": int(len(labels)), "int8_tolerance_points": INT8_TOLERANCE_POINTS,
         "why": why, "fp32_max_abs_prob_diff": float(np.abs(probs["fp32"] - members_test).max()),
