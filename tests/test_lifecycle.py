@@ -215,15 +215,19 @@ def test_shadow_gets_copies_and_never_answers(app, registry, jpeg, synth_root):
     name, v1, v2, uri = registry["name"], registry["v1"], registry["v2"], registry["uri"]
     assert cli(["models", "shadow", name, v1, "--tracking-uri", uri]) == 0
     _wait(lambda: (_rollout(app)["shadow"] or {}).get("version") == v1)
-    time.sleep(1.5)
     images = [p.read_bytes() for p in sorted((synth_root / "jpg").glob("*.jpg"))[:30]]
-    answers = [_predict(app, im).json() for im in images]
-    assert {a["version"] for a in answers} == {v2}  # the shadow never answers
 
     def pairs():
         p = (_rollout(app)["shadow"] or {}).get("pairs", {}).get(f"{v2}->{v1}")
         return p if p and p["requests"] + p["skipped"] >= len(images) else None
 
+    # copies start once the replica holds v1 beside v2 (it loads and warms it up after the Follower says so,
+    # seconds on a loaded machine): keep sending until the replicas have reported a full round of copies
+    answers, deadline = [], time.time() + 120
+    while not pairs() and time.time() < deadline:
+        answers += [_predict(app, im).json() for im in images]
+        time.sleep(1.0)
+    assert answers and {a["version"] for a in answers} == {v2}  # the shadow never answers
     p = _wait(pairs, timeout=30)
     assert p["requests"] >= len(images) // 2
     assert 0.0 <= p["top1_agreement"] <= 1.0 and p["mean_abs_prob_diff"] > 0  # v1's last layer differs
