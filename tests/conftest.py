@@ -170,6 +170,10 @@ def small_study(ray_session, synth_root, tmp_path_factory):
     study, config_dir = load_study(write_small_study(tmp, synth_root, "small", stages=["tune", "ensemble", "distill"],
                                                      distill_config=str(REPO / "configs/level5.yaml")))
     old_env, old_uri = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
+    # the study's own store under its home, whatever an earlier module-scoped fixture left in the
+    # environment (MLflow's set_tracking_uri exports the URI, and those fixtures run outside the
+    # per-test restore above)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     try:
         outcome = run_study(study, config_dir)
     finally:

@@ -164,7 +164,9 @@ def _tgz(members: dict[str, bytes]) -> bytes:
     "members, match",
     [
         ({"jpg/image_00001.jpg": b"x", "../evil.txt": b"pwned"}, "unsafe"),
-        ({"/tmp/abs-evil.txt": b"pwned"}, "no jpg/ folder"),
+        # the stdlib's data filter (Python >= 3.11.4) unpacks it inside the folder, our own check (older
+        # Pythons, e.g. Debian's 3.11.2) refuses it: both end in an error and nothing outside the folder
+        ({"/tmp/abs-evil.txt": b"pwned"}, "no jpg/ folder|unsafe entry '/tmp/abs-evil.txt'"),
         ({"images/image_00001.jpg": b"x"}, "no jpg/ folder"),
     ],
 )
@@ -178,3 +180,4 @@ def test_bad_archives(tmp_path, serve, members, match):
         download_flowers102(root, base_url=url, files={ARCHIVE: _md5(site / ARCHIVE)}, timeout=5, progress=False)
     assert _leftovers(root) == []
     assert not (tmp_path / "evil.txt").exists()
+    assert not Path("/tmp/abs-evil.txt").exists()
