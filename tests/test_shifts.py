@@ -164,3 +164,13 @@ def test_cli_bad_shift_one_line_exit_2_nothing_logged(spec, msg, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert rc == 2 and msg in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "o").exists()
+
+
+def test_the_robustness_run_describes_itself():
+    from flowers.registry.run_notes import describe_robustness, study_note
+
+    text = describe_robustness(["blur", "jpeg10"], 204, {"ensemble": "models:/flowers-ensemble/1"}, 238)
+    assert "ensemble (models:/flowers-ensemble/1)" in text and "blur, jpeg10" in text and "204" in text
+    assert "unknown" in describe_robustness([], 0, {}, 0)  # missing facts are said, not invented
+    note = study_note("s", ["l1"], ["tune", "ensemble", "distill"])
+    assert "Stages after the trials: ensemble, distill" in note

@@ -158,7 +158,7 @@ def study_note(study: str, trials: Sequence[str], stages: Sequence[str]) -> str:
         f"Study {study}: {len(trials)} trials, then {', '.join(s for s in stages if s != 'tune') or 'no stages'}; "
         "the report is report/report.html.", "",
         "Every level of the project on one split, as nested runs.", "",
-        f"- Trials: {', '.join(trials) or UNKNOWN}", f"- Stages after the trials: {', '.join(stages) or UNKNOWN}",
+        f"- Trials: {', '.join(trials) or UNKNOWN}", f"- Stages after the trials: {', '.join(s for s in stages if s != 'tune') or 'none'}",
         "- The report (with its figures) is this run's artifact `report/report.html`.",
     ])
 
@@ -287,3 +287,15 @@ def dataset_record(data: Any, name: str = "flowers") -> dict[str, Any]:
                                               [int(y) for d in parts.values() for y in d.labels]),
             "splits": {k: {"images": len(d.paths), "hash": split_hash([image_id(p) for p in d.paths])}
                        for k, d in parts.items()}}
+
+
+def describe_robustness(shifts: list[str], images: int, models: dict[str, str], ood_photos: int) -> str:
+    """The robustness step's description: what it scored, under what, and where the tables are."""
+    return "\n".join([
+        "Robustness step: the champions on the test split under named, seeded shifts, and on non-flower photos.", "",
+        f"- Models: {', '.join(f'{k} ({v})' for k, v in models.items()) or UNKNOWN}",
+        f"- Test images: {images or UNKNOWN} (a seeded subset per class); shifts: {', '.join(shifts) or UNKNOWN}",
+        f"- Non-flower photos: {ood_photos or 'none'}",
+        "- Metrics: `<model>.<shift>.top1` and `.flagged`, the mean and the worst shift per model; tables and plots "
+        "under `robustness/` (docs/robustness.md).",
+    ])

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from flowers import config as C
+from flowers.registry import run_notes as N
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ def run_robustness(data_cfg: C.DataConfig, tracker, registered: dict[str, str],
                                 "test_images": suite.images, "ood_dir": str(photos) if photos else "",
                                 "ood_photos": ood.photos if ood else 0, **{f"uri.{k}": v for k, v in uris.items()}})
     tracker.log_metrics(run_id, metrics)
+    tracker.describe(run_id, N.describe_robustness([s.label for s in specs], suite.images, uris,
+                                                   ood.photos if ood else 0))
     tracker.log_artifacts(run_id, suite.files + (ood.files if ood else []), "robustness")
     tracker.finish(run_id)
     log.info("robustness: %d test images x %d shifts in %.0f s, OOD in %.0f s", suite.images, len(specs),
