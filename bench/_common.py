@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -34,3 +35,11 @@ def write_study(tmp: Path, name: str, profile: str, overrides: list[str], **extr
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+def cpu_line() -> str:
+    """`lscpu`'s model name, CPU count and the SIMD flags (avx2, avx512, amx) of this machine."""
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    info = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in out.splitlines())}
+    flags = set(info.get("Flags", "").split())
+    keep = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{info.get('Model name', '?')}, {info.get('CPU(s)', '?')} CPUs, flags: {' '.join(keep) or 'no avx2'}"

@@ -18,22 +18,16 @@ import argparse
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _common import cpu_line  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cpu_line() -> str:
-    """`lscpu`'s model name, CPU count and the SIMD flags (avx2, avx512, amx) of this machine."""
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    info = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in out.splitlines())}
-    flags = set(info.get("Flags", "").split())
-    keep = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{info.get('Model name', '?')}, {info.get('CPU(s)', '?')} CPUs, flags: {' '.join(keep) or 'no avx2'}"
 
 BURN = ("import ray, time\nray.init()\n@ray.remote(num_cpus=1)\ndef burn(s):\n    t = time.process_time()\n"
         "    end = time.time() + s\n    while time.time() < end: pass\n    return time.process_time() - t\n"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,17 +29,12 @@ import time
 import uuid
 from pathlib import Path
 
+from _common import cpu_line  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def cpu_line() -> str:
-    """`lscpu`'s model name, CPU count and the SIMD flags (avx2, avx512, amx) of this machine."""
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    info = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in out.splitlines())}
-    flags = set(info.get("Flags", "").split())
-    keep = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{info.get('Model name', '?')}, {info.get('CPU(s)', '?')} CPUs, flags: {' '.join(keep) or 'no avx2'}"
 
 
 def pct(xs: list[float], q: float) -> float:
