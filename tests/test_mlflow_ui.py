@@ -2,6 +2,7 @@
 logged models, tables, images and the HTML report in the store; a real browser on `flowers ui`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -285,7 +286,9 @@ def test_a_resumed_study_duplicates_no_runs_inputs_or_versions(small_study):
     before = census()
     old_env, old_uri = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
     try:
-        again = run_study(study, Path(study.home).parent, resume=True)
+        # the same store as the first run, named: not whatever an earlier fixture left in the environment
+        again = run_study(dataclasses.replace(study, tracking_uri=outcome.tracking_uri), Path(study.home).parent,
+                          resume=True)
     finally:
         mlflow.set_tracking_uri(old_uri)
         if old_env is None:
