@@ -8,8 +8,6 @@ import pytest
 
 from flowers.registry.uris import ModelRef, TrackingTarget
 
-pytest.importorskip("ray")
-
 
 def _ref(version: str, alias: str | None = "champion", name: str = "m") -> ModelRef:
     return ModelRef(uri=f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}",

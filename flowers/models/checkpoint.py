@@ -170,16 +170,25 @@ def write_json(path: str | Path, data: Any) -> Path:
     return path
 
 
+def read_json(path: str | Path, missing: str) -> dict[str, Any]:
+    """A JSON object from `path`; ModelLoadError saying `missing` when there is no file, or what is wrong."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(missing) from None
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return data
+
+
 def read_per_image(where: str | Path) -> dict[str, Any]:
     """Per-image test results from a model folder (its PER_IMAGE file) or a record file (`*.json`);
     ModelLoadError when there are none."""
     path = Path(where) if str(where).endswith(".json") else Path(where) / PER_IMAGE
-    try:
-        rec = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelLoadError(f"{where}: no {path.name}, so no per-image test results") from None
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read {path}: {e}") from None
+    rec = read_json(path, f"{where}: no {path.name}, so no per-image test results")
     if rec.get("format") != PER_IMAGE_FORMAT or not (len(rec["ids"]) == len(rec["labels"]) == len(rec["preds"])):
         raise ModelLoadError(f"{path} is not a flowers per-image record ({PER_IMAGE_FORMAT})")
     return rec
@@ -260,16 +269,7 @@ def verify_folder(model_dir: str | Path, manifest: dict) -> None:
 
 def read_manifest(model_dir: str | Path) -> dict:
     """The manifest of a model folder; ModelLoadError when missing or unreadable."""
-    path = Path(model_dir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelLoadError(f"{model_dir} holds no {MANIFEST}: not a flowers model folder") from None
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read {path}: {e}") from None
-    if not isinstance(manifest, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object")
-    return manifest
+    return read_json(Path(model_dir) / MANIFEST, f"{model_dir} holds no {MANIFEST}: not a flowers model folder")
 
 
 def update_manifest(model_dir: str | Path, **changes: Any) -> dict:

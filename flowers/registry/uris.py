@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flowers.models.checkpoint import MANIFEST, ModelLoadError, find_manifest, locate_model, sha256_file
+from flowers.models.checkpoint import MANIFEST, ModelLoadError, find_manifest, locate_model, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -165,18 +165,6 @@ def store_target(explicit: str | None = None, home: str | Path = DEFAULT_HOME) -
     return TrackingTarget(tracking_uri(explicit, home))
 
 
-def _read_manifest_file(path: Path, uri: str) -> dict[str, Any]:
-    import json
-
-    try:
-        manifest = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read the manifest of model '{uri}': {e}") from None
-    if not isinstance(manifest, dict):
-        raise ModelLoadError(f"the manifest of model '{uri}' is not a JSON object")
-    return manifest
-
-
 # where a flowers model keeps its manifest inside a logged MLflow model (`flowers.registry.flavor`)
 MANIFEST_PLACES = (f"artifacts/{MODEL_FOLDER}/{MANIFEST}", f"{MODEL_FOLDER}/{MANIFEST}", MANIFEST)
 
@@ -194,7 +182,7 @@ def _fetch_manifest(source: str, tracking: str, uri: str) -> tuple[dict[str, Any
                                            dst_path=tmp)
             except Exception:  # not at this place: MLflow raises several types for a missing file
                 continue
-            return _read_manifest_file(Path(local), uri), sha256_file(Path(local))
+            return read_json(local, f"model '{uri}': its manifest vanished while it was read"), sha256_file(Path(local))
     return {}, None  # a bare checkpoint or ONNX file logged without a manifest
 
 
