@@ -160,6 +160,19 @@ def test_modules_that_ray_data_tasks_unpickle_stay_light():
     assert out.returncode == 0, out.stderr[-2000:]
 
 
+def test_resolving_a_model_reference_imports_no_torch():
+    """The resolver, the manifest helpers and the CLI's entry point stay torch-free: commands that only
+    name a model (`flowers models list`, `flowers deploy`, a job client, a Serve controller) must not pay
+    torch's seconds of import; only loading weights imports it."""
+    code = ("import sys, flowers.registry.uris, flowers.models.checkpoint, flowers.cli.main, flowers.models\n"
+            "heavy = sorted(m for m in ('torch', 'torchvision') if m in sys.modules)\n"
+            "assert not heavy, heavy\n"
+            "from flowers.models import build_model\n"  # the package's names still resolve (lazily)
+            "assert 'torch' in sys.modules and callable(build_model)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 def _top_imports(package: str) -> list[tuple[str, str, int]]:
     """(module, first part of what it imports, line) for every import in `package`, lazy ones included."""
     return [(m, base.split(".")[0], node.lineno) for m, p in _modules(package).items()

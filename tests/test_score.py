@@ -426,3 +426,25 @@ def test_scorer_decodes_again_when_the_manifest_disagrees_with_the_model(folder,
     ref = Predictor.from_ref(str(trained_checkpoint)).predict(paths, top_k=2)
     for r, e in zip(rows, ref):
         np.testing.assert_allclose(r["top_k_probs"], [t["probability"] for t in e["top_k"]], atol=1e-5)
+
+
+def test_scorer_sizes_its_onnx_session_without_touching_the_environment(other_kinds, folder, monkeypatch):
+    """A 1-thread scorer in a 2-CPU process gets a 1-thread ONNX Runtime session, passed down the
+    load path (`load_model(..., threads=)`), with OMP_NUM_THREADS never written: the in-process
+    engine loads while its lanes decode, so a process-wide setting would race with them."""
+    import os
+
+    import flowers.inference.onnx_models as onnx_models
+
+    sessions, real = [], onnx_models.onnx_session
+
+    def spy(path, threads=None, precise=False):
+        sessions.append((threads, os.environ.get("OMP_NUM_THREADS")))
+        return real(path, threads, precise)
+
+    monkeypatch.setattr(onnx_models, "onnx_session", spy)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    scorer = Scorer(str(other_kinds["student"]), top_k=2, threads=1, views=None)
+    rows = scorer({"path": np.array([str(folder["a.jpg"])], dtype=object)}).to_pylist()
+    assert rows[0]["error"] is None and rows[0]["label"] is not None
+    assert sessions == [(1, "2")]

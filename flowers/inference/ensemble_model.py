@@ -75,7 +75,8 @@ class EnsembleModule(torch.nn.Module):
         return torch.log(total.clamp_min(1e-12))
 
 
-def load_members(path: Path, manifest: dict, device: str = "cpu") -> list[tuple[str, LoadedModel]]:
+def load_members(path: Path, manifest: dict, device: str = "cpu",
+                 threads: int | None = None) -> list[tuple[str, LoadedModel]]:
     """(name, model) for each member of an ensemble folder."""
     path = Path(path)
     out = []
@@ -83,7 +84,7 @@ def load_members(path: Path, manifest: dict, device: str = "cpu") -> list[tuple[
         kind, target, member_manifest = locate_model(path / m["file"])
         if kind not in MEMBER_LOADERS:
             raise ModelLoadError(f"ensemble member {m['file']} in {path} is a '{kind}'; members are checkpoints or ONNX models")
-        loaded = MEMBER_LOADERS[kind](target, member_manifest, device)
+        loaded = MEMBER_LOADERS[kind](target, member_manifest, device, threads)
         if list(loaded.class_names) != list(manifest["class_names"]):
             raise ModelLoadError(f"ensemble member {m['file']} in {path} does not match the ensemble's class names")
         out.append((m["name"], loaded))
@@ -112,7 +113,8 @@ class FusedLoadedModel(LoadedModel):
         return f"FusedLoadedModel(name={self.name!r}, source={self.source!r}, serving={self.meta.get('serving')!r})"
 
 
-def load_fused(path: Path, manifest: dict, views: Sequence[Preprocessing] | None = None) -> LoadedModel | None:
+def load_fused(path: Path, manifest: dict, views: Sequence[Preprocessing] | None = None,
+               threads: int | None = None) -> LoadedModel | None:
     """The ensemble's fused graph when it is there and valid for this CPU, else None (one warning)."""
     entry = manifest.get("fused")
     if not entry:
@@ -126,7 +128,7 @@ def load_fused(path: Path, manifest: dict, views: Sequence[Preprocessing] | None
         if saturation_warning(fused / file, int8_weight_check(fused / file), cpu):
             log.warning("fused ensemble %s: %s can saturate on this CPU; serving its fp32 graph", fused, file)
             file = fm["files"]["fp32"]
-        loaded = load_onnx(fused / file, {**fm, "file": file}, "cpu")
+        loaded = load_onnx(fused / file, {**fm, "file": file}, "cpu", threads)
         if views is not None and list(loaded.views) != list(views):
             raise ModelLoadError(f"its views {[v.to_dict() for v in loaded.views]} are not the members'")
         if list(loaded.class_names) != list(manifest["class_names"]):
@@ -138,9 +140,10 @@ def load_fused(path: Path, manifest: dict, views: Sequence[Preprocessing] | None
         return None
 
 
-def _members_module(path: Path, manifest: dict, device: str) -> Callable[[], torch.nn.Module | None]:
+def _members_module(path: Path, manifest: dict, device: str,
+                    threads: int | None = None) -> Callable[[], torch.nn.Module | None]:
     def make() -> torch.nn.Module | None:
-        members = load_members(path, manifest, device)
+        members = load_members(path, manifest, device, threads)
         if not all(m.module is not None for _, m in members):
             return None
         _, index = member_views([m.preprocessing for _, m in members])
@@ -149,7 +152,8 @@ def _members_module(path: Path, manifest: dict, device: str) -> Callable[[], tor
     return make
 
 
-def load_ensemble(path: Path, manifest: dict, device: str, fused: bool = True) -> LoadedModel:
+def load_ensemble(path: Path, manifest: dict, device: str, threads: int | None = None,
+                  fused: bool = True) -> LoadedModel:
     """Loader for manifest kind `ensemble` (`flowers.inference.predict.LOADERS`).
 
     On the CPU the fused graph serves when the folder has a valid one (`fused=False`: always the members)."""
@@ -158,14 +162,14 @@ def load_ensemble(path: Path, manifest: dict, device: str, fused: bool = True) -
         raise ModelLoadError(f"the ensemble manifest in {path} lists no members")
     meta = {k: v for k, v in manifest.items() if k not in ("file", "class_names", "preprocessing", "views")}
     views = [Preprocessing.from_dict(v) for v in manifest.get("views") or [manifest["preprocessing"]]]
-    graph = load_fused(path, manifest, views) if fused and device == "cpu" else None
+    graph = load_fused(path, manifest, views, threads) if fused and device == "cpu" else None
     if graph is not None:
         meta["serving"] = f"fused-{manifest['fused'].get('variant')}"
         meta["fused_file"] = graph.source
         return FusedLoadedModel(graph.predict_proba, views[0], list(manifest["class_names"]),
                                 manifest.get("name", REGISTERED_NAME), version=manifest.get("version"), meta=meta,
-                                source=str(path), views=views, members_module=_members_module(path, manifest, device))
-    members = load_members(path, manifest, device)
+                                source=str(path), views=views, members_module=_members_module(path, manifest, device, threads))
+    members = load_members(path, manifest, device, threads)
     weights = manifest.get("weights") or [1.0] * len(members)
     views, index = member_views([m.preprocessing for _, m in members])
     fns = [(m.predict_proba, v) for (_, m), v in zip(members, index)]

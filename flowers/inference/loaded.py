@@ -90,9 +90,10 @@ class TorchProbModel(torch.nn.Module):
         return self.net(self.norm(x))
 
 
-def load_torch_checkpoint(path: Path, manifest: dict, device: str) -> LoadedModel:
+def load_torch_checkpoint(path: Path, manifest: dict, device: str, threads: int | None = None) -> LoadedModel:
     """Loader for manifest kind `checkpoint`: `model.safetensors` + manifest (registered models),
-    or a training checkpoint (`best.pt`, read with `weights_only=True`)."""
+    or a training checkpoint (`best.pt`, read with `weights_only=True`). `threads` is unused: torch's
+    thread count is per process (`flowers.runtime.configure_torch_threads`)."""
     if Path(path).suffix == ".safetensors":
         # a model folder: weights from safetensors, everything else from the (verified) manifest
         ckpt = {"model_name": manifest["model_name"], "class_names": manifest["class_names"],

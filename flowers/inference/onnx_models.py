@@ -173,8 +173,9 @@ def onnx_session(path: Path, threads: int | None = None, precise: bool = False):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def load_onnx(path: Path, manifest: dict, device: str) -> LoadedModel:
-    """Loader for manifest kind `onnx` (or a bare .onnx file with embedded metadata)."""
+def load_onnx(path: Path, manifest: dict, device: str, threads: int | None = None) -> LoadedModel:
+    """Loader for manifest kind `onnx` (or a bare .onnx file with embedded metadata); `threads`: the
+    session's intra-op threads (default: this process's CPU share)."""
     path = Path(path)
     if path.is_dir():
         path = path / manifest.get("file", FILES["int8"])
@@ -185,7 +186,7 @@ def load_onnx(path: Path, manifest: dict, device: str) -> LoadedModel:
     cpu = cpu_flags() if check["int8"] else {}
     # an 8-bit model on an x86 CPU without VNNI (or one that could not be read) needs the exact kernels
     precise = bool(check["int8"] and not check["saturation_safe"] and is_x86(cpu) and not cpu.get("vnni"))
-    sess = onnx_session(path, precise=precise)
+    sess = onnx_session(path, threads, precise=precise)
     embedded = {k: json.loads(v) for k, v in sess.get_modelmeta().custom_metadata_map.items()
                 if k in EMBEDDED_KEYS}
     meta = {**embedded, **manifest}

@@ -58,18 +58,21 @@ def predict_dataset(predict_proba: Callable[[Batch], np.ndarray], data: Any, *, 
 
 
 # the loader of each manifest kind, by the function that loads it
-LOADERS: dict[str, Callable[[Path, dict, str], LoadedModel]] = {
+LOADERS: dict[str, Callable[[Path, dict, str, int | None], LoadedModel]] = {
     "checkpoint": load_torch_checkpoint,
     "ensemble": load_ensemble,
     "onnx": load_onnx,
 }
 
 
-def load_model(ref: ModelRef | str | Path, device: str = "cpu", target: TrackingTarget | None = None) -> LoadedModel:
+def load_model(ref: ModelRef | str | Path, device: str = "cpu", target: TrackingTarget | None = None,
+               threads: int | None = None) -> LoadedModel:
     """The one way to load a model for inference.
 
     Give it the `ModelRef` the edge resolved: it fetches the files and loads them, with no
     registry call. A URI or path is resolved here first (`resolve_ref`, against `target`).
+    `threads`: the intra-op threads of its ONNX Runtime sessions (default: this process's CPU share,
+    `flowers.runtime.cpu_share`); torch's threads are process-wide (`configure_torch_threads`).
     """
     ref = resolve_ref(ref, target)
     path = fetch(ref)
@@ -77,7 +80,7 @@ def load_model(ref: ModelRef | str | Path, device: str = "cpu", target: Tracking
     if kind not in LOADERS:
         raise ModelLoadError(f"unknown model kind '{kind}' in the model manifest (known: {', '.join(LOADERS)})")
     try:
-        loaded = LOADERS[kind](target_file, manifest, device)
+        loaded = LOADERS[kind](target_file, manifest, device, threads)
     except ModelLoadError:
         raise
     except Exception as e:
@@ -106,9 +109,9 @@ class Predictor:
 
     @classmethod
     def from_ref(cls, ref: ModelRef | str | Path, device: str = "cpu", threshold: float | None = None,
-                 target: TrackingTarget | None = None) -> "Predictor":
+                 target: TrackingTarget | None = None, threads: int | None = None) -> "Predictor":
         """A predictor for a resolved `ModelRef` (or a URI/path, resolved here against `target`)."""
-        return cls(load_model(ref, device, target), threshold)
+        return cls(load_model(ref, device, target, threads), threshold)
 
     from_uri = from_ref  # the same entry point under the name callers with a URI use
 

@@ -24,9 +24,23 @@ Example::
 """
 from __future__ import annotations
 
-from flowers.models.backbones import ModelError, ModelSpec, list_models, model_spec
-from flowers.models.nets import AttentionHead, AttentionNet, FlowerNet, PoolHead, build_model, count_parameters
-from flowers.models.tail import TailNet, backbone_units
+from importlib import import_module
+from typing import Any
+
+# Exported lazily (PEP 562): importing a torch-free submodule (`flowers.models.checkpoint`'s manifest
+# helpers, which the registry and `flowers models list` use) must not import torch and torchvision.
+_EXPORTS = {
+    "ModelError": "backbones", "ModelSpec": "backbones", "list_models": "backbones", "model_spec": "backbones",
+    "AttentionHead": "nets", "AttentionNet": "nets", "FlowerNet": "nets", "PoolHead": "nets",
+    "build_model": "nets", "count_parameters": "nets", "TailNet": "tail", "backbone_units": "tail",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(f"flowers.models.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'flowers.models' has no attribute {name!r}")
 
 __all__ = [
     "AttentionHead",

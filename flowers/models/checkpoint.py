@@ -30,10 +30,11 @@ import pickle
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from flowers.models import build_model
+if TYPE_CHECKING:  # torch is imported where weights are read or written: the manifest helpers need none
+    import torch
+    from torch import nn
 
 CHECKPOINT_FORMAT = "flowers.models.checkpoint/1"
 MANIFEST = "flowers_model.json"
@@ -55,6 +56,8 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
     """Write atomically so a crash mid-save never leaves a truncated checkpoint."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    import torch
+
     torch.save({"format": CHECKPOINT_FORMAT, **payload}, tmp)
     os.replace(tmp, path)
 
@@ -68,6 +71,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    import torch
+
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -80,6 +85,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def model_from_checkpoint(ckpt: dict) -> nn.Module:
     """Rebuild the network from a checkpoint dict (no pretrained download), in eval mode."""
+    from flowers.models.nets import build_model
+
     net = build_model(ckpt["model_name"], num_classes=len(ckpt["class_names"]), pretrained=False,
                       dropout=ckpt.get("dropout", 0.0))
     net.load_state_dict(ckpt["model"])
@@ -123,6 +130,8 @@ def model_from_folder(weights: str | Path, manifest: dict) -> nn.Module:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelLoadError(f"cannot read weights {weights}: {e}") from None
+    from flowers.models.nets import build_model
+
     net = build_model(manifest["model_name"], num_classes=len(manifest["class_names"]), pretrained=False,
                       dropout=manifest.get("dropout", 0.0))
     net.load_state_dict(state)

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import threading
 import time
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Sequence
@@ -68,26 +66,6 @@ class Decoded:
     decode_s: float = 0.0
 
 
-@contextmanager
-def _thread_share(threads: int):
-    """OMP_NUM_THREADS = `threads` while the model loads, then as it was. The loaders size their
-    thread pools from it (`flowers.runtime.cpu_share`, ONNX Runtime's included), as Ray sets it
-    for each actor; the in-process engine runs several 1-thread scorers in one process, where it
-    is unset. Nothing else reads it after start-up."""
-    key, old = "OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS")
-    if old == str(threads):
-        yield
-        return
-    os.environ[key] = str(threads)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-
-
 class Scorer:
     """Loads the Predictor once; `__call__` scores a batch of `{path[, bytes, read_error]}` rows.
 
@@ -123,8 +101,9 @@ class Scorer:
         try:
             from flowers.inference.predict import Predictor
 
-            with _thread_share(self.threads):
-                predictor = Predictor.from_ref(self.model_ref, self.device)
+            # the scorer's own thread count, not the process's share: the in-process engine runs one
+            # 1-thread model call per lane in a process that may have more CPUs
+            predictor = Predictor.from_ref(self.model_ref, self.device, threads=self.threads)
         except BaseException as e:
             self._loading.set_exception(e)
             if self.decoder is None:
