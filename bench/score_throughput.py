@@ -118,10 +118,9 @@ def _worker_init(uri: str, paths: list[str]) -> None:
     from flowers.inference.predict import Predictor
 
     torch.set_num_threads(1)
-    # ONNX Runtime sizes its pool from OMP_NUM_THREADS (flowers.runtime.cpu_share), as Ray sets it per
-    # 1-CPU actor; unset, each process would run 2 threads on 2 cores and collapse on a shared CPU
-    os.environ["OMP_NUM_THREADS"] = "1"
-    _PRED = Predictor.from_uri(uri)
+    # one ONNX Runtime thread per process, as Ray gives a 1-CPU actor; by default each process would
+    # run one per CPU (2 x 2 threads on 2 cores) and collapse on a shared CPU
+    _PRED = Predictor.from_uri(uri, threads=1)
     _BATCH = torch.stack([_PRED.load_image(p) for p in paths])
     _PRED.predict_proba(_BATCH)  # warm-up: first call allocates
 
@@ -355,6 +354,13 @@ def main() -> int:
     paths = [str(p) for p in list_images(Path(args.data, "jpg"))][: args.limit]
     tmp = Path(tempfile.mkdtemp(prefix="score-bench-"))
     if args.model:
+        from flowers.registry.uris import resolve_ref
+
+        try:
+            resolve_ref(args.model)
+        except Exception as e:  # a wrong URI or store: one line, exit 2 (the user's input, not a bench bug)
+            print(f"error: {args.model}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+            return 2
         uri, label = args.model, args.model
     elif args.stand_in == "int8":
         uri, label = stand_in_student(tmp / "student", paths)

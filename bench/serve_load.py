@@ -16,7 +16,12 @@ Prints:
      without the admission gate (Serve's batching alone, `admission_gate: false`), each applied
      live through user_config, in interleaved rounds (--rounds);
   3. the student's HTTP p50 at concurrency 1 vs its in-process Predictor latency, in
-     alternating blocks while Serve runs.
+     alternating blocks while Serve runs;
+  4. each endpoint's limits, measured in this process after Serve has stopped, with the replica's
+     threads: decode-only img/s, model-only img/s at batch 1 and at the batch size the endpoint
+     used most under load, the shared-CPU ceiling 1/(1/decode + 1/model); then the endpoint's best
+     req/s as a share of each, and p99/p50 at concurrency 8 (targets: >= 80 % of model-only,
+     p99 <= 2x p50).
 """
 from __future__ import annotations
 
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ensemble", default="models:/flowers-ensemble@champion")
     p.add_argument("--student", default="models:/flowers-student@champion")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--seconds", type=float, default=10.0, help="duration of each load level (bounded)")
     p.add_argument("--requests", type=int, default=100_000, help="also stop a level after this many requests")
     p.add_argument("--rounds", type=int, default=2, help="off/on rounds for the batching comparison")
@@ -146,6 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     from serve.ingress_env import LOCAL_DRAIN_S, ingress_env, resolve_proxy
     from raylink.ports import pick_port as free_port
 
+    from flowers.registry.uris import resolve_ref
+
+    for uri in (args.ensemble, args.student):
+        try:
+            resolve_ref(uri)
+        except Exception as e:  # a wrong URI or store: one line, exit 2, before Ray starts
+            print(f"error: {uri}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+            return 2
     proxy, warning = resolve_proxy(args.proxy)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
@@ -226,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
+    results["limits"] = {route: limits(uri, results["levels"][route], images, args)
+                         for route, uri in (("ensemble", args.ensemble), ("student", args.student))}
     print_report(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -236,8 +251,7 @@ def student_overhead(base: str, images: list[bytes], args) -> dict:
     """Student at concurrency 1: HTTP p50 vs in-process p50, in alternating blocks of the same
     images, measured while Serve runs (idle between blocks), so both see the same machine state.
 
-    In process uses the replica's thread counts: torch directly, ONNX Runtime through
-    OMP_NUM_THREADS (as Ray sets it in the replica). It is measured twice: back to back, and
+    In process uses the replica's thread counts (torch's and the ONNX Runtime session's). It is measured twice: back to back, and
     with a 3 ms pause before each call, about the idle time a concurrency-1 server has between
     requests; on this VM an idle core makes the next call slower (see docs/serving.md).
     """
@@ -247,15 +261,7 @@ def student_overhead(base: str, images: list[bytes], args) -> dict:
     from flowers.runtime import configure_torch_threads
 
     threads = max(1, int(args.cpus_per_model))
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    try:
-        pred = Predictor.from_uri(args.student)
-    finally:
-        if old is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = old
+    pred = Predictor.from_uri(args.student, threads=threads)
     configure_torch_threads(threads)
     url = f"{base}/v1/predict/student"
     http, tight, paced, model = [], [], [], []
@@ -283,6 +289,47 @@ def student_overhead(base: str, images: list[bytes], args) -> dict:
     return {"requests": len(http), "http_p50": round(pct(http, 50), 2), "http_p95": round(pct(http, 95), 2),
             "replica_forward_p50": round(pct(model, 50), 2), "in_process_p50": round(pct(tight, 50), 2),
             "in_process_paced_p50": round(pct(paced, 50), 2)}
+
+
+def limits(uri: str, levels: list[dict], images: list[bytes], args) -> dict:
+    """An endpoint's ceilings on this machine, in this process, with the replica's threads: decode-only,
+    model-only at batch 1 and at the batch size the endpoint used most, and the shared-CPU ceiling."""
+    from flowers.inference.loaded import collate
+    from flowers.inference.predict import Predictor
+    from flowers.runtime import configure_torch_threads
+
+    threads = max(1, int(args.cpus_per_model))
+    configure_torch_threads(threads)
+    pred = Predictor.from_uri(uri, threads=threads)
+    decoded = [pred.load_image(img) for img in images]
+
+    def rate(fn, n_items: int, seconds: float = 4.0) -> float:
+        fn()  # warm-up
+        done, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            fn()
+            done += n_items
+        return done / (time.perf_counter() - t0)
+
+    seen: dict[int, int] = {}
+    for lv in levels:
+        for k, v in lv["batches"].items():
+            seen[int(k)] = seen.get(int(k), 0) + int(k) * v  # weighted by images, not batches
+    top = max(seen, key=seen.get) if seen else 1
+    batch = collate([decoded[i % len(decoded)] for i in range(top)])
+    one = collate([decoded[0]])
+    out = {"threads": threads, "decode": rate(lambda: [pred.load_image(img) for img in images[:16]], 16),
+           "model_b1": rate(lambda: pred.predict_proba(one), 1), "batch": top,
+           "model_batch": rate(lambda: pred.predict_proba(batch), top)}
+    out["model"] = max(out["model_b1"], out["model_batch"])
+    out["ceiling"] = 1 / (1 / out["decode"] + 1 / out["model"])
+    best = max(levels, key=lambda lv: lv["rps"])
+    out.update(best_rps=best["rps"], best_concurrency=best["concurrency"],
+               of_model=best["rps"] / out["model"], of_ceiling=best["rps"] / out["ceiling"])
+    c8 = [lv for lv in levels if lv["concurrency"] == 8]
+    if c8:
+        out["p99_over_p50_c8"] = c8[0]["p99"] / c8[0]["p50"] if c8[0]["p50"] else float("nan")
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def cpu_info() -> str:
@@ -347,6 +394,15 @@ def print_report(r: dict) -> None:
     print(f"  the replica's own forward pass (decode included) p50 {o['replica_forward_p50']} ms; in process with "
           f"a 3 ms idle gap before each call {o['in_process_paced_p50']} ms (overhead vs that: "
           f"{o['http_p50'] - o['in_process_paced_p50']:.2f} ms)")
+    print("\nlimits (this process, after Serve stopped, the replica's threads; img/s) and each endpoint's best req/s:")
+    print("| endpoint | decode-only | model-only b1 | model-only b(most used) | shared-CPU ceiling | best req/s (conc) "
+          "| of model-only | of ceiling | p99/p50 @ 8 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for route, x in r.get("limits", {}).items():
+        print(f"| {route} | {x['decode']:.1f} | {x['model_b1']:.1f} | {x['model_batch']:.1f} (b{x['batch']}) | "
+              f"{x['ceiling']:.1f} | {x['best_rps']} ({x['best_concurrency']}) | {100 * x['of_model']:.0f} % | "
+              f"{100 * x['of_ceiling']:.0f} % | {x.get('p99_over_p50_c8', float('nan')):.2f} |")
+    print("targets: >= 80 % of model-only, p99/p50 <= 2 at concurrency 8")
     errs = sum(x["errors"] for x in ens + stu) + sum(v["errors"] for x in rounds for v in x.values())
     print(f"errors: {errs}")
 
