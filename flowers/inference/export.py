@@ -123,15 +123,22 @@ def calibration_batches(calibration: Dataset | Sequence[torch.Tensor], limit: in
 
 
 def prepare_for_quantization(src: Path, dst: Path) -> Path:
-    """ORT's recommended pre-pass (shape inference + graph optimization); falls back to the raw model."""
+    """ORT's recommended pre-pass (shape inference + graph optimization: BatchNormalization folded into
+    its Conv, constants folded). Symbolic shape inference fails on some exported graphs (a fused
+    ensemble's); the pass is then run with ONNX's own shape inference, and only if that fails too is the
+    raw graph quantized, with a warning: its BatchNormalization ops would be quantized on their own."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
-        return dst
-    except Exception as e:  # an unsupported op in symbolic shape inference is not fatal
-        log.warning("quant_pre_process failed (%s); quantizing the unprocessed graph", str(e).splitlines()[0])
-        return src
+    err = ""
+    for skip_symbolic in (False, True):
+        try:
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic)
+            return dst
+        except Exception as e:  # an unsupported op in symbolic shape inference is not fatal
+            err = str(e).splitlines()[0] if str(e) else type(e).__name__
+            log.info("quant_pre_process (skip_symbolic_shape=%s) failed: %s", skip_symbolic, err)
+    log.warning("quant_pre_process failed (%s); quantizing the unprocessed graph", err)
+    return src
 
 
 def _recipe(name: str) -> dict[str, Any]:
