@@ -9,8 +9,8 @@ over HTTP at concurrency 1/4/8/16, then their limits measured in-process with th
 then prints one table: each figure, its limit (decode-only, model-only, the shared-CPU ceiling
 1/(1/decode + 1/model)) and the ratio, with `lscpu`'s model name and SIMD flags and the load average.
 
-`--isa avx2` runs both with `ONEDNN_MAX_CPU_ISA=AVX2`: torch's oneDNN kernels (the fp32 checkpoints,
-a members-served ensemble) stop at AVX2, as on an AVX2-only EPYC. ONNX Runtime (the INT8 student, the
+`--isa avx2` runs both with `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`: torch's oneDNN and ATen
+kernels (the fp32 checkpoints, a members-served ensemble) stop at AVX2, as on an AVX2-only EPYC. ONNX Runtime (the INT8 student, the
 fused ensemble) has no such switch: its figures in that run are still this CPU's own, and say so.
 
 Models: `--student`/`--ensemble` (default the registered champions of the store MLflow points at:
@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {uri}: {why}", file=sys.stderr)
             return 2
     env = dict(os.environ)
-    if args.isa == "avx2":
-        env["ONEDNN_MAX_CPU_ISA"] = "AVX2"
+    if args.isa == "avx2":  # oneDNN (convolutions) and ATen's own vectorized kernels (softmax, elementwise)
+        env.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
     tmp = Path(tempfile.mkdtemp(prefix="bench-inference-"))
     print(f"machine: {cpu_line()}; load average {os.getloadavg()[0]:.1f} at the start; ISA: {args.isa}"
           + ("" if args.isa == "native" else " (torch/oneDNN capped; ONNX Runtime paths run at this CPU's own ISA)"))
