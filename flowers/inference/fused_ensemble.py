@@ -89,7 +89,7 @@ def export_fused_fp32(module: FusedEnsembleModule, views: Sequence[Preprocessing
                           external_data=False, verbose=False,
                           # the exporter's pass folds the CastLike/Expand chains that feed each BatchNormalization;
                           # without it no BatchNormalization folds into its Conv, and INT8 quantized the unfolded
-                          # BN ops on their own (measured: 5 points of test top-1 lost, docs/performance.md)
+                          # BN ops on their own (measured: 6.2 points of test top-1 lost, docs/performance.md)
                           optimize=True)
     return path
 

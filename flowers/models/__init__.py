@@ -34,13 +34,13 @@ _EXPORTS = {
     "AttentionHead": "nets", "AttentionNet": "nets", "FlowerNet": "nets", "PoolHead": "nets",
     "build_model": "nets", "count_parameters": "nets", "TailNet": "tail", "backbone_units": "tail",
 }
-__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(import_module(f"flowers.models.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module 'flowers.models' has no attribute {name!r}")
+
 
 __all__ = [
     "AttentionHead",

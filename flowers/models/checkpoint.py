@@ -28,9 +28,7 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:  # torch is imported where weights are read or written: the manifest helpers need none
     import torch
