@@ -36,6 +36,7 @@ def write_study(tmp: Path, name: str, profile: str, overrides: list[str], **extr
     path.write_text(yaml.safe_dump(data))
     return path
 
+
 def cpu_line() -> str:
     """`lscpu`'s model name, CPU count and the SIMD flags (avx2, avx512, amx) of this machine."""
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -43,3 +44,16 @@ def cpu_line() -> str:
     flags = set(info.get("Flags", "").split())
     keep = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
     return f"{info.get('Model name', '?')}, {info.get('CPU(s)', '?')} CPUs, flags: {' '.join(keep) or 'no avx2'}"
+
+
+def unresolvable(uris: list[str]) -> str | None:
+    """None when every model URI resolves (a registry lookup and the manifest, no weights), else one line
+    naming the first that does not: the benches print it and exit 2 before any work."""
+    from flowers.registry.uris import resolve_ref
+
+    for uri in uris:
+        try:
+            resolve_ref(uri)
+        except Exception as e:  # a wrong URI or store is the user's input: say it, do not trace it
+            return f"error: {uri}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return None

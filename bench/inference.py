@@ -26,21 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _common import cpu_line, unresolvable  # bench/ is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-from _common import cpu_line  # noqa: E402
-
-
-def check_model(uri: str) -> str | None:
-    """None when `uri` resolves (registry lookup + manifest only), else the one-line reason."""
-    from flowers.registry.uris import resolve_ref
-
-    try:
-        resolve_ref(uri)
-    except Exception as e:  # any resolver failure is the user's input: say it, do not trace it
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
-    return None
 
 
 def run(cmd: list[str], env: dict[str, str], log: Path) -> int:
@@ -109,11 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write every figure here")
     args = ap.parse_args(argv)
 
-    for uri in (args.student, args.ensemble):
-        why = check_model(uri)
-        if why:
-            print(f"error: {uri}: {why}", file=sys.stderr)
-            return 2
+    why = unresolvable([args.student, args.ensemble])
+    if why:
+        print(why, file=sys.stderr)
+        return 2
     env = dict(os.environ)
     if args.isa == "avx2":  # oneDNN (convolutions) and ATen's own vectorized kernels (softmax, elementwise)
         env.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")

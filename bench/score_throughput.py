@@ -354,12 +354,11 @@ def main() -> int:
     paths = [str(p) for p in list_images(Path(args.data, "jpg"))][: args.limit]
     tmp = Path(tempfile.mkdtemp(prefix="score-bench-"))
     if args.model:
-        from flowers.registry.uris import resolve_ref
+        from _common import unresolvable
 
-        try:
-            resolve_ref(args.model)
-        except Exception as e:  # a wrong URI or store: one line, exit 2 (the user's input, not a bench bug)
-            print(f"error: {args.model}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        why = unresolvable([args.model])
+        if why:
+            print(why, file=sys.stderr)
             return 2
         uri, label = args.model, args.model
     elif args.stand_in == "int8":

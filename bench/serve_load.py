@@ -151,14 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     from serve.ingress_env import LOCAL_DRAIN_S, ingress_env, resolve_proxy
     from raylink.ports import pick_port as free_port
 
-    from flowers.registry.uris import resolve_ref
+    from _common import unresolvable
 
-    for uri in (args.ensemble, args.student):
-        try:
-            resolve_ref(uri)
-        except Exception as e:  # a wrong URI or store: one line, exit 2, before Ray starts
-            print(f"error: {uri}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-            return 2
+    why = unresolvable([args.ensemble, args.student])  # before Ray starts
+    if why:
+        print(why, file=sys.stderr)
+        return 2
     proxy, warning = resolve_proxy(args.proxy)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
