@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import platform
 import pickle
 import signal
 import subprocess
@@ -231,6 +232,12 @@ def test_mlflow_models_serve_with_the_default_environment_manager(mlflow_server,
     pinned torch build and its libraries, about 6 GB; MLflow keeps the environment under ~/.mlflow/envs)."""
     if _pyenv() is None:  # a system tool MLflow needs for this manager, not a dependency of the project
         pytest.skip("MLflow's virtualenv environment manager needs pyenv (not on PATH, not in ~/.pyenv)")
+    # the model's python_env.yaml names this interpreter's version; pyenv would download it when it does not
+    # have it, and the test machines reach only the package indexes (Debian's 3.11.2 is not a pyenv build)
+    have = subprocess.run([_pyenv(), "versions", "--bare"], capture_output=True, text=True).stdout.split()
+    if platform.python_version() not in have:
+        pytest.skip(f"pyenv has no Python {platform.python_version()} (it has {', '.join(have) or 'none'}) and "
+                    "would download it; this test runs where the venv's Python is a pyenv build")
     _serve_and_ask(mlflow_server, registered_student, synth_root, tmp_path, None, 1500)
 
 
