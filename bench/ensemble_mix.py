@@ -83,6 +83,8 @@ def main() -> int:
     p.add_argument("--per-class", type=int, default=2)
     p.add_argument("--json", help="also write the table here")
     args = p.parse_args()
+    if args.per_class < 1:
+        raise InputError(f"--per-class {args.per_class}: must be at least 1")
     stores = {}
     for item in args.store:
         name, sep, home = item.partition("=")
@@ -101,7 +103,8 @@ def main() -> int:
     labels = np.asarray(data.test.labels)
     full = score_suite(models, list(data.test.paths), labels, [], seed=data_cfg.seed)
     idx = stratified_subset(labels, args.per_class, data_cfg.seed)
-    suite = score_suite(models, [data.test.paths[i] for i in idx], labels[idx], parse_shifts("all"), seed=data_cfg.seed)
+    shifts = parse_shifts("all")
+    suite = score_suite(models, [data.test.paths[i] for i in idx], labels[idx], shifts, seed=data_cfg.seed)
     rows = vote_table({m: d["clean"] for m, d in full.probs.items()}, suite.probs, labels, labels[idx])
     first = next(iter(stores))
     ref_members = sorted(args.reference.split(",")) if args.reference else sorted(m for m in full.probs
@@ -111,7 +114,7 @@ def main() -> int:
         raise InputError(f"--reference {','.join(ref_members)}: not a subset of the loaded models "
                          f"({', '.join(sorted(full.probs))})")
     print(f"CPU: {cpu_line()}")
-    print(f"{len(models)} models, {len(labels)} clean test images, suite {len(idx)} images x 20 shifts; "
+    print(f"{len(models)} models, {len(labels)} clean test images, suite {len(idx)} images x {len(shifts)} shifts; "
           f"{full.seconds + suite.seconds:.0f} s; reference {'+'.join(ref_members)} clean {ref['clean_test']:.2f}")
     print("| members | clean test top-1 | suite clean / mean / worst | goals |")
     print("|---|---:|---|---|")
