@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import cpu_line
+from _common import cpu_line, unresolvable
 
 REPO = Path(__file__).resolve().parents[1]
 ENSEMBLE = "models:/flowers-ensemble@champion"
@@ -44,10 +44,10 @@ def load_members(stores: dict[str, Path]) -> list:
         if not db.is_file():
             raise InputError(f"--store {name}={home}: no mlflow.db there (give a study's home, e.g. .flowers)")
         mlflow.set_tracking_uri(f"sqlite:///{db}")
-        try:
-            models, _, _ = suite_models(name, ENSEMBLE)
-        except Exception as e:  # a store without a registered ensemble is the user's input: one line
-            raise InputError(f"--store {name}={home}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        why = unresolvable([ENSEMBLE])  # a store without a registered ensemble: one line, before any loading
+        if why:
+            raise InputError(f"--store {name}={home}: {why.removeprefix('error: ')}")
+        models, _, _ = suite_models(name, ENSEMBLE)
         for m in models:
             m.name = m.name.replace("/", "_")
         out += models
