@@ -59,6 +59,20 @@ def test_study_cpu_grid_runs_at_its_own_smaller_budget():
     assert C.load_config(REPO / "configs/level1.yaml", "study-cpu").train.epochs == 8
 
 
+def test_study_cpu_robust_is_study_cpu_plus_shift_views_and_one_more_unit():
+    """study-cpu-robust (docs/robustness.md) changes exactly two values of every trial and of the student:
+    two shift views per image and a third trainable unit; the grid, budgets, split and trunk are study-cpu's."""
+    plain, d = load_study(REPO / "configs/study.yaml", "study-cpu")
+    robust, _ = load_study(REPO / "configs/study.yaml", "study-cpu-robust")
+    a, b = build_trials(plain, d), build_trials(robust, d)
+    assert [t.key for t in a] == [t.key for t in b] and len(b) == 11
+    for ta, tb in zip(a, b):
+        fa, fb = C.to_flat_dict(ta.cfg), C.to_flat_dict(tb.cfg)
+        assert {k for k in fa if fa[k] != fb[k]} == {"data.shift_views", "model.trainable_units"}, ta.key
+        assert (fb["data.shift_views"], fb["model.trainable_units"]) == (2, 3)
+    student = C.load_config(REPO / "configs/level5.yaml", "study-cpu-robust")
+    assert (student.data.shift_views, student.model.trainable_units, student.model.arch) == (2, 3, "efficientnet_lite0")
+
 def test_study_overrides_split_between_study_and_trials(tmp_path):
     study, _ = load_study(REPO / "configs/study.yaml", None, ["study.name=x", "study.resources.max_concurrent=3",
                                                                 "train.epochs=1"])
