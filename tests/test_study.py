@@ -73,6 +73,7 @@ def test_study_cpu_robust_is_study_cpu_plus_shift_views_and_one_more_unit():
     student = C.load_config(REPO / "configs/level5.yaml", "study-cpu-robust")
     assert (student.data.shift_views, student.model.trainable_units, student.model.arch) == (2, 3, "efficientnet_lite0")
 
+
 def test_study_overrides_split_between_study_and_trials(tmp_path):
     study, _ = load_study(REPO / "configs/study.yaml", None, ["study.name=x", "study.resources.max_concurrent=3",
                                                                 "train.epochs=1"])
